@@ -1,0 +1,193 @@
+"""The FastAPI application: ``create_app(settings)``; ``api.main:app`` for uvicorn.
+
+``uvicorn api.main:app`` builds the app from the environment (``Settings()``) on first access of
+``app``, so importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.deps import Runtime
+from api.metrics import build_registry
+from api.routes import health, jobs, models, outputs
+from loom.config import Settings
+from loom.errors import LoomError
+
+log = logging.getLogger("loom.api")
+
+STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "too_many_requests",
+    503: "service_unavailable",
+}
+
+DESCRIPTION = """
+Loom runs captioning, visual question answering and text-to-image **jobs in bulk**.
+
+Submit a job (`POST /v1/jobs`), poll it (`GET /v1/jobs/{id}`), stream its results
+(`GET /v1/jobs/{id}/results?format=jsonl|csv|coco`). Authenticate with
+`Authorization: Bearer <key>` (`loom keys create --tenant NAME`). Errors are always
+`{"error": {"code": ..., "message": ...}}`; item rows carry the same codes.
+"""
+
+
+def error_response(status: int, code: str, message: str, headers: Any = None) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over ``limit`` bytes: by Content-Length up front, or while streaming."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"request body larger than {self.limit} bytes (LOOM_MAX_BODY_BYTES)"
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await error_response(413, "payload_too_large", message)(scope, receive, send)
+                    return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise StarletteHTTPException(413, message)
+            return msg
+
+        await self.app(scope, limited_receive, send)
+
+
+def _loc(loc: Any) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LoomError)
+    async def _loom(_: Request, exc: LoomError) -> JSONResponse:
+        if exc.http_status >= 500:
+            log.error("request failed: %s", exc)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+        return error_response(exc.http_status, exc.code, exc.message, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors()[:5]:
+            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+            problems.append(f"{_loc(err.get('loc', ()))}: {msg}")
+        return error_response(422, "invalid_request", "; ".join(problems) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = STATUS_CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(OperationalError)
+    async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database error: %s", exc)
+        return error_response(503, "service_unavailable", "the database is unavailable")
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal server error")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    publish: Callable[[Any], None] | None = None,
+    store: Any = None,
+) -> FastAPI:
+    """Build the app. ``publish`` defaults to a Celery publisher built from ``settings``."""
+    from loom.db import make_engine, make_session_factory
+    from loom.storage import store_from_settings
+
+    settings = settings or Settings()
+    if publish is None:
+        from worker.app import make_celery, make_publisher
+
+        publish = make_publisher(make_celery(settings))
+    engine = make_engine(settings.database_url)
+    runtime = Runtime(
+        settings=settings,
+        engine=engine,
+        session_factory=make_session_factory(engine),
+        store=store if store is not None else store_from_settings(settings),
+        publish=publish,
+    )
+    extra: dict[str, Any] = {}
+    if "form_limits" in inspect.signature(FastAPI.__init__).parameters:  # FastAPI >= 0.13x
+        # Multipart uploads: one file per item (Starlette's default caps files at 1000).
+        extra["form_limits"] = {"max_files": settings.max_items_per_request, "max_fields": 100}
+    app = FastAPI(
+        **extra,
+        title="Loom",
+        version="0.1.0",
+        description=DESCRIPTION,
+        openapi_tags=[
+            {"name": "jobs", "description": "Submit, watch, cancel and retry jobs."},
+            {"name": "results", "description": "Results, items, outputs and lineage."},
+            {"name": "models", "description": "Models the workers can run."},
+            {"name": "ops", "description": "Health, readiness and Prometheus metrics."},
+        ],
+    )
+    app.state.runtime = runtime
+    app.state.metrics_registry = build_registry(runtime)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    install_error_handlers(app)
+    for module in (jobs, outputs, models, health):
+        app.include_router(module.router)
+    return app
+
+
+_app: FastAPI | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """``api.main.app``: built from the environment on first access (uvicorn's import string)."""
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_app()
+        return _app
+    raise AttributeError(name)

@@ -1,0 +1,128 @@
+"""Prometheus metrics, collected from the database and Redis at scrape time.
+
+The database is the source of truth, so the gauges are read from it on every scrape (a custom
+Collector) rather than counted in one API process: any number of API replicas report the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import Float, case, cast, func, select
+
+from loom.models import Item, ItemStatus, Job, JobStatus, Output, utcnow
+
+if TYPE_CHECKING:
+    from api.deps import Runtime
+
+log = logging.getLogger("loom.api")
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+THROUGHPUT_WINDOW_SECONDS = 60
+QUEUE = "loom"
+
+
+def queue_keys(queue: str = QUEUE) -> list[str]:
+    """Redis lists behind one Celery queue with priority steps 0..9 (separator ':')."""
+    return [queue] + [f"{queue}:{p}" for p in range(1, 10)]
+
+
+def queue_depth(broker_url: str) -> int | None:
+    if not broker_url.startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    client = redis.Redis.from_url(broker_url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        pipe = client.pipeline()
+        for key in queue_keys():
+            pipe.llen(key)
+        return int(sum(pipe.execute()))
+    finally:
+        client.close()
+
+
+def _duration_seconds(dialect: str) -> Any:
+    if dialect == "sqlite":
+        return (func.julianday(Item.finished_at) - func.julianday(Item.started_at)) * 86400.0
+    return func.extract("epoch", Item.finished_at - Item.started_at)
+
+
+class LoomCollector(Collector):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            yield from self._from_db()
+        except Exception as exc:  # noqa: BLE001 - a scrape must not fail because the DB is down
+            log.warning("metrics: database unavailable: %s", exc)
+        try:
+            depth = queue_depth(self.runtime.settings.broker_url)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("metrics: broker unavailable: %s", exc)
+            depth = None
+        if depth is not None:
+            g = GaugeMetricFamily("loom_queue_depth", "Chunk messages waiting in the broker queue")
+            g.add_metric([], depth)
+            yield g
+
+    def _from_db(self) -> Iterator[Metric]:
+        rt = self.runtime
+        with rt.session_factory() as s:
+            jobs = GaugeMetricFamily("loom_jobs", "Jobs by status", labels=["status"])
+            found = dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            for st in JobStatus:
+                jobs.add_metric([st.value], found.get(st.value, 0))
+            yield jobs
+
+            items = GaugeMetricFamily("loom_items", "Items by status", labels=["status"])
+            found = dict(s.execute(select(Item.status, func.count()).group_by(Item.status)).all())
+            for st in ItemStatus:
+                items.add_metric([st.value], found.get(st.value, 0))
+            yield items
+
+            d = cast(_duration_seconds(rt.engine.dialect.name), Float)
+            cols = [func.sum(case((d <= b, 1), else_=0)) for b in LATENCY_BUCKETS]
+            row = s.execute(
+                select(func.count(), func.coalesce(func.sum(d), 0.0), *cols).where(
+                    Item.status.in_([ItemStatus.succeeded.value, ItemStatus.failed.value]),
+                    Item.started_at.is_not(None),
+                    Item.finished_at.is_not(None),
+                )
+            ).one()
+            count, total = int(row[0] or 0), float(row[1] or 0.0)
+            buckets = [(str(b), int(v or 0)) for b, v in zip(LATENCY_BUCKETS, row[2:])]
+            buckets.append(("+Inf", count))
+            hist = HistogramMetricFamily(
+                "loom_item_latency_seconds", "Item run time, claim to completion"
+            )
+            hist.add_metric([], buckets, total)
+            yield hist
+
+            since = utcnow() - timedelta(seconds=THROUGHPUT_WINDOW_SECONDS)
+            rate = GaugeMetricFamily(
+                "loom_worker_items_per_second",
+                f"Items each worker completed per second over the last {THROUGHPUT_WINDOW_SECONDS}s",
+                labels=["worker"],
+            )
+            for worker, n in s.execute(
+                select(Output.worker_id, func.count())
+                .where(Output.created_at >= since)
+                .group_by(Output.worker_id)
+            ):
+                rate.add_metric([worker], n / THROUGHPUT_WINDOW_SECONDS)
+            yield rate
+
+
+def build_registry(runtime: Runtime) -> CollectorRegistry:
+    """A registry per app (tests build many apps; the global registry would collide)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(LoomCollector(runtime))
+    return registry

@@ -1,0 +1,1 @@
+"""Thin route modules; the work is in api.service and loom.jobs."""

@@ -1,0 +1,239 @@
+"""/v1/jobs: submit (JSON or multipart), list, status, items, results, cancel, retry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Header, Path, Query, Request, UploadFile, status
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from api import service
+from api.deps import CallerDep, RuntimeDep, SessionDep
+from api.schemas import (
+    ErrorResponse,
+    ItemList,
+    JobList,
+    JobOut,
+    JobRequest,
+    ResultFormat,
+    RetryOut,
+    TaskName,
+)
+from loom import exports
+from loom import jobs as core
+from loom.errors import InvalidRequest
+from loom.models import ItemStatus, JobStatus
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
+    404: {"model": ErrorResponse, "description": "No such job in your tenant"},
+    422: {"model": ErrorResponse, "description": "Invalid request"},
+}
+SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    409: {"model": ErrorResponse, "description": "Idempotency-Key reused with another body"},
+    413: {"model": ErrorResponse, "description": "Body, items or an input too large"},
+}
+IdemHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Same key + same body -> the same job; same key + other body -> 409.",
+    ),
+]
+JobIdPath = Annotated[str, Path(max_length=64, description="Job id.")]
+Limit = Annotated[int, Query(ge=1, le=500, description="Page size.")]
+Cursor = Annotated[str | None, Query(max_length=200, description="From next_cursor.")]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, responses=SUBMIT_ERRORS)
+def submit_job(
+    req: JobRequest,
+    session: SessionDep,
+    rt: RuntimeDep,
+    caller: CallerDep,
+    idempotency_key: IdemHeader = None,
+) -> JobOut:
+    """Submit a job. Items carry image_url / image_key / image_base64 (+question) or prompt."""
+    body_hash = service.request_hash(req.model_dump(mode="json"))
+    job = service.submit(
+        session, rt, tenant_id=caller.tenant_id, req=req,
+        idempotency_key=idempotency_key, body_hash=body_hash,
+    )
+    return service.job_out(session, job)
+
+
+@router.post("/upload", status_code=status.HTTP_201_CREATED, responses=SUBMIT_ERRORS)
+async def upload_job(
+    session: SessionDep,
+    rt: RuntimeDep,
+    caller: CallerDep,
+    files: Annotated[list[UploadFile], File(description="Images; one item each.")],
+    request: Annotated[
+        str | None, Form(description="The JobRequest as JSON (items optional).")
+    ] = None,
+    task: Annotated[TaskName | None, Form()] = None,
+    model: Annotated[str | None, Form(max_length=200)] = None,
+    question: Annotated[str | None, Form(description="vqa: asked of every file.")] = None,
+    params: Annotated[str | None, Form(description="JSON object.")] = None,
+    priority: Annotated[int | None, Form(ge=0, le=9)] = None,
+    webhook_url: Annotated[str | None, Form(max_length=2048)] = None,
+    parent_job_id: Annotated[str | None, Form(max_length=64)] = None,
+    idempotency_key: IdemHeader = None,
+) -> JobOut:
+    """Submit local images as multipart files, with the job's fields as form fields or as a
+    JSON ``request`` field."""
+    fields: dict[str, Any] = {}
+    if request:
+        try:
+            fields = json.loads(request)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"request: not valid JSON ({exc.msg})") from None
+        if not isinstance(fields, dict):
+            raise InvalidRequest("request: expected a JSON object")
+    extra: dict[str, Any] = {
+        "task": task, "model": model, "priority": priority,
+        "webhook_url": webhook_url, "parent_job_id": parent_job_id,
+    }
+    if params:
+        try:
+            extra["params"] = json.loads(params)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"params: not valid JSON ({exc.msg})") from None
+    fields.update({k: v for k, v in extra.items() if v is not None})
+    fields.setdefault("items", [] if "manifest_key" not in fields else None)
+    try:
+        req = JobRequest.model_validate(fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "request"
+        raise InvalidRequest(f"{where}: {err['msg']}") from None
+    uploads: list[tuple[str, bytes]] = []
+    digest = hashlib.sha256()
+    for f in files:
+        data = await f.read()
+        name = (f.filename or f"file{len(uploads)}").rsplit("/", 1)[-1][:255]
+        uploads.append((name, data))
+        digest.update(hashlib.sha256(data).digest())
+    body = req.model_dump(mode="json") | {"_files": digest.hexdigest(), "_question": question}
+    from starlette.concurrency import run_in_threadpool
+
+    def _submit() -> JobOut:
+        job = service.submit(
+            session, rt, tenant_id=caller.tenant_id, req=req, idempotency_key=idempotency_key,
+            body_hash=service.request_hash(body), uploads=uploads, upload_question=question,
+        )
+        return service.job_out(session, job)
+
+    return await run_in_threadpool(_submit)
+
+
+@router.get("", responses=ERRORS)
+def list_jobs(
+    session: SessionDep,
+    caller: CallerDep,
+    status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> JobList:
+    """Your jobs, newest first, with cursor pagination."""
+    page = core.list_jobs(
+        session, tenant_id=caller.tenant_id,
+        status=status_.value if status_ else None, limit=limit, cursor=cursor,
+    )
+    return JobList(
+        jobs=[service.job_out(session, j) for j in page.items], next_cursor=page.next_cursor
+    )
+
+
+@router.get("/{job_id}", responses=ERRORS)
+def get_job(job_id: JobIdPath, session: SessionDep, caller: CallerDep) -> JobOut:
+    """Status, counts per item status, progress, timestamps, items/s and ETA."""
+    job = core.get_job(session, job_id=job_id, tenant_id=caller.tenant_id)
+    return service.job_out(session, job)
+
+
+@router.get("/{job_id}/items", responses=ERRORS, tags=["results"])
+def list_items(
+    job_id: JobIdPath,
+    request: Request,
+    session: SessionDep,
+    rt: RuntimeDep,
+    caller: CallerDep,
+    status_: Annotated[ItemStatus | None, Query(alias="status")] = None,
+    limit: Limit = 100,
+    cursor: Cursor = None,
+) -> ItemList:
+    """The job's items in index order (filter by status), with their outputs and errors."""
+    page = core.list_items(
+        session, job_id=job_id, tenant_id=caller.tenant_id,
+        status=status_.value if status_ else None, limit=limit, cursor=cursor,
+    )
+    base = str(request.base_url)
+    outputs = service.outputs_for(session, page.items)
+    return ItemList(
+        items=[service.item_out(rt, base, item, outputs.get(item.id)) for item in page.items],
+        next_cursor=page.next_cursor,
+    )
+
+
+@router.get(
+    "/{job_id}/results",
+    responses={
+        **ERRORS,
+        200: {
+            "description": "JSONL (one row per item), CSV, or a COCO captions JSON document.",
+            "content": {"application/x-ndjson": {}, "text/csv": {}, "application/json": {}},
+        },
+    },
+    response_class=StreamingResponse,
+    tags=["results"],
+)
+def results(
+    job_id: JobIdPath,
+    request: Request,
+    session: SessionDep,
+    rt: RuntimeDep,
+    caller: CallerDep,
+    format: ResultFormat = "jsonl",  # noqa: A002 - the query parameter's name
+) -> StreamingResponse:
+    """Stream the results; image outputs are presigned (S3) or /v1/outputs/{id}/content URLs."""
+    job = core.get_job(session, job_id=job_id, tenant_id=caller.tenant_id)
+    base = str(request.base_url)
+    tenant_id = caller.tenant_id
+
+    def rows() -> Any:
+        with rt.session_factory() as s:
+            for row in exports.result_rows(s, job_id=job.id, tenant_id=tenant_id):
+                yield exports.with_url(row, lambda o: service.output_url(rt, base, o))
+
+    media, ext = exports.MEDIA_TYPES[format]
+    return StreamingResponse(
+        exports.stream(format, rows(), job=exports.job_info(job)),
+        media_type=media,
+        headers={"Content-Disposition": f'attachment; filename="{job.id}.{ext}"'},
+    )
+
+
+@router.post("/{job_id}/cancel", responses={**ERRORS, 409: {"model": ErrorResponse}})
+def cancel(job_id: JobIdPath, session: SessionDep, rt: RuntimeDep, caller: CallerDep) -> JobOut:
+    """Cancel: queued items at once, running ones at the workers' next batch boundary."""
+    job = service.retrying(session, lambda: core.cancel_job(
+        session, job_id=job_id, tenant_id=caller.tenant_id, store=rt.store))
+    return service.job_out(session, job)
+
+
+@router.post("/{job_id}/retry", responses={**ERRORS, 409: {"model": ErrorResponse}})
+def retry(job_id: JobIdPath, session: SessionDep, rt: RuntimeDep, caller: CallerDep) -> RetryOut:
+    """Requeue the job's failed items (only those) and publish them."""
+    n = service.retrying(
+        session, lambda: core.retry_failed(session, job_id=job_id, tenant_id=caller.tenant_id))
+    if n:
+        service.publish(session, rt, job_id)
+    job = core.get_job(session, job_id=job_id, tenant_id=caller.tenant_id)
+    return RetryOut(job=service.job_out(session, job), requeued=n)

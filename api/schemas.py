@@ -1,0 +1,167 @@
+"""Pydantic request and response models of the HTTP API (they are the OpenAPI schema).
+
+Static shape checks live here; limits that depend on Settings (items per request, text length)
+are checked in ``api.service`` so that their messages can name the item index.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TaskName = Literal["caption", "vqa", "generate"]
+ResultFormat = Literal["jsonl", "csv", "coco"]
+MAX_SEED = 2**53  # JSON-safe integer range
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable error code (loom.errors); item rows use the same codes.")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ItemIn(BaseModel):
+    """One unit of work. caption/vqa need exactly one image source; vqa a question; generate a
+    prompt (and optionally a seed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_url: str | None = Field(
+        None, description="http(s) URL fetched by the worker (through the SSRF guard)."
+    )
+    image_key: str | None = Field(
+        None, description="Storage key of an image already uploaded under your tenant prefix."
+    )
+    image_base64: str | None = Field(
+        None, description="The image bytes, base64; stored at submission."
+    )
+    question: str | None = None
+    prompt: str | None = None
+    metadata: dict[str, Any] | None = Field(None, description="Returned with the result as is.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+
+
+class JobRequest(BaseModel):
+    """A job: inline ``items`` or ``manifest_key`` (a JSONL of items already in storage)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "task": "caption",
+                    "model": "loom-shapes",
+                    "items": [{"image_url": "https://example.com/cat.png"}],
+                }
+            ]
+        },
+    )
+
+    task: TaskName
+    model: str | None = Field(
+        None, min_length=1, max_length=200, description="Model name; default: the server's."
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Task parameters, e.g. {'seed': 7} for generate (item i then uses seed+i).",
+    )
+    items: list[ItemIn] | None = None
+    manifest_key: str | None = Field(None, min_length=1, max_length=1024)
+    priority: int = Field(0, ge=0, le=9, description="0 (default) .. 9 (most urgent).")
+    webhook_url: str | None = Field(None, max_length=2048)
+    parent_job_id: str | None = Field(None, max_length=64)
+    metadata: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "JobRequest":
+        if (self.items is None) == (self.manifest_key is None):
+            raise ValueError("give exactly one of 'items' or 'manifest_key'")
+        return self
+
+
+class ItemError(BaseModel):
+    code: str
+    message: str | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    task: str
+    model: str
+    status: str
+    priority: int
+    params: dict[str, Any]
+    metadata: dict[str, Any] | None = None
+    parent_job_id: str | None = None
+    webhook_url: str | None = None
+    item_count: int
+    counts: dict[str, int] = Field(description="Items per status.")
+    done: int = Field(description="Items in a terminal status.")
+    progress: float = Field(description="done / item_count, 0..1.")
+    items_per_second: float | None = None
+    eta_seconds: float | None = None
+    error: ItemError | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None = None
+
+
+class OutputOut(BaseModel):
+    id: int
+    kind: str
+    text: str | None = None
+    url: str | None = Field(None, description="Presigned (S3) or /v1/outputs/{id}/content URL.")
+    content_type: str | None = None
+    sha256: str | None = None
+    size_bytes: int | None = None
+
+
+class ItemOut(BaseModel):
+    id: int
+    index: int
+    status: str
+    input: dict[str, Any]
+    metadata: dict[str, Any] | None = None
+    attempts: int
+    error: ItemError | None = None
+    output: OutputOut | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class ItemList(BaseModel):
+    items: list[ItemOut]
+    next_cursor: str | None = None
+
+
+class RetryOut(BaseModel):
+    job: JobOut
+    requeued: int
+
+
+class ModelOut(BaseModel):
+    name: str
+    versions: list[dict[str, Any]] = Field(
+        default_factory=list, description="Versions seen by workers (name, version, sha256)."
+    )
+    tasks: list[str] = Field(default_factory=list)
+
+
+class ModelList(BaseModel):
+    models: list[ModelOut]
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)

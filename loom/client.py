@@ -1,0 +1,246 @@
+"""Python SDK for Loom's HTTP API (httpx). Importable by users::
+
+    from loom.client import Client
+
+    with Client("http://localhost:8000", api_key="loom_...") as loom:
+        job = loom.submit("caption", [{"image_url": "https://example.com/a.png"}])
+        job = loom.wait(job["id"])
+        loom.results_to_file(job["id"], "captions.jsonl")
+
+Errors come back as ``ApiError`` (a ``LoomError``) with the server's ``code`` and ``message``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from loom.errors import LoomError
+
+TERMINAL = frozenset({"succeeded", "completed_with_errors", "failed", "cancelled"})
+
+
+class ApiError(LoomError):
+    """An error answer of the API: ``code`` and ``message`` as the server sent them."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message, code=code)
+        self.http_status = status
+
+    def __str__(self) -> str:
+        return f"{self.code} ({self.http_status}): {self.message}"
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        response.read()
+        err = response.json()["error"]
+        code, message = str(err["code"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", response.text[:500] or response.reason_phrase
+    raise ApiError(response.status_code, code, message)
+
+
+class Client:
+    """A thin, synchronous client. ``base_url`` / ``api_key`` default to LOOM_API_URL /
+    LOOM_API_KEY. ``transport`` lets tests talk to an in-process app."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        base_url = base_url or os.environ.get("LOOM_API_URL")
+        if not base_url:
+            raise ValueError("no API URL: pass base_url or set LOOM_API_URL")
+        api_key = api_key if api_key is not None else os.environ.get("LOOM_API_KEY")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport
+        )
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._http.request(method, path, **kwargs)
+        _raise_for(response)
+        return response.json()
+
+    # --- jobs -------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        task: str,
+        items: Sequence[dict[str, Any]] | None = None,
+        *,
+        model: str | None = None,
+        params: dict[str, Any] | None = None,
+        manifest_key: str | None = None,
+        priority: int = 0,
+        webhook_url: str | None = None,
+        parent_job_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Submit a job (``items`` or ``manifest_key``); returns the job."""
+        body: dict[str, Any] = {"task": task, "params": params or {}, "priority": priority}
+        for name, value in (
+            ("items", list(items) if items is not None else None), ("model", model),
+            ("manifest_key", manifest_key), ("webhook_url", webhook_url),
+            ("parent_job_id", parent_job_id), ("metadata", metadata),
+        ):
+            if value is not None:
+                body[name] = value
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._call("POST", "/v1/jobs", json=body, headers=headers)  # type: ignore[no-any-return]
+
+    def submit_files(
+        self,
+        task: str,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        names: Sequence[str] | None = None,
+        question: str | None = None,
+        model: str | None = None,
+        params: dict[str, Any] | None = None,
+        priority: int = 0,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Upload local images (multipart) as one job; each file's name goes in its metadata."""
+        files = []
+        for i, p in enumerate(paths):
+            name = names[i] if names else Path(p).name
+            files.append(("files", (name, Path(p).read_bytes(), "application/octet-stream")))
+        data: dict[str, Any] = {"task": task, "priority": str(priority)}
+        if question is not None:
+            data["question"] = question
+        if model:
+            data["model"] = model
+        if params:
+            data["params"] = json.dumps(params)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._call(  # type: ignore[no-any-return]
+            "POST", "/v1/jobs/upload", data=data, files=files, headers=headers
+        )
+
+    @staticmethod
+    def image_item(path: str | os.PathLike[str], **fields: Any) -> dict[str, Any]:
+        """An item carrying a local image inline (base64)."""
+        data = base64.b64encode(Path(path).read_bytes()).decode()
+        return {"image_base64": data, **fields}
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/jobs/{job_id}")  # type: ignore[no-any-return]
+
+    def jobs(self, *, status: str | None = None, limit: int = 50,
+             cursor: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        if cursor:
+            params["cursor"] = cursor
+        return self._call("GET", "/v1/jobs", params=params)  # type: ignore[no-any-return]
+
+    def items(self, job_id: str, *, status: str | None = None, limit: int = 100,
+              cursor: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        if cursor:
+            params["cursor"] = cursor
+        return self._call("GET", f"/v1/jobs/{job_id}/items", params=params)  # type: ignore[no-any-return]
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        poll_seconds: float = 1.0,
+        timeout: float | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll until the job is terminal (TimeoutError after ``timeout`` seconds)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.status(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job["status"] in TERMINAL:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
+            time.sleep(poll_seconds)
+
+    def results(self, job_id: str, *, format: str = "jsonl") -> Iterator[bytes]:  # noqa: A002
+        """Stream the results export as byte chunks."""
+        with self._http.stream(
+            "GET", f"/v1/jobs/{job_id}/results", params={"format": format}
+        ) as response:
+            _raise_for(response)
+            yield from response.iter_bytes()
+
+    def result_rows(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """The JSONL results as dicts, one per item."""
+        buf = b""
+        for chunk in self.results(job_id, format="jsonl"):
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    yield json.loads(line)
+        if buf.strip():
+            yield json.loads(buf)
+
+    def results_to_file(self, job_id: str, path: str | os.PathLike[str], *,
+                        format: str = "jsonl") -> Path:  # noqa: A002
+        out = Path(path)
+        with out.open("wb") as f:
+            for chunk in self.results(job_id, format=format):
+                f.write(chunk)
+        return out
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
+
+    def retry(self, job_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/jobs/{job_id}/retry")  # type: ignore[no-any-return]
+
+    def lineage(self, item_id: int) -> dict[str, Any]:
+        return self._call("GET", f"/v1/items/{item_id}/lineage")  # type: ignore[no-any-return]
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/models")["models"]  # type: ignore[no-any-return]
+
+    def output_content(self, output_id: int) -> bytes:
+        response = self._http.get(f"/v1/outputs/{output_id}/content")
+        _raise_for(response)
+        return response.content
+
+    def download(self, url: str) -> bytes:
+        """Fetch an output URL (presigned S3 URL, or this API's content URL with the key)."""
+        if url.startswith(str(self._http.base_url)):
+            response = self._http.get(url)
+        else:
+            response = httpx.get(url, timeout=self._http.timeout)
+        _raise_for(response)
+        return response.content

@@ -1,0 +1,71 @@
+"""One settings object, read once from ``LOOM_*`` environment variables and passed in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOOM_", extra="ignore")
+
+    home: Path = Path("./.loom")
+    database_url: str = ""  # default derived from home
+    broker_url: str = "redis://localhost:6379/0"
+    storage_url: str = ""  # default derived from home: file://$LOOM_HOME/store
+    s3_endpoint_url: str | None = None
+    auth: Literal["on", "off"] = "on"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    api_url: str | None = None
+    api_key: str | None = None
+
+    # Models and batching.
+    default_model: str = "loom-shapes"
+    batch_size: int = Field(default=32, ge=1)
+    chunk_batches: int = Field(default=4, ge=1)  # chunk size = chunk_batches * batch_size
+
+    # Leases, retries and the reconciler.
+    lease_seconds: float = Field(default=120.0, gt=0)
+    heartbeat_seconds: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    retry_backoff_seconds: float = Field(default=5.0, ge=0)
+    reconcile_interval_seconds: float = Field(default=30.0, gt=0)
+    stale_chunk_seconds: float = Field(default=300.0, gt=0)
+    # Redis' visibility timeout: longer than any chunk; the hard time limit stays below it.
+    visibility_timeout_seconds: int = Field(default=4 * 3600, gt=0)
+    task_time_limit_seconds: int = Field(default=3 * 3600, gt=0)
+
+    # Inputs.
+    allow_private_urls: bool = False
+    fetch_timeout_seconds: float = Field(default=10.0, gt=0)
+    max_input_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(default=40_000_000, gt=0)
+
+    # API limits.
+    max_body_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    max_items_per_request: int = Field(default=10_000, ge=1)
+    max_text_chars: int = Field(default=500, ge=1)
+
+    @model_validator(mode="after")
+    def _derive_defaults(self) -> "Settings":
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.home / 'loom.db').resolve()}"
+        if not self.storage_url:
+            self.storage_url = f"file://{(self.home / 'store').resolve()}"
+        if self.visibility_timeout_seconds <= self.task_time_limit_seconds:
+            raise ValueError(
+                "LOOM_VISIBILITY_TIMEOUT_SECONDS must exceed LOOM_TASK_TIME_LIMIT_SECONDS, "
+                "or Redis redelivers chunks that are still running"
+            )
+        return self
+
+    @property
+    def chunk_size(self) -> int:
+        return self.batch_size * self.chunk_batches
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth == "on"

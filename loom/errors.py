@@ -1,0 +1,163 @@
+"""Loom's one error hierarchy.
+
+Every error carries a stable ``code``. The same codes are written to ``items.error_code`` and
+returned by the HTTP API (``{"error": {"code": ..., "message": ...}}``), so a client can act on a
+failed item and a failed request in the same way.
+"""
+
+from __future__ import annotations
+
+
+class LoomError(Exception):
+    """Base of every error Loom raises on purpose."""
+
+    code: str = "internal_error"
+    http_status: int = 500
+    # Whether retrying the same work later may succeed (drives item retry vs. permanent failure).
+    transient: bool = False
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+# --- request / input errors (the caller can fix these) -------------------------------------
+
+
+class InvalidRequest(LoomError):
+    code = "invalid_request"
+    http_status = 422
+
+
+class PayloadTooLarge(InvalidRequest):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class NotFound(LoomError):
+    code = "not_found"
+    http_status = 404
+
+
+class Unauthorized(LoomError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class Conflict(LoomError):
+    code = "conflict"
+    http_status = 409
+
+
+class IdempotencyConflict(Conflict):
+    code = "idempotency_conflict"
+
+
+class InvalidState(Conflict):
+    """The job or item is not in a state that allows the operation (e.g. cancel a finished job)."""
+
+    code = "invalid_state"
+
+
+# --- item errors (recorded on the item row; never fail the job or the worker) ----------------
+
+
+class ItemError(LoomError):
+    """An error that ends or delays one item."""
+
+    http_status = 422
+
+
+class InvalidInput(ItemError):
+    """The input bytes are not a usable image: undecodable, truncated, empty, a bomb, wrong type."""
+
+    code = "invalid_input"
+
+
+class InputTooLarge(InvalidInput):
+    code = "input_too_large"
+
+
+class BlockedUrl(ItemError):
+    """The URL resolves to an address the SSRF guard refuses."""
+
+    code = "blocked_url"
+
+
+class FetchFailed(ItemError):
+    """The URL could not be fetched (timeouts, 5xx): worth another attempt."""
+
+    code = "fetch_failed"
+    transient = True
+
+
+class InputMissing(ItemError):
+    code = "input_missing"
+
+
+class UnsupportedTask(ItemError):
+    code = "unsupported_task"
+
+
+class ModelError(ItemError):
+    """The model raised on this item; retried, since it may be a transient device error."""
+
+    code = "model_error"
+    transient = True
+
+
+class StorageError(LoomError):
+    """The object store failed; transient by default (throttling, network)."""
+
+    code = "storage_error"
+    http_status = 503
+    transient = True
+
+
+class WorkerLost(ItemError):
+    """The item's lease expired on every attempt: the worker died while running it."""
+
+    code = "worker_lost"
+
+
+class AttemptsExhausted(ItemError):
+    code = "attempts_exhausted"
+
+
+class Cancelled(ItemError):
+    code = "cancelled"
+
+
+class ServiceUnavailable(LoomError):
+    code = "service_unavailable"
+    http_status = 503
+    transient = True
+
+
+# Codes that item rows may carry, for documentation and API schemas.
+ITEM_ERROR_CODES: tuple[str, ...] = tuple(
+    sorted(
+        {
+            cls.code
+            for cls in (
+                InvalidInput,
+                InputTooLarge,
+                BlockedUrl,
+                FetchFailed,
+                InputMissing,
+                UnsupportedTask,
+                ModelError,
+                StorageError,
+                WorkerLost,
+                AttemptsExhausted,
+                Cancelled,
+            )
+        }
+        | {LoomError.code}
+    )
+)

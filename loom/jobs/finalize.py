@@ -1,0 +1,192 @@
+"""Finalisation: exactly one caller moves a finished job to its terminal status.
+
+The winner is decided by a conditional UPDATE (``status IN open states AND no open items``);
+every completer calls ``maybe_finalize`` after committing its own work, so the last committer
+always sees "no open items", and the row lock on the job row lets only one UPDATE succeed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.orm import Session
+
+from loom.db import begin_write
+from loom.errors import LoomError
+from loom.jobs.queries import iter_results
+from loom.jobs.types import OPEN_ITEM, OPEN_JOB, add_events
+from loom.models import Event, Item, ItemStatus, Job, JobStatus, utcnow
+from loom.storage import Store, results_key
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_TIMEOUT_SECONDS = 5.0
+
+
+def maybe_finalize(
+    session: Session,
+    *,
+    job_id: str,
+    store: Store | None = None,
+    on_finalized: Callable[[Job], None] | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """Finalise the job if it has no open items. True only for the one caller that did it."""
+    now = now or utcnow()
+    no_open_items = ~exists().where(Item.job_id == job_id, Item.status.in_(OPEN_ITEM))
+    # Fast path without locks: most calls (every completed batch) find open items.
+    if not session.scalar(select(no_open_items)):
+        session.commit()
+        return False
+    begin_write(session)
+    # Lock the job row first (PostgreSQL), then look at the items in a new statement: a
+    # concurrent retry_failed or cancel_job holds this lock until it commits, so its changes are
+    # visible here instead of being missed by a snapshot taken before it committed.
+    status = session.scalar(select(Job.status).where(Job.id == job_id).with_for_update())
+    if status not in OPEN_JOB:
+        session.rollback()
+        return False
+    won = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == status, no_open_items)
+        .values(status=JobStatus.finalizing.value, updated_at=now)
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    if won != 1:
+        session.rollback()
+        return False  # open items remain: whoever closes the last one finalises
+    session.commit()
+    return complete_finalization(session, job_id=job_id, store=store,
+                                 on_finalized=on_finalized, now=now)
+
+
+def _final_status(counts: dict[str, int], *, cancel_requested: bool) -> str:
+    if cancel_requested or counts.get(ItemStatus.cancelled.value, 0):
+        return JobStatus.cancelled.value
+    if not counts.get(ItemStatus.failed.value, 0):
+        return JobStatus.succeeded.value
+    if not counts.get(ItemStatus.succeeded.value, 0):
+        return JobStatus.failed.value
+    return JobStatus.completed_with_errors.value
+
+
+def write_manifest(session: Session, *, job: Job, store: Store) -> str:
+    """results.jsonl: one line per item in index order. Returns its storage key."""
+    lines: list[str] = []
+    for item, output in iter_results(session, job_id=job.id):
+        lines.append(json.dumps({
+            "index": item.index,
+            "item_id": item.id,
+            "status": item.status,
+            "text": output.text if output else None,
+            "output_key": output.storage_key if output else None,
+            "content_type": output.content_type if output else None,
+            "sha256": output.sha256 if output else None,
+            "error_code": item.error_code if item.status != ItemStatus.succeeded.value else None,
+            "error_message": (
+                item.error_message if item.status != ItemStatus.succeeded.value else None
+            ),
+            "metadata": item.item_metadata,
+        }, separators=(",", ":")))
+    key = results_key(job.tenant_id, job.id, "jsonl")
+    store.put(key, ("\n".join(lines) + "\n").encode(), "application/x-ndjson")
+    return key
+
+
+def complete_finalization(
+    session: Session,
+    *,
+    job_id: str,
+    store: Store | None = None,
+    on_finalized: Callable[[Job], None] | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """Second half of finalisation for a job in ``finalizing`` (also used by the reconciler when a
+    finaliser died halfway): manifest, terminal status, then webhook and callback after commit."""
+    now = now or utcnow()
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.status != JobStatus.finalizing.value:
+        session.rollback()
+        return False
+    counts: dict[str, int] = {
+        status: n
+        for status, n in session.execute(
+            select(Item.status, func.count()).where(Item.job_id == job_id).group_by(Item.status)
+        )
+    }
+    key: str | None = None
+    if store is not None:
+        try:
+            key = write_manifest(session, job=job, store=store)
+        except LoomError as exc:
+            # Stay in "finalizing": the reconciler retries once the store is back.
+            log.warning("job %s: could not write results manifest: %s", job_id, exc.message)
+            session.rollback()
+            return False
+    # cancel_job records a job-level "cancelled" event; the job may have been cancelled even if
+    # every remaining item then finished (they were already running).
+    cancel_requested = session.scalar(
+        select(exists().where(Event.job_id == job_id, Event.kind == "cancelled",
+                              Event.item_id.is_(None)))
+    )
+    final = _final_status(counts, cancel_requested=bool(cancel_requested))
+    session.commit()  # end the read transaction before taking the write lock
+
+    begin_write(session)
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.finalizing.value)
+        .values(status=final, results_key=key, finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    if done != 1:
+        session.rollback()
+        return False
+    add_events(session, [{"job_id": job_id, "kind": "finalized", "message": final,
+                          "created_at": now}])
+    session.commit()
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    if job.webhook_url:
+        fire_webhook(job, counts)
+    if on_finalized is not None:
+        try:
+            on_finalized(job)
+        except Exception:  # best effort, like the webhook: the job is final either way
+            log.exception("job %s: on_finalized callback failed", job_id)
+    return True
+
+
+def webhook_payload(job: Job, counts: dict[str, int]) -> dict[str, Any]:
+    return {
+        "event": "job.finished",
+        "job_id": job.id,
+        "status": job.status,
+        "item_count": job.item_count,
+        "counts": counts,
+        "results_key": job.results_key,
+        "finished_at": job.finished_at.isoformat() + "Z" if job.finished_at else None,
+    }
+
+
+def fire_webhook(job: Job, counts: dict[str, int],
+                 timeout: float = WEBHOOK_TIMEOUT_SECONDS) -> bool:
+    """POST the job summary to its webhook; best effort (after commit, errors only logged)."""
+    import httpx
+
+    assert job.webhook_url
+    try:
+        with httpx.Client(timeout=timeout, follow_redirects=False) as client:
+            response = client.post(job.webhook_url, json=webhook_payload(job, counts))
+        if response.status_code >= 400:
+            log.warning("job %s: webhook answered %s", job.id, response.status_code)
+            return False
+        return True
+    except httpx.HTTPError as exc:
+        log.warning("job %s: webhook failed: %s", job.id, exc)
+        return False

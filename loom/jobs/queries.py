@@ -1,0 +1,196 @@
+"""Read side: jobs, items, progress, results and lineage. Tenant-scoped where a tenant is given.
+
+A job of another tenant is reported as NotFound (not Forbidden), so ids cannot be probed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session
+
+from loom.errors import NotFound
+from loom.jobs.types import JobProgress, Page, decode_cursor, encode_cursor
+from loom.models import Event, Item, ItemStatus, Job, Output
+
+MAX_PAGE = 1000
+MAX_PARENT_DEPTH = 100
+
+
+def get_job(session: Session, *, job_id: str, tenant_id: str | None = None) -> Job:
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+def list_jobs(
+    session: Session,
+    *,
+    tenant_id: str | None = None,
+    status: str | None = None,
+    parent_job_id: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> Page[Job]:
+    """Newest first; keyset pagination on (created_at, id), stable under concurrent inserts."""
+    limit = max(1, min(limit, MAX_PAGE))
+    stmt = select(Job)
+    if tenant_id is not None:
+        stmt = stmt.where(Job.tenant_id == tenant_id)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    if parent_job_id is not None:
+        stmt = stmt.where(Job.parent_job_id == parent_job_id)
+    if cursor is not None:
+        created_raw, last_id = decode_cursor(cursor, 2)
+        created = datetime.fromisoformat(created_raw)
+        stmt = stmt.where(
+            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id))
+        )
+    rows = list(session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc())
+                                .limit(limit + 1)))
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = encode_cursor([rows[-1].created_at, rows[-1].id])
+    return Page(items=rows, next_cursor=next_cursor)
+
+
+def list_items(
+    session: Session,
+    *,
+    job_id: str,
+    tenant_id: str | None = None,
+    status: str | None = None,
+    limit: int = 100,
+    cursor: str | None = None,
+) -> Page[Item]:
+    """Items of a job in index order; keyset pagination on index."""
+    get_job(session, job_id=job_id, tenant_id=tenant_id)
+    limit = max(1, min(limit, MAX_PAGE))
+    stmt = select(Item).where(Item.job_id == job_id)
+    if status is not None:
+        stmt = stmt.where(Item.status == status)
+    if cursor is not None:
+        (after,) = decode_cursor(cursor, 1)
+        stmt = stmt.where(Item.index > int(after))
+    rows = list(session.scalars(stmt.order_by(Item.index).limit(limit + 1)))
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = encode_cursor([rows[-1].index])
+    return Page(items=rows, next_cursor=next_cursor)
+
+
+def job_progress(
+    session: Session, *, job_id: str, tenant_id: str | None = None,
+    now: datetime | None = None,
+) -> JobProgress:
+    job = get_job(session, job_id=job_id, tenant_id=tenant_id)
+    counts = {s.value: 0 for s in ItemStatus}
+    for status, n in session.execute(
+        select(Item.status, func.count()).where(Item.job_id == job_id).group_by(Item.status)
+    ):
+        counts[status] = n
+    done = counts["succeeded"] + counts["failed"] + counts["cancelled"]
+    first, last, n_ok = session.execute(
+        select(func.min(Item.finished_at), func.max(Item.finished_at), func.count())
+        .where(Item.job_id == job_id, Item.status == ItemStatus.succeeded.value)
+    ).one()
+    rate: float | None = None
+    # Throughput from succeeded items' finish times, measured from when work began (a batch
+    # finishes at one instant, so max - min alone would be 0 after the first batch).
+    begin = job.started_at or first
+    if n_ok and begin is not None and last is not None:
+        span = (last - begin).total_seconds()
+        if span > 0:
+            rate = n_ok / span
+    remaining = counts["queued"] + counts["running"]
+    eta = remaining / rate if rate and remaining else (0.0 if not remaining else None)
+    return JobProgress(job_id=job.id, status=job.status, total=job.item_count, counts=counts,
+                       done=done, items_per_second=rate, eta_seconds=eta)
+
+
+def iter_results(
+    session: Session, *, job_id: str, tenant_id: str | None = None, page_size: int = 1000
+) -> Iterator[tuple[Item, Output | None]]:
+    """Yield (item, output or None) in index order, one page at a time (never all rows).
+
+    Each page's objects are expunged once yielded, so the session does not accumulate a whole
+    100k-item job; what the caller holds stays readable (already loaded, detached).
+    """
+    get_job(session, job_id=job_id, tenant_id=tenant_id)
+    after = -1
+    while True:
+        rows = session.execute(
+            select(Item, Output)
+            .outerjoin(Output, Output.item_id == Item.id)
+            .where(Item.job_id == job_id, Item.index > after)
+            .order_by(Item.index)
+            .limit(page_size)
+        ).all()
+        if not rows:
+            return
+        for item, output in rows:
+            yield item, output
+        for item, output in rows:
+            session.expunge(item)
+            if output is not None:
+                session.expunge(output)
+        after = rows[-1][0].index
+        if len(rows) < page_size:
+            return
+
+
+def _job_summary(job: Job) -> dict[str, Any]:
+    return {"id": job.id, "task": job.task, "model_name": job.model_name, "status": job.status,
+            "params": job.params, "parent_job_id": job.parent_job_id,
+            "created_at": job.created_at, "finished_at": job.finished_at}
+
+
+def item_lineage(session: Session, *, item_id: int, tenant_id: str | None = None) -> dict[str, Any]:
+    """Everything that explains one item's result: the item, its output's lineage fields, its
+    event history, and its job followed by the chain of parent jobs (nearest first)."""
+    item = session.get(Item, item_id)
+    if item is None:
+        raise NotFound(f"no item {item_id}")
+    job = get_job(session, job_id=item.job_id, tenant_id=tenant_id)  # NotFound across tenants
+    output = session.scalar(select(Output).where(Output.item_id == item_id))
+    events = session.scalars(
+        select(Event).where(Event.item_id == item_id).order_by(Event.id)
+    ).all()
+    parents: list[dict[str, Any]] = []
+    seen = {job.id}
+    parent_id = job.parent_job_id
+    while parent_id and parent_id not in seen and len(parents) < MAX_PARENT_DEPTH:
+        parent = session.get(Job, parent_id)
+        if parent is None or parent.tenant_id != job.tenant_id:
+            break
+        parents.append(_job_summary(parent))
+        seen.add(parent_id)
+        parent_id = parent.parent_job_id
+    return {
+        "item": {"id": item.id, "job_id": item.job_id, "index": item.index,
+                 "status": item.status, "input": item.input, "metadata": item.item_metadata,
+                 "attempts": item.attempts, "error_code": item.error_code,
+                 "error_message": item.error_message, "started_at": item.started_at,
+                 "finished_at": item.finished_at},
+        "output": None if output is None else {
+            "kind": output.kind, "text": output.text, "storage_key": output.storage_key,
+            "content_type": output.content_type, "sha256": output.sha256,
+            "size_bytes": output.size_bytes, "input_sha256": output.input_sha256,
+            "model_name": output.model_name, "model_version": output.model_version,
+            "weights_sha256": output.weights_sha256, "task": output.task,
+            "params": output.params, "seed": output.seed, "attempt": output.attempt,
+            "worker_id": output.worker_id, "timings": output.timings,
+            "created_at": output.created_at},
+        "events": [{"kind": e.kind, "attempt": e.attempt, "worker_id": e.worker_id,
+                    "error_code": e.error_code, "message": e.message,
+                    "duration_ms": e.duration_ms, "created_at": e.created_at} for e in events],
+        "job": _job_summary(job),
+        "parents": parents,
+    }

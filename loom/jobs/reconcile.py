@@ -1,0 +1,159 @@
+"""The reconciler: repairs everything that a lost message or a dead process can leave behind.
+
+Run periodically (Celery beat, or the embedded loop). Each step is idempotent, so running it
+twice, or on two machines at once, is harmless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, bindparam, exists, or_, select, update
+from sqlalchemy.orm import Session
+
+from loom.db import begin_write
+from loom.jobs.finalize import complete_finalization, maybe_finalize
+from loom.jobs.submit import publish_pending, publish_rows
+from loom.jobs.types import CLAIMABLE_JOB, OPEN_ITEM, OPEN_JOB, Chunk, ReconcileReport, add_events
+from loom.models import Item, ItemStatus, Job, JobStatus, Outbox, utcnow
+from loom.storage import Store
+
+
+def worker_lost_message(attempts: int) -> str:
+    times = "once" if attempts == 1 else f"{attempts} times"
+    return f"the worker running this item died {times} (lease expired); giving up"
+
+
+def free_expired_leases(
+    session: Session, *, now: datetime, limit: int = 10_000
+) -> tuple[ReconcileReport, set[str]]:
+    """Expired leases: under the cap -> queued; at the cap -> failed worker_lost; in a
+    cancelling job -> cancelled. Returns the counts and the jobs whose items reached an end."""
+    report = ReconcileReport()
+    begin_write(session)
+    rows = session.execute(
+        select(Item.id, Item.job_id, Item.index, Item.attempts, Item.lease_owner,
+               Job.max_attempts, Job.status, Job.chunk_size)
+        .join(Job, Job.id == Item.job_id)
+        .where(Item.status == ItemStatus.running.value, Item.lease_expires_at < now)
+        .order_by(Item.id)
+        .limit(limit)
+        .with_for_update(of=Item, skip_locked=True)
+    ).all()
+    if not rows:
+        session.commit()
+        return report, set()
+    updates: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    ended: set[str] = set()
+    requeued_chunks: set[tuple[str, int]] = set()
+    for r in rows:
+        base = {"job_id": r.job_id, "item_id": r.id, "attempt": r.attempts,
+                "worker_id": r.lease_owner, "created_at": now}
+        events.append({**base, "kind": "lease_expired", "error_code": "worker_lost",
+                       "message": "lease expired"})
+        if r.status == JobStatus.cancelling.value:
+            status, code, message = ItemStatus.cancelled.value, "cancelled", "job cancelled"
+            report.cancelled += 1
+            events.append({**base, "kind": "cancelled"})
+        elif r.attempts >= r.max_attempts:
+            status, code, message = (ItemStatus.failed.value, "worker_lost",
+                                     worker_lost_message(r.attempts))
+            report.failed += 1
+            events.append({**base, "kind": "failed", "error_code": code, "message": message})
+        else:
+            status, code = ItemStatus.queued.value, "worker_lost"
+            message = f"lease expired on attempt {r.attempts}; requeued"
+            report.requeued += 1
+            requeued_chunks.add((r.job_id, r.index - r.index % r.chunk_size))
+        if status != ItemStatus.queued.value:
+            ended.add(r.job_id)
+        updates.append({"b_id": r.id, "b_status": status, "b_code": code, "b_message": message,
+                        "b_finished": None if status == ItemStatus.queued.value else now})
+    table = Item.__table__
+    session.execute(
+        update(table)
+        # Re-checked: the lease may have been renewed since our SELECT (SQLite has no row locks,
+        # but BEGIN IMMEDIATE already excludes other writers; on PostgreSQL the rows are locked).
+        .where(table.c.id == bindparam("b_id"), table.c.status == ItemStatus.running.value)
+        .values(status=bindparam("b_status"), error_code=bindparam("b_code"),
+                error_message=bindparam("b_message"), finished_at=bindparam("b_finished"),
+                lease_owner=None, lease_expires_at=None, available_at=None, updated_at=now),
+        updates,
+    )
+    # The messages for these chunks were consumed by the dead worker: publish them again.
+    for job_id, start in sorted(requeued_chunks):
+        session.execute(
+            update(Outbox).where(Outbox.job_id == job_id, Outbox.chunk_start == start)
+            .values(published_at=None).execution_options(synchronize_session=False)
+        )
+    add_events(session, events)
+    session.commit()
+    return report, ended
+
+
+def stale_chunks(session: Session, *, now: datetime, stale_after_seconds: float,
+                 limit: int = 1000) -> list[Any]:
+    """Published chunks with claimable queued items and no recent message: either the last
+    publish is older than stale_after, or an item became claimable (backoff over) after it."""
+    cutoff = now - timedelta(seconds=stale_after_seconds)
+    waiting = exists().where(
+        Item.job_id == Outbox.job_id,
+        Item.index >= Outbox.chunk_start,
+        Item.index < Outbox.chunk_end,
+        Item.status == ItemStatus.queued.value,
+        or_(Item.available_at.is_(None), Item.available_at <= now),
+        or_(Outbox.published_at < cutoff,
+            and_(Item.available_at.is_not(None), Item.available_at > Outbox.published_at)),
+    )
+    stmt = (
+        select(Outbox.id, Outbox.job_id, Outbox.chunk_start, Outbox.chunk_end, Outbox.priority)
+        .join(Job, Job.id == Outbox.job_id)
+        .where(Outbox.published_at.is_not(None), Job.status.in_(CLAIMABLE_JOB), waiting)
+        .order_by(Outbox.priority.desc(), Outbox.published_at)
+        .limit(limit)
+    )
+    rows = session.execute(stmt).all()
+    session.commit()
+    return list(rows)
+
+
+def reconcile(
+    session: Session,
+    *,
+    publish: Callable[[Chunk], None],
+    stale_after_seconds: float,
+    now: datetime | None = None,
+    store: Store | None = None,
+    on_finalized: Callable[[Job], None] | None = None,
+) -> ReconcileReport:
+    now = now or utcnow()
+    report, ended = free_expired_leases(session, now=now)
+    report.published = publish_pending(session, publish=publish, now=now)
+    report.republished = publish_rows(
+        session, rows=stale_chunks(session, now=now, stale_after_seconds=stale_after_seconds),
+        publish=publish, now=now,
+    )
+
+    # Missed finalisations: a completer that died after committing its items but before
+    # maybe_finalize, or a finaliser that died (or lost the store) while in "finalizing".
+    cutoff = now - timedelta(seconds=stale_after_seconds)
+    no_open = ~exists().where(Item.job_id == Job.id, Item.status.in_(OPEN_ITEM))
+    candidates = set(session.scalars(
+        select(Job.id).where(Job.status.in_(OPEN_JOB), no_open)
+    )) | ended
+    stuck = list(session.scalars(
+        select(Job.id).where(Job.status == JobStatus.finalizing.value, Job.updated_at < cutoff)
+    ))
+    session.commit()
+    for job_id in sorted(candidates):
+        if maybe_finalize(session, job_id=job_id, store=store, on_finalized=on_finalized,
+                          now=now):
+            report.finalized += 1
+    for job_id in stuck:
+        if complete_finalization(session, job_id=job_id, store=store,
+                                 on_finalized=on_finalized, now=now):
+            report.finalized += 1
+    return report

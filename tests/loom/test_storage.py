@@ -1,0 +1,120 @@
+"""LocalStore and S3Store (against moto_server): round trips, presigned URLs, errors, keys."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loom import storage
+from loom.errors import InputMissing, StorageError
+from loom.storage import LocalStore, S3Store, Store
+
+KEY = "t1/jobs/j1/outputs/00000007.png"
+BAD_KEYS = ["", "/etc/passwd", "../x", "a/../../x", "a//b", "a/./b", "a\\b", "a/b\x00", "a/ b"]
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "local":
+        yield LocalStore(tmp_path / "store")
+        return
+    bucket_url = request.getfixturevalue("s3_bucket")
+    endpoint = request.getfixturevalue("s3_endpoint")
+    try:
+        yield S3Store.from_url(bucket_url, endpoint_url=endpoint, max_pool_connections=4)
+    finally:
+        storage.close_clients()  # no unclosed sockets (warnings are errors)
+
+
+def test_keys_are_deterministic_and_zero_padded() -> None:
+    assert storage.input_key("t", "j", 3, "png") == "t/jobs/j/inputs/00000003.png"
+    assert storage.output_key("t", "j", 12, ".JPG") == "t/jobs/j/outputs/00000012.jpg"
+    assert storage.results_key("t", "j", "jsonl") == "t/jobs/j/results.jsonl"
+    with pytest.raises(StorageError):
+        storage.input_key("t", "j", 0, "png/../x")
+    with pytest.raises(StorageError):
+        storage.output_key("../t", "j", 0, "png")
+
+
+def test_put_get_exists_stream(store: Store) -> None:
+    assert not store.exists(KEY)
+    store.put(KEY, b"\x89PNG-bytes", "image/png")
+    assert store.exists(KEY)
+    assert store.get(KEY) == b"\x89PNG-bytes"
+    store.put(KEY, b"second version", "image/png")  # deterministic keys: re-runs overwrite
+    assert store.get(KEY) == b"second version"
+    assert b"".join(store.open_stream(KEY)) == b"second version"
+
+
+def test_missing_key_raises_input_missing(store: Store) -> None:
+    with pytest.raises(InputMissing):
+        store.get("t1/jobs/j1/inputs/00000000.png")
+    with pytest.raises(InputMissing):
+        list(store.open_stream("t1/jobs/j1/inputs/00000000.png"))
+
+
+@pytest.mark.parametrize("bad", BAD_KEYS)
+def test_bad_keys_are_refused(store: Store, bad: str) -> None:
+    with pytest.raises(StorageError):
+        store.put(bad, b"x", "text/plain")
+    with pytest.raises(StorageError):
+        store.get(bad)
+
+
+def test_local_store_writes_atomically_inside_its_root(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    s = LocalStore(root)
+    s.put(KEY, b"data", "image/png")
+    assert (root / KEY).read_bytes() == b"data"
+    leftovers = [p for p in (root / KEY).parent.iterdir() if p.name.startswith(".tmp-")]
+    assert leftovers == []
+    assert s.url(KEY) is None
+    # A symlink planted inside the store cannot lead out of it.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, root / "evil")
+    with pytest.raises(StorageError):
+        s.put("evil/x.txt", b"x", "text/plain")
+    assert not (outside / "x.txt").exists()
+
+
+def test_s3_presigned_url_serves_the_bytes(s3_bucket: str, s3_endpoint: str) -> None:
+    s = S3Store.from_url(s3_bucket, endpoint_url=s3_endpoint)
+    try:
+        s.put(KEY, b"presigned!", "image/png")
+        url = s.url(KEY, expires_seconds=60)
+        assert url is not None and url.startswith(s3_endpoint)
+        response = httpx.get(url, timeout=10)
+        assert response.status_code == 200 and response.content == b"presigned!"
+    finally:
+        storage.close_clients()
+
+
+def test_s3_client_is_cached_per_process(s3_endpoint: str) -> None:
+    try:
+        a = storage.s3_client(s3_endpoint, max_pool_connections=8)
+        assert storage.s3_client(s3_endpoint, max_pool_connections=8) is a
+        # botocore stores Config(retries={"max_attempts": 5}) as 5 retries = 6 attempts in all.
+        assert a.meta.config.retries == {"mode": "standard", "total_max_attempts": 6}
+        assert a.meta.config.max_pool_connections == 8
+    finally:
+        storage.close_clients()
+
+
+def test_store_from_url_and_settings(make_settings: object, tmp_path: Path) -> None:
+    assert storage.parse_s3_url("s3://bucket/a/b/") == ("bucket", "a/b")
+    assert storage.parse_s3_url("s3://bucket") == ("bucket", "")
+    with pytest.raises(ValueError):
+        storage.parse_s3_url("http://bucket/a")
+    s3 = storage.store_from_url("s3://bkt/pre", endpoint_url="http://minio:9000")
+    assert isinstance(s3, S3Store) and (s3.bucket, s3.prefix) == ("bkt", "pre")
+    local = storage.store_from_url(f"file://{tmp_path / 'st'}")
+    assert isinstance(local, LocalStore) and local.root == (tmp_path / "st").resolve()
+    settings = make_settings()  # type: ignore[operator]
+    default = storage.store_from_settings(settings)
+    assert isinstance(default, LocalStore)
+    assert default.root == (settings.home / "store").resolve()

@@ -1,0 +1,358 @@
+"""The Engine in-process on SQLite + LocalStore, with a fake model (fast, no services)."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, update
+
+from worker_helpers import (
+    FakeModel,
+    magenta_png,
+    png_bomb,
+    shape_png,
+    submit,
+    tenant_id,
+    truncated_jpeg,
+    upload_inputs,
+)
+
+
+def make_engine_(embedded: Any, model: Any, worker_id: str = "w-test") -> Any:
+    from worker.engine import Engine
+
+    settings, sf, store = embedded
+    return Engine(settings, session_factory=sf, store=store, worker_id=worker_id,
+                  model_loader=lambda name: model)
+
+
+def items_of(sf: Any, job_id: str) -> list[Any]:
+    from loom.models import Item
+
+    with sf() as s:
+        return list(s.scalars(select(Item).where(Item.job_id == job_id).order_by(Item.index)))
+
+
+def outputs_of(sf: Any, job_id: str) -> list[Any]:
+    from loom.models import Output
+
+    with sf() as s:
+        return list(s.scalars(select(Output).where(Output.job_id == job_id)))
+
+
+def test_caption_job_runs_with_lineage(embedded: Any) -> None:
+    settings, sf, store = embedded
+    tenant = tenant_id(sf)
+    keys = upload_inputs(store, tenant, [shape_png(i) for i in range(10)])
+    job_id = submit(sf, task="caption", inputs=[{"image_key": k} for k in keys], chunk_size=8,
+                    model="fake")
+    model = FakeModel()
+    seen: list[int] = []
+    with make_engine_(embedded, model) as engine:
+        job = engine.run_job(job_id, progress=seen.append)
+    assert job.status == "succeeded"
+    assert sum(seen) == 10
+    assert all(n <= settings.batch_size for _, n in model.calls)
+    outs = outputs_of(sf, job_id)
+    assert len(outs) == 10
+    for out in outs:
+        assert out.kind == "text" and out.text == "a 64x64 picture"
+        assert out.sha256 == hashlib.sha256(out.text.encode()).hexdigest()
+        assert out.model_version == "0.0.1" and out.weights_sha256 == "f" * 64
+        assert out.worker_id == "w-test" and out.attempt == 1 and out.task == "caption"
+        assert len(out.input_sha256) == 64
+        assert {"fetch_ms", "decode_ms", "infer_ms"} <= set(out.timings)
+    from loom.models import ModelVersion
+
+    with sf() as s:
+        assert s.scalar(select(func.count()).select_from(ModelVersion)) == 1
+    assert job.results_key and store.exists(job.results_key)
+
+
+def test_generate_uploads_png_before_pointing_at_it(embedded: Any) -> None:
+    from worker.inputs import derive_seed
+
+    _, sf, store = embedded
+    inputs: list[dict[str, Any]] = [{"prompt": f"a red circle {i}", "seed": i} for i in range(5)]
+    inputs.append({"prompt": "no seed given"})
+    job_id = submit(sf, task="generate", inputs=inputs, chunk_size=8, model="fake")
+    with make_engine_(embedded, FakeModel()) as engine:
+        assert engine.run_job(job_id).status == "succeeded"
+    by_item = {o.item_id: o for o in outputs_of(sf, job_id)}
+    for item in items_of(sf, job_id):
+        out = by_item[item.id]
+        data = store.get(out.storage_key)
+        assert data.startswith(b"\x89PNG") and hashlib.sha256(data).hexdigest() == out.sha256
+        assert out.content_type == "image/png" and out.size_bytes == len(data)
+        expected = item.input.get("seed", derive_seed(job_id, item.index))
+        assert out.seed == expected
+    assert derive_seed(job_id, 5) == derive_seed(job_id, 5) != derive_seed(job_id, 4)
+
+
+def test_bad_inputs_fail_alone_with_clear_codes(embedded: Any) -> None:
+    import os
+
+    _, sf, store = embedded
+    tenant = tenant_id(sf)
+    blobs = [shape_png(0), os.urandom(2048), truncated_jpeg(), b"", png_bomb(),
+             b"just some text, not an image\n", shape_png(1)]
+    keys = upload_inputs(store, tenant, blobs)
+    inputs: list[dict[str, Any]] = [{"image_key": k} for k in keys]
+    inputs.append({"image_key": f"{tenant}/jobs/nope/inputs/00000000.png"})  # missing object
+    inputs.append({})  # no image at all
+    job_id = submit(sf, task="caption", inputs=inputs, chunk_size=16, model="fake")
+    with make_engine_(embedded, FakeModel()) as engine:
+        assert engine.run_job(job_id).status == "completed_with_errors"
+    got = {it.index: (it.status, it.error_code) for it in items_of(sf, job_id)}
+    assert got == {
+        0: ("succeeded", None),
+        1: ("failed", "invalid_input"),
+        2: ("failed", "invalid_input"),
+        3: ("failed", "invalid_input"),
+        4: ("failed", "input_too_large"),
+        5: ("failed", "invalid_input"),
+        6: ("succeeded", None),
+        7: ("failed", "input_missing"),
+        8: ("failed", "invalid_input"),
+    }
+    assert all(it.error_message for it in items_of(sf, job_id) if it.status == "failed")
+
+
+def test_unknown_model_fails_items_not_the_worker(embedded: Any) -> None:
+    from worker.engine import Engine
+
+    settings, sf, store = embedded
+    job_id = submit(sf, task="generate", inputs=[{"prompt": "x"}] * 3, chunk_size=8,
+                    model="no-such-model")
+    with Engine(settings, session_factory=sf, store=store, worker_id="w") as engine:
+        job = engine.run_job(job_id)
+    assert job.status == "failed"
+    assert {(it.status, it.error_code) for it in items_of(sf, job_id)} == {
+        ("failed", "unsupported_task")
+    }
+    assert "no-such-model" in (items_of(sf, job_id)[0].error_message or "")
+
+
+def test_model_errors_retry_then_fail_at_the_cap(embedded: Any) -> None:
+    _, sf, store = embedded
+    tenant = tenant_id(sf)
+    keys = upload_inputs(store, tenant, [shape_png(0), magenta_png(), shape_png(2)])
+    job_id = submit(sf, task="caption", inputs=[{"image_key": k} for k in keys], chunk_size=8,
+                    model="fake", max_attempts=2)
+    model = FakeModel(fail_on=lambda im: im.size == (7, 7))
+    with make_engine_(embedded, model) as engine:
+        job = engine.run_job(job_id, poll_seconds=0.05)
+    got = {it.index: (it.status, it.error_code, it.attempts) for it in items_of(sf, job_id)}
+    # First attempt: the batch call raised -> all three retried; second attempt: each runs
+    # alone (attempts > 1), so only the bad one fails again and hits the cap.
+    assert got == {0: ("succeeded", None, 2), 1: ("failed", "model_error", 2),
+                   2: ("succeeded", None, 2)}
+    assert job.status == "completed_with_errors"
+    assert ("caption", 3) in model.calls and model.calls.count(("caption", 1)) == 3
+
+
+def test_items_whose_worker_died_run_one_at_a_time(embedded: Any) -> None:
+    from loom import jobs
+    from loom.models import Item, utcnow
+
+    settings, sf, store = embedded
+    tenant = tenant_id(sf)
+    keys = upload_inputs(store, tenant, [shape_png(i) for i in range(8)])
+    job_id = submit(sf, task="caption", inputs=[{"image_key": k} for k in keys], chunk_size=8,
+                    model="fake")
+    with sf() as s:  # a worker claimed the first batch, then died (its lease expired)
+        dead = jobs.claim_items(s, job_id=job_id, start=0, end=8, worker_id="dead", limit=4,
+                                lease_seconds=30)
+        s.execute(update(Item).where(Item.id.in_([d.id for d in dead]))
+                  .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        s.commit()
+    model = FakeModel()
+    with make_engine_(embedded, model) as engine:
+        report = engine.run_chunk(jobs.Chunk(job_id, 0, 8))
+    assert report.succeeded == 8
+    assert model.calls == [("caption", 1)] * 4 + [("caption", 4)]
+    assert {it.index: it.attempts for it in items_of(sf, job_id)} == {
+        i: (2 if i < 4 else 1) for i in range(8)
+    }
+
+
+def test_fencing_a_taken_over_lease_drops_the_stale_result(embedded: Any) -> None:
+    from loom import jobs
+    from loom.models import Item, utcnow
+
+    _, sf, store = embedded
+    job_id = submit(sf, task="generate", inputs=[{"prompt": "p", "seed": 1}] * 4, chunk_size=8,
+                    model="fake")
+
+    class Stalled(FakeModel):
+        def generate(self, prompts: list[str], seeds: list[int]) -> list[Any]:
+            # We stall past our lease; another worker takes the items over (attempt 2).
+            with sf() as s:
+                s.execute(update(Item).where(Item.job_id == job_id)
+                          .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+                s.commit()
+                taken = jobs.claim_items(s, job_id=job_id, start=0, end=8, worker_id="other",
+                                         limit=8, lease_seconds=60)
+            assert len(taken) == 4
+            return super().generate(prompts, seeds)
+
+    with make_engine_(embedded, Stalled()) as engine:
+        report = engine.run_chunk(jobs.Chunk(job_id, 0, 8))
+    assert (report.succeeded, report.fenced) == (0, 4), report
+    assert outputs_of(sf, job_id) == []
+    assert {(it.status, it.lease_owner, it.attempts) for it in items_of(sf, job_id)} == {
+        ("running", "other", 2)
+    }
+
+
+def test_cancel_between_batches(embedded: Any) -> None:
+    from loom import jobs
+
+    _, sf, store = embedded
+    job_id = submit(sf, task="generate", inputs=[{"prompt": "p"}] * 16, chunk_size=16,
+                    model="fake")
+
+    class Canceller(FakeModel):
+        def generate(self, prompts: list[str], seeds: list[int]) -> list[Any]:
+            if not self.calls:
+                with sf() as s:
+                    jobs.cancel_job(s, job_id=job_id)
+            return super().generate(prompts, seeds)
+
+    with make_engine_(embedded, Canceller()) as engine:
+        report = engine.run_chunk(jobs.Chunk(job_id, 0, 16))
+        assert report.claimed <= 8  # the first batch and at most the prefetched next one
+    counts: dict[str, int] = {}
+    for it in items_of(sf, job_id):
+        counts[it.status] = counts.get(it.status, 0) + 1
+    assert counts.get("succeeded", 0) == 4 and counts.get("running", 0) == 0
+    assert counts["cancelled"] == 12
+    with sf() as s:
+        assert jobs.get_job(s, job_id=job_id).status == "cancelled"
+
+
+def test_embedded_run_job_64_captions_with_the_real_model(embedded: Any, shapes_model: Any) -> None:
+    """The embedded default: SQLite + LocalStore + Engine.run_job in-process, the shapes model."""
+    from worker.engine import Engine
+
+    settings, sf, store = embedded
+    tenant = tenant_id(sf)
+    keys = upload_inputs(store, tenant, [shape_png(i) for i in range(64)])
+    job_id = submit(sf, task="caption", inputs=[{"image_key": k} for k in keys], chunk_size=8)
+    seen: list[int] = []
+    with Engine(settings, session_factory=sf, store=store, worker_id="embedded",
+                model_loader=lambda name: shapes_model) as engine:
+        job = engine.run_job(job_id, progress=seen.append)
+    assert job.status == "succeeded" and sum(seen) == 64
+    outs = outputs_of(sf, job_id)
+    assert len(outs) == 64 and {o.kind for o in outs} == {"text"}
+    assert all(isinstance(o.text, str) for o in outs)
+    info = shapes_model.info
+    assert {(o.model_name, o.model_version, o.weights_sha256) for o in outs} == {
+        (info.name, info.version, info.weights_sha256)
+    }
+    manifest = store.get(job.results_key).decode().splitlines()
+    assert len(manifest) == 64
+
+
+def test_run_job_ends_items_a_crashed_embedded_run_left_at_the_cap(embedded: Any) -> None:
+    """An earlier embedded run died holding leases: under the cap they run again, at the cap
+    they end failed (worker_lost); run_job never spins forever."""
+    from loom import jobs
+    from loom.models import Item, utcnow
+
+    _, sf, store = embedded
+    job_id = submit(sf, task="generate", inputs=[{"prompt": "p"}] * 4, chunk_size=8,
+                    model="fake", max_attempts=2)
+    with sf() as s:
+        dead = jobs.claim_items(s, job_id=job_id, start=0, end=8, worker_id="dead", limit=2,
+                                lease_seconds=30)
+        s.execute(update(Item).where(Item.id == dead[0].id).values(attempts=2))
+        s.execute(update(Item).where(Item.id.in_([d.id for d in dead]))
+                  .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        s.commit()
+    with make_engine_(embedded, FakeModel()) as engine:
+        job = engine.run_job(job_id, poll_seconds=0.05)
+    assert job.status == "completed_with_errors"
+    got = {it.index: (it.status, it.error_code) for it in items_of(sf, job_id)}
+    assert got == {0: ("failed", "worker_lost"), 1: ("succeeded", None),
+                   2: ("succeeded", None), 3: ("succeeded", None)}
+
+
+@pytest.fixture
+def http_images() -> Any:
+    """A local HTTP server: /ok.png serves a PNG, anything else is a 404."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = shape_png(3)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path == "/ok.png":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", body
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("allow_private", [False, True])
+def test_image_urls_go_through_the_ssrf_guard(
+    embedded: Any, http_images: Any, allow_private: bool
+) -> None:
+    from worker.engine import Engine
+
+    settings, sf, store = embedded
+    base, body = http_images
+    settings = settings.model_copy(update={"allow_private_urls": allow_private})
+    job_id = submit(sf, task="caption", model="fake", chunk_size=8,
+                    inputs=[{"image_url": f"{base}/ok.png"}, {"image_url": f"{base}/gone.png"}])
+    with Engine(settings, session_factory=sf, store=store, worker_id="w",
+                model_loader=lambda name: FakeModel()) as engine:
+        engine.run_job(job_id)
+    got = {it.index: (it.status, it.error_code) for it in items_of(sf, job_id)}
+    if not allow_private:  # a loopback address is refused before any connection is made
+        assert got == {0: ("failed", "blocked_url"), 1: ("failed", "blocked_url")}
+    else:
+        assert got == {0: ("succeeded", None), 1: ("failed", "input_missing")}
+        (out,) = outputs_of(sf, job_id)
+        assert out.input_sha256 == hashlib.sha256(body).hexdigest()
+
+
+def test_items_retried_after_io_errors_still_run_in_batches(embedded: Any) -> None:
+    from loom import jobs
+    from loom.errors import FetchFailed
+
+    _, sf, store = embedded
+    job_id = submit(sf, task="generate", inputs=[{"prompt": "p"}] * 8, chunk_size=8,
+                    model="fake", max_attempts=3)
+    with sf() as s:  # first attempt: the fetch of every item failed transiently
+        claimed = jobs.claim_items(s, job_id=job_id, start=0, end=8, worker_id="w0", limit=8,
+                                   lease_seconds=30)
+        jobs.fail_items(s, worker_id="w0", backoff_seconds=0, failures=[
+            jobs.ItemFailure(item_id=c.id, error=FetchFailed("503"), attempt=c.attempts)
+            for c in claimed
+        ])
+    model = FakeModel()
+    with make_engine_(embedded, model) as engine:
+        assert engine.run_job(job_id).status == "succeeded"
+    assert model.calls == [("generate", 4), ("generate", 4)]

@@ -1,0 +1,406 @@
+"""The batching engine: claim -> read/decode -> model -> upload -> fenced complete.
+
+One Engine per worker process (or per embedded CLI run). ``run_chunk`` drains one chunk
+[start, end) of a job: it claims up to ``batch_size`` items at a time under a lease, heartbeats the
+leases from a background thread, and overlaps the three stages: while the model runs batch N on
+the calling thread, batch N+1 is claimed and its inputs are read and decoded in an I/O thread pool,
+and batch N-1's outputs are uploaded and completed by a finisher thread.
+
+Poison inputs: an item whose previous attempt died with its worker (claimable with attempts >= 1)
+is claimed and run ALONE, with nothing else in flight, so an input that kills the process burns
+only its own attempts; the attempt cap then ends it ``failed`` (worker_lost) via the reconciler.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from loom.config import Settings
+from loom.errors import LoomError, ModelError
+from loom.models import Item, ItemStatus, Job, JobStatus, Outbox, utcnow
+from worker.inference import ModelCache, ModelLoader, infer
+from worker.inputs import Prepared, prepare
+from worker.leases import LeaseKeeper
+from worker.outputs import image_result, text_result
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loom.jobs import Chunk, ClaimedItem, ItemFailure, ItemResult
+    from loom.storage import Store
+
+log = logging.getLogger(__name__)
+
+# Error codes of an earlier attempt after which an item runs alone: its process died
+# (worker_lost, also set when a claim takes an expired lease over) or its batch raised.
+SUSPECT_CODES = ("worker_lost", "model_error")
+
+Progress = Callable[[int], None]  # called with the number of items a batch finished
+
+
+@dataclass
+class ChunkReport:
+    job_id: str
+    start: int
+    end: int
+    claimed: int = 0
+    succeeded: int = 0
+    failed: int = 0  # permanent failures recorded by this worker
+    retried: int = 0  # transient failures sent back to the queue (backoff)
+    fenced: int = 0  # results this worker produced but lost to a newer lease holder
+    cancelled: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    timings_ms: dict[str, float] = field(default_factory=dict)  # summed stage times
+
+    def add_timing(self, name: str, ms: float) -> None:
+        self.timings_ms[name] = self.timings_ms.get(name, 0.0) + ms
+
+
+@dataclass
+class _Batch:
+    items: list[ClaimedItem]
+    careful: bool  # run alone: a previous attempt of this item died with its worker
+    prepared: list[Future[Prepared]] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        session_factory: sessionmaker[Session],
+        store: Store,
+        worker_id: str,
+        model_loader: ModelLoader | None = None,
+        io_threads: int = 4,
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.store = store
+        self.worker_id = worker_id
+        self.models = ModelCache(
+            settings, session_factory=session_factory, model_loader=model_loader
+        )
+        self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="loom-io")
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loom-finish")
+        self.leases = LeaseKeeper(
+            session_factory=session_factory,
+            worker_id=worker_id,
+            lease_seconds=settings.lease_seconds,
+            interval_seconds=min(settings.heartbeat_seconds, settings.lease_seconds / 3.0),
+        )
+        self._report_lock = threading.Lock()
+        self._max_attempts_cache: dict[str, int] = {}
+
+    # --- models ------------------------------------------------------------------------------
+
+    def model(self, name: str) -> Any:
+        """The model called ``name``, loaded once per process; raises a LoomError for items."""
+        return self.models.get(name)
+
+    # --- claiming ----------------------------------------------------------------------------
+
+    def _suspects(self, session: Session, chunk: Chunk) -> list[int]:
+        """Indexes in the chunk that are claimable again after an attempt that may have crashed
+        its process (lease expired) or broken its batch (model_error). Items retried after an
+        I/O error (fetch_failed, storage_error) are no suspects: they run in normal batches."""
+        now = utcnow()
+        rows = session.scalars(
+            select(Item.index)
+            .where(
+                Item.job_id == chunk.job_id,
+                Item.index >= chunk.start,
+                Item.index < chunk.end,
+                Item.attempts >= 1,
+                (
+                    (Item.status == ItemStatus.queued.value)
+                    & ((Item.available_at.is_(None)) | (Item.available_at <= now))
+                )
+                | ((Item.status == ItemStatus.running.value) & (Item.lease_expires_at < now)),
+                (Item.status == ItemStatus.running.value)
+                | Item.error_code.is_(None)
+                | Item.error_code.in_(SUSPECT_CODES),
+            )
+            .order_by(Item.index)
+            .limit(self.settings.batch_size)
+        )
+        return list(rows)
+
+    def _suspect_ids(self, item_ids: list[int]) -> set[int]:
+        if not item_ids:
+            return set()
+        with self.session_factory() as session:
+            rows = session.execute(
+                select(Item.id, Item.error_code).where(Item.id.in_(item_ids))
+            ).all()
+        return {r.id for r in rows if r.error_code is None or r.error_code in SUSPECT_CODES}
+
+    def _claim(self, chunk: Chunk, report: ChunkReport) -> list[_Batch]:
+        """Claim the next batch(es); their inputs start loading in the I/O pool right away."""
+        from loom import jobs
+
+        def claim(start: int, end: int, limit: int) -> list[ClaimedItem]:
+            with self.session_factory() as session:
+                items = jobs.claim_items(
+                    session,
+                    job_id=chunk.job_id,
+                    start=start,
+                    end=end,
+                    worker_id=self.worker_id,
+                    limit=limit,
+                    lease_seconds=self.settings.lease_seconds,
+                )
+            self.leases.add(i.id for i in items)
+            return items
+
+        with self.session_factory() as session:
+            suspects = self._suspects(session, chunk)
+        batches: list[_Batch] = []
+        for index in suspects:
+            items = claim(index, index + 1, 1)
+            if items:
+                batches = [_Batch(items, careful=True)]
+                break
+        if not batches:
+            items = claim(chunk.start, chunk.end, self.settings.batch_size)
+            if not items:
+                return []
+            suspect = self._suspect_ids([i.id for i in items if i.attempts > 1])
+            fresh = [i for i in items if i.id not in suspect]
+            retried = [i for i in items if i.id in suspect]
+            # Race with an expiring lease: run the others together first, then each suspect
+            # alone.
+            if fresh:
+                batches.append(_Batch(fresh, careful=False))
+            batches.extend(_Batch([i], careful=True) for i in retried)
+        for batch in batches:
+            report.claimed += len(batch.items)
+            batch.prepared = [
+                self._io.submit(prepare, item, settings=self.settings, store=self.store)
+                for item in batch.items
+            ]
+        return batches
+
+    # --- the finishing stage (finisher thread) -----------------------------------------------
+
+    def _finish(
+        self,
+        batch: _Batch,
+        outputs: list[tuple[Prepared, Any]],
+        bad: list[Prepared],
+        info: Any,
+        infer_ms: float,
+        report: ChunkReport,
+        progress: Progress | None,
+    ) -> None:
+        from loom import jobs
+
+        n = len(outputs)
+        futures: list[Future[ItemResult]] = []
+        for prep, out in outputs:
+            timings = {**prep.timings, "infer_ms": infer_ms, "infer_batch_size": float(n)}
+            if prep.item.task == "generate":
+                futures.append(
+                    self._io.submit(image_result, prep, out, info, timings, store=self.store)
+                )
+            else:
+                done: Future[ItemResult] = Future()
+                try:
+                    done.set_result(text_result(prep, str(out), info, timings))
+                except Exception as exc:
+                    done.set_exception(exc)
+                futures.append(done)
+        results: list[ItemResult] = []
+        failures: list[ItemFailure] = [
+            jobs.ItemFailure(item_id=p.item.id, error=p.error, attempt=p.item.attempts)
+            for p in bad
+            if p.error is not None
+        ]
+        for (prep, _), fut in zip(outputs, futures, strict=True):
+            try:
+                results.append(fut.result())
+            except LoomError as exc:
+                failures.append(
+                    jobs.ItemFailure(item_id=prep.item.id, error=exc, attempt=prep.item.attempts)
+                )
+            except Exception as exc:
+                err = ModelError(f"cannot store output: {type(exc).__name__}: {exc}")
+                failures.append(
+                    jobs.ItemFailure(item_id=prep.item.id, error=err, attempt=prep.item.attempts)
+                )
+        won = 0
+        attempts = {i.id: i.attempts for i in batch.items}
+        cap = self._max_attempts(batch.items[0].job_id)
+        permanent = sum(
+            1 for f in failures if not f.error.transient or attempts.get(f.item_id, cap) >= cap
+        )
+        with self.session_factory() as session:
+            if results:
+                won = jobs.complete_items(
+                    session, worker_id=self.worker_id, results=results, store=self.store
+                )
+            if failures:
+                jobs.fail_items(
+                    session,
+                    worker_id=self.worker_id,
+                    failures=failures,
+                    backoff_seconds=self.settings.retry_backoff_seconds,
+                    store=self.store,
+                )
+        self.leases.discard(i.id for i in batch.items)
+        with self._report_lock:
+            report.batches += 1
+            report.succeeded += won
+            report.fenced += len(results) - won
+            report.failed += permanent
+            report.retried += len(failures) - permanent
+            report.add_timing("infer", infer_ms)
+            for prep in (f.result() for f in batch.prepared):
+                for name in ("fetch_ms", "decode_ms"):
+                    report.add_timing(name[:-3], prep.timings.get(name, 0.0))
+            for r in results:
+                report.add_timing("upload", r.timings.get("upload_ms", 0.0))
+        if progress is not None:
+            progress(len(batch.items))
+
+    def _max_attempts(self, job_id: str) -> int:
+        if job_id not in self._max_attempts_cache:
+            with self.session_factory() as session:
+                value = session.scalar(select(Job.max_attempts).where(Job.id == job_id))
+            self._max_attempts_cache[job_id] = int(value or 1)
+        return self._max_attempts_cache[job_id]
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def _job_status(self, job_id: str) -> str | None:
+        with self.session_factory() as session:
+            return session.scalar(select(Job.status).where(Job.id == job_id))
+
+    def run_chunk(self, chunk: Chunk, progress: Progress | None = None) -> ChunkReport:
+        """Process every claimable item of ``chunk``; returns what this worker did with them.
+
+        Safe to run twice at once for the same chunk (claims and completion are fenced in the
+        database). Raises on infrastructure failures (database/store down): the caller retries.
+        """
+        from loom import jobs
+
+        report = ChunkReport(job_id=chunk.job_id, start=chunk.start, end=chunk.end)
+        t_start = time.perf_counter()
+        pending: deque[Future[None]] = deque()
+
+        def drain(keep: int = 0) -> None:
+            while len(pending) > keep:
+                pending.popleft().result()  # re-raises a finisher failure (DB down, ...)
+
+        queue: deque[_Batch] = deque()
+        try:
+            with self.leases.heartbeating():
+                if self._job_status(chunk.job_id) == JobStatus.cancelling.value:
+                    queue.clear()
+                else:
+                    queue.extend(self._claim(chunk, report))
+                while queue:
+                    batch = queue.popleft()
+                    prepared = [f.result() for f in batch.prepared]
+                    if batch.careful:
+                        drain()  # nothing else in flight while a possible poison runs
+                    elif not queue:
+                        queue.extend(self._claim(chunk, report))  # overlap with the model
+                    outputs, bad, info, infer_ms = infer(self.models, prepared)
+                    pending.append(
+                        self._finisher.submit(
+                            self._finish, batch, outputs, bad, info, infer_ms, report, progress
+                        )
+                    )
+                    drain(keep=0 if batch.careful else 1)
+                    if queue and queue[0].careful:
+                        drain()
+                    # Between batches: a cancel request stops the chunk.
+                    if self._job_status(chunk.job_id) == JobStatus.cancelling.value:
+                        drain()
+                        with self.session_factory() as session:
+                            report.cancelled += jobs.cancel_remaining(
+                                session,
+                                job_id=chunk.job_id,
+                                worker_id=self.worker_id,
+                                store=self.store,
+                            )
+                        queue.clear()
+                        break
+                    if not queue:
+                        drain()
+                        queue.extend(self._claim(chunk, report))
+                drain()
+        finally:
+            # On an error, let in-flight work settle before the leases stop being extended.
+            for fut in pending:
+                try:
+                    fut.result()
+                except Exception:
+                    log.exception("finishing a batch failed")
+            for batch in queue:
+                for fut in batch.prepared:
+                    fut.cancel()
+            report.seconds = time.perf_counter() - t_start
+        return report
+
+    def run_job(
+        self, job_id: str, progress: Progress | None = None, *, poll_seconds: float = 0.5
+    ) -> Job:
+        """Embedded mode: run every chunk of ``job_id`` in this process until the job is final.
+
+        Marks the job's outbox rows published (no broker is involved) and loops over its chunks
+        until the job reaches a terminal status (items retried after a transient error wait for
+        their backoff).
+        """
+        from loom import jobs
+        from loom.models import JOB_TERMINAL
+
+        terminal = {s.value for s in JOB_TERMINAL}
+        with self.session_factory() as session:
+            jobs.publish_pending(session, publish=lambda _chunk: None, job_id=job_id)
+            rows = session.execute(
+                select(Outbox.chunk_start, Outbox.chunk_end, Outbox.priority)
+                .where(Outbox.job_id == job_id)
+                .order_by(Outbox.chunk_start)
+            ).all()
+        chunks = [jobs.Chunk(job_id, int(s), int(e), int(p or 0)) for s, e, p in rows]
+        while True:
+            claimed = 0
+            for chunk in chunks:
+                claimed += self.run_chunk(chunk, progress=progress).claimed
+            status = self._job_status(job_id)
+            if status is None or status in terminal:
+                break
+            if claimed == 0:
+                with self.session_factory() as session:
+                    # No reconciler runs in embedded mode: expired leases (a crashed earlier run)
+                    # at the attempt cap end failed here, the others become claimable again.
+                    jobs.free_expired_leases(session, now=utcnow())
+                    jobs.maybe_finalize(session, job_id=job_id, store=self.store)
+                status = self._job_status(job_id)
+                if status is None or status in terminal:
+                    break
+                time.sleep(poll_seconds)  # backoff of retried items, or leases held elsewhere
+        with self.session_factory() as session:
+            return jobs.get_job(session, job_id=job_id)
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True, cancel_futures=True)
+        self._finisher.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

@@ -1,0 +1,89 @@
+"""Turning model outputs into stored results with lineage (the engine's last stage).
+
+Text outputs live in the item's Output row; image outputs are PNG objects under the deterministic
+``output_key(...)`` and are uploaded BEFORE the database points at them (a re-run overwrites the
+same key with the same bytes). The sha256 of the stored bytes is recorded either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import TYPE_CHECKING, Any
+
+from loom.errors import LoomError, StorageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL.Image import Image
+
+    from loom.jobs import ItemResult
+    from loom.storage import Store
+    from worker.inputs import Prepared
+
+TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
+PNG_CONTENT_TYPE = "image/png"
+
+
+def info_field(info: Any, name: str, default: Any = None) -> Any:
+    """Read one field of ``model.info`` (a dataclass, an object or a dict)."""
+    if isinstance(info, dict):
+        return info.get(name, default)
+    return getattr(info, name, default)
+
+
+def _lineage(prep: Prepared, info: Any, timings: dict[str, float]) -> dict[str, Any]:
+    return {
+        "item_id": prep.item.id,
+        "attempt": prep.item.attempts,  # the fence also checks the claim's attempt
+        "input_sha256": prep.input_sha256,
+        "model_name": str(info_field(info, "name", prep.item.model_name)),
+        "model_version": str(info_field(info, "version", "unknown")),
+        "weights_sha256": str(info_field(info, "weights_sha256", "")),
+        "seed": prep.seed,
+        "timings": {k: round(float(v), 3) for k, v in timings.items()},
+    }
+
+
+def text_result(prep: Prepared, text: str, info: Any, timings: dict[str, float]) -> ItemResult:
+    from loom.jobs import ItemResult
+
+    data = text.encode("utf-8")
+    return ItemResult(
+        kind="text",
+        text=text,
+        storage_key=None,
+        content_type=TEXT_CONTENT_TYPE,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+        **_lineage(prep, info, timings),
+    )
+
+
+def image_result(
+    prep: Prepared, image: Image, info: Any, timings: dict[str, float], *, store: Store
+) -> ItemResult:
+    """Encode ``image`` as PNG, upload it under the item's output key, then describe it."""
+    from loom import media
+    from loom.jobs import ItemResult
+    from loom.storage import output_key
+
+    item = prep.item
+    data = media.encode_png(image)
+    key = output_key(item.tenant_id, item.job_id, item.index, "png")
+    t0 = time.perf_counter()
+    try:
+        store.put(key, data, PNG_CONTENT_TYPE)
+    except LoomError:
+        raise
+    except Exception as exc:  # boto/network errors that the store did not wrap
+        raise StorageError(f"upload of {key} failed: {type(exc).__name__}: {exc}") from exc
+    timings = {**timings, "upload_ms": (time.perf_counter() - t0) * 1000.0}
+    return ItemResult(
+        kind="image",
+        text=None,
+        storage_key=key,
+        content_type=PNG_CONTENT_TYPE,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+        **_lineage(prep, info, timings),
+    )

@@ -1,0 +1,168 @@
+"""Thin Celery tasks: a chunk message -> the process's Engine -> ack.
+
+Per worker process (after the fork, in ``worker_process_init``): one database engine, one store,
+one Engine with its model loaded, and one reconciler thread. ``run_chunk`` retries with backoff
+when infrastructure (database, store, broker) is down; item-level problems never reach it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+from typing import TYPE_CHECKING, Any
+
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from loom.config import Settings
+from loom.errors import ServiceUnavailable, StorageError
+from worker.app import app, make_publisher
+
+if TYPE_CHECKING:  # pragma: no cover
+    from worker.engine import Engine
+    from worker.reconciler import Reconciler
+
+log = logging.getLogger(__name__)
+
+RETRY_BACKOFF_MAX_SECONDS = 60
+MAX_RETRIES = 10
+
+
+class _Process:
+    """What one worker process holds; built lazily (solo pool) or in worker_process_init."""
+
+    lock = threading.Lock()
+    settings: Settings | None = None
+    db_engine: Any = None
+    engine: Engine | None = None
+    reconciler: Reconciler | None = None
+
+
+def worker_id(node: str | None = None) -> str:
+    """``node:pid:random`` (node = the Celery node name, e.g. ``w1@host``, else the hostname).
+
+    The random suffix: a restarted process that reuses a pid never inherits the leases (and so
+    the right to complete items) of the dead one."""
+    node = node.replace(":", "_") if node else socket.gethostname()
+    return f"{node}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def get_settings() -> Settings:
+    return getattr(app, "loom_settings", None) or Settings()
+
+
+def get_engine(node: str | None = None) -> Engine:
+    """The per-process Engine (created on first use, after the fork)."""
+    if _Process.engine is not None:
+        return _Process.engine
+    with _Process.lock:
+        if _Process.engine is None:
+            from loom.db import make_engine, make_session_factory
+            from loom.storage import store_from_settings
+            from worker.engine import Engine
+
+            settings = get_settings()
+            _Process.settings = settings
+            _Process.db_engine = make_engine(settings.database_url)
+            _Process.engine = Engine(
+                settings,
+                session_factory=make_session_factory(_Process.db_engine),
+                store=store_from_settings(settings),
+                worker_id=worker_id(node),
+            )
+        return _Process.engine
+
+
+def start_reconciler() -> Reconciler:
+    from worker.reconciler import Reconciler
+
+    engine = get_engine()
+    if _Process.reconciler is None:
+        _Process.reconciler = Reconciler(
+            session_factory=engine.session_factory,
+            publish=make_publisher(app),
+            interval_seconds=engine.settings.reconcile_interval_seconds,
+            stale_after_seconds=engine.settings.stale_chunk_seconds,
+            store=engine.store,
+        )
+    _Process.reconciler.start()
+    return _Process.reconciler
+
+
+def shutdown_process() -> None:
+    if _Process.reconciler is not None:
+        _Process.reconciler.stop()
+        _Process.reconciler = None
+    if _Process.engine is not None:
+        _Process.engine.close()
+        _Process.engine = None
+    if _Process.db_engine is not None:
+        _Process.db_engine.dispose()
+        _Process.db_engine = None
+
+
+@worker_process_init.connect
+def _on_process_init(sender: Any = None, **_: Any) -> None:
+    """After the fork (prefork and solo pools both send it): connect, load the default model,
+    start reconciling."""
+    engine = get_engine(sender if isinstance(sender, str) else None)
+    try:
+        engine.model(engine.settings.default_model)
+    except Exception:  # an unknown/broken default model fails its items, not the worker
+        log.exception("could not preload model %r", engine.settings.default_model)
+    start_reconciler()
+    log.info("loom worker process ready: %s", engine.worker_id)
+
+
+@worker_process_shutdown.connect
+def _on_process_shutdown(**_: Any) -> None:
+    shutdown_process()
+
+
+def _infrastructure_errors() -> tuple[type[BaseException], ...]:
+    from kombu.exceptions import OperationalError as KombuOperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from sqlalchemy.exc import InterfaceError
+    from sqlalchemy.exc import OperationalError as DBOperationalError
+
+    return (
+        DBOperationalError,
+        InterfaceError,
+        StorageError,
+        ServiceUnavailable,
+        KombuOperationalError,
+        RedisConnectionError,
+        RedisTimeoutError,
+        ConnectionError,
+        TimeoutError,
+    )
+
+
+@app.task(
+    name="loom.run_chunk",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    max_retries=MAX_RETRIES,
+)
+def run_chunk(self: Any, job_id: str, start: int, end: int) -> dict[str, Any]:
+    """Run items [start, end) of ``job_id``; safe to deliver twice (claims are fenced)."""
+    from loom.jobs import Chunk
+
+    try:
+        report = get_engine().run_chunk(Chunk(job_id, int(start), int(end)))
+    except _infrastructure_errors() as exc:
+        countdown = min(RETRY_BACKOFF_MAX_SECONDS, 2 ** self.request.retries)
+        log.warning("chunk %s[%s:%s] hit %r; retrying in %ss", job_id, start, end, exc, countdown)
+        # The reconciler is the backstop if retries run out: the items stay in the database.
+        raise self.retry(exc=exc, countdown=countdown) from exc
+    log.info(
+        "chunk %s[%s:%s]: claimed=%d succeeded=%d failed=%d retried=%d in %.2fs",
+        job_id, start, end, report.claimed, report.succeeded, report.failed, report.retried,
+        report.seconds,
+    )
+    return {"claimed": report.claimed, "succeeded": report.succeeded}
