@@ -76,7 +76,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "result_serializer": "json",
-        "worker_send_task_events": False,
+        "worker_send_task_events": True,  # chunk-level events for Flower (cheap: per chunk)
         "task_send_sent_event": False,
         "enable_utc": True,
         "timezone": "UTC",
@@ -87,7 +87,8 @@ def make_celery(settings: Settings) -> Celery:
     """A Celery app configured from ``settings``; the tasks module is imported by the worker."""
     celery_app = Celery("loom", include=["worker.tasks"])
     celery_app.conf.update(celery_config(settings))
-    celery_app.loom_settings = settings  # type: ignore[attr-defined]  # the worker builds its Engine from these
+    # The worker process builds its Engine from these (worker.tasks.get_settings).
+    celery_app.loom_settings = settings  # type: ignore[attr-defined]
     return celery_app
 
 

@@ -144,8 +144,12 @@ class Engine:
             ).all()
         return {r.id for r in rows if r.error_code is None or r.error_code in SUSPECT_CODES}
 
-    def _claim(self, chunk: Chunk, report: ChunkReport) -> list[_Batch]:
-        """Claim the next batch(es); their inputs start loading in the I/O pool right away."""
+    def _claim(self, chunk: Chunk, report: ChunkReport, *, prefetch: bool = False) -> list[_Batch]:
+        """Claim the next batch(es); their inputs start loading in the I/O pool right away.
+
+        ``prefetch``: claiming while another batch is in flight. A suspect is then not claimed
+        (a crash of the running batch would burn one of its attempts); it waits until nothing
+        else is in flight. A suspect's input is read and decoded only once it runs (alone)."""
         from loom import jobs
 
         def claim(start: int, end: int, limit: int) -> list[ClaimedItem]:
@@ -164,6 +168,8 @@ class Engine:
 
         with self.session_factory() as session:
             suspects = self._suspects(session, chunk)
+        if suspects and prefetch:
+            return []
         batches: list[_Batch] = []
         for index in suspects:
             items = claim(index, index + 1, 1)
@@ -184,10 +190,11 @@ class Engine:
             batches.extend(_Batch([i], careful=True) for i in retried)
         for batch in batches:
             report.claimed += len(batch.items)
-            batch.prepared = [
-                self._io.submit(prepare, item, settings=self.settings, store=self.store)
-                for item in batch.items
-            ]
+            if not batch.careful:
+                batch.prepared = [
+                    self._io.submit(prepare, item, settings=self.settings, store=self.store)
+                    for item in batch.items
+                ]
         return batches
 
     # --- the finishing stage (finisher thread) -----------------------------------------------
@@ -264,7 +271,7 @@ class Engine:
             report.failed += permanent
             report.retried += len(failures) - permanent
             report.add_timing("infer", infer_ms)
-            for prep in (f.result() for f in batch.prepared):
+            for prep in [p for p, _ in outputs] + bad:
                 for name in ("fetch_ms", "decode_ms"):
                     report.add_timing(name[:-3], prep.timings.get(name, 0.0))
             for r in results:
@@ -310,11 +317,16 @@ class Engine:
                     queue.extend(self._claim(chunk, report))
                 while queue:
                     batch = queue.popleft()
-                    prepared = [f.result() for f in batch.prepared]
                     if batch.careful:
                         drain()  # nothing else in flight while a possible poison runs
-                    elif not queue:
-                        queue.extend(self._claim(chunk, report))  # overlap with the model
+                        prepared = [
+                            prepare(item, settings=self.settings, store=self.store)
+                            for item in batch.items
+                        ]
+                    else:
+                        prepared = [f.result() for f in batch.prepared]
+                        if not queue:  # overlap: claim + decode the next batch during the model
+                            queue.extend(self._claim(chunk, report, prefetch=True))
                     outputs, bad, info, infer_ms = infer(self.models, prepared)
                     pending.append(
                         self._finisher.submit(

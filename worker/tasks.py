@@ -38,6 +38,7 @@ class _Process:
     db_engine: Any = None
     engine: Engine | None = None
     reconciler: Reconciler | None = None
+    pid: int | None = None  # the process that built the above (a fork must not inherit them)
 
 
 def worker_id(node: str | None = None) -> str:
@@ -55,9 +56,12 @@ def get_settings() -> Settings:
 
 def get_engine(node: str | None = None) -> Engine:
     """The per-process Engine (created on first use, after the fork)."""
-    if _Process.engine is not None:
+    if _Process.engine is not None and _Process.pid == os.getpid():
         return _Process.engine
     with _Process.lock:
+        if _Process.pid != os.getpid():
+            # Built before a fork (never on purpose): leave the parent's pool and threads alone.
+            _Process.engine = _Process.db_engine = _Process.reconciler = None
         if _Process.engine is None:
             from loom.db import make_engine, make_session_factory
             from loom.storage import store_from_settings
@@ -72,6 +76,7 @@ def get_engine(node: str | None = None) -> Engine:
                 store=store_from_settings(settings),
                 worker_id=worker_id(node),
             )
+            _Process.pid = os.getpid()
         return _Process.engine
 
 

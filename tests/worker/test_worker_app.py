@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -79,6 +80,7 @@ def test_run_chunk_retries_on_infrastructure_errors(monkeypatch: pytest.MonkeyPa
     from celery.exceptions import Retry
 
     monkeypatch.setattr(tasks._Process, "engine", DownEngine())
+    monkeypatch.setattr(tasks._Process, "pid", os.getpid())
     with pytest.raises(Retry) as info:
         tasks.run_chunk.apply(args=["job", 0, 8], throw=True)
     assert info.value.when == 1  # 2 ** retries seconds, capped at 60

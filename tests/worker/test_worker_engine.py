@@ -356,3 +356,26 @@ def test_items_retried_after_io_errors_still_run_in_batches(embedded: Any) -> No
     with make_engine_(embedded, model) as engine:
         assert engine.run_job(job_id).status == "succeeded"
     assert model.calls == [("generate", 4), ("generate", 4)]
+
+
+def test_a_suspect_is_never_claimed_while_another_batch_is_in_flight(embedded: Any) -> None:
+    from loom import jobs
+    from loom.models import Item, utcnow
+    from worker.engine import ChunkReport
+
+    _, sf, store = embedded
+    job_id = submit(sf, task="generate", inputs=[{"prompt": "p"}] * 8, chunk_size=8, model="fake")
+    with sf() as s:
+        (dead,) = jobs.claim_items(s, job_id=job_id, start=5, end=6, worker_id="dead", limit=1,
+                                   lease_seconds=30)
+        s.execute(update(Item).where(Item.id == dead.id)
+                  .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        s.commit()
+    chunk = jobs.Chunk(job_id, 0, 8)
+    with make_engine_(embedded, FakeModel()) as engine:
+        report = ChunkReport(job_id, 0, 8)
+        assert engine._claim(chunk, report, prefetch=True) == []  # nothing leased meanwhile
+        (batch,) = engine._claim(chunk, report)
+        assert batch.careful and [i.index for i in batch.items] == [5]
+        assert batch.prepared == []  # read + decoded only when it runs, alone
+    assert report.claimed == 1
