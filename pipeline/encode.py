@@ -9,6 +9,17 @@ from pipeline.config import ModelConfig
 from pipeline.layers import Block, key_mask
 
 
+def sincos_2d(grid: int, d: int) -> torch.Tensor:
+    """(grid*grid, d): first half encodes the row, second half the column."""
+    q = d // 4
+    omega = 1.0 / (100.0 ** (torch.arange(q, dtype=torch.float32) / q))
+    pos = torch.arange(grid, dtype=torch.float32)[:, None] * omega[None]        # (grid, q)
+    axis = torch.cat([pos.sin(), pos.cos()], dim=1)                             # (grid, d/2)
+    rows = axis[:, None, :].expand(grid, grid, d // 2)
+    cols = axis[None, :, :].expand(grid, grid, d // 2)
+    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, d)
+
+
 class ImageEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -23,6 +34,9 @@ class ImageEncoder(nn.Module):
         ])
         # GroupNorm (batch-independent, so serving at batch 1 == batch 64) speeds up the stem
         self.norms = nn.ModuleList([nn.GroupNorm(8, c1), nn.GroupNorm(8, c2), nn.GroupNorm(8, d)])
+        # fixed 2D sinusoids at feature scale: the relation (left-of vs above) depends on where
+        # tokens are, and a small learned embedding alone was drowned by the conv features
+        self.register_buffer("pos2d", sincos_2d(cfg.grid, d), persistent=False)
         self.row = nn.Parameter(torch.zeros(cfg.grid, 1, d))
         self.col = nn.Parameter(torch.zeros(1, cfg.grid, d))
         nn.init.normal_(self.row, std=0.02)
@@ -36,7 +50,7 @@ class ImageEncoder(nn.Module):
         for conv, norm in zip(self.convs, self.norms):
             x = F.gelu(norm(conv(x)))                           # ... -> (B, d, 8, 8)
         x = x.flatten(2).transpose(1, 2)                         # (B, 64, d)
-        x = x + (self.row + self.col).reshape(1, -1, x.shape[-1])
+        x = x + self.pos2d + (self.row + self.col).reshape(1, -1, x.shape[-1])
         for blk in self.blocks:
             x = blk(x)
         return self.ln(x)

@@ -31,9 +31,11 @@ class LoomShapesModel(nn.Module):
         self.decoder = TextDecoder(cfg, numeric_start)
         self.renderer = MaskRenderer(cfg)
         # training-only dense probe on the image grid: for the cell holding an object's centre,
-        # predict objectness, shape, colour, size. Dense targets make the encoder learn objects
-        # far sooner than the decoder's cross-attention alone would teach it.
-        self.aux_head = nn.Linear(cfg.d_model, 1 + cfg.n_shapes + 6 + 2)
+        # predict objectness, shape, colour, size and its role in the caption (single, first or
+        # second of "left of" / "above"). Dense targets make the encoder learn objects and their
+        # relation far sooner than the decoder's cross-attention alone (it stalled at chance on
+        # left-of vs above without the role target).
+        self.aux_head = nn.Linear(cfg.d_model, 1 + cfg.n_shapes + 6 + 2 + 5)
 
     def context(self, img_tokens: torch.Tensor | None, text_ids: torch.Tensor,
                 text_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +52,8 @@ class LoomShapesModel(nn.Module):
         aux = self.aux_head(img).float()                                   # (B, 64, 12)
         ns = self.cfg.n_shapes
         aux_loss = F.binary_cross_entropy_with_logits(aux[..., 0], b["aux_obj"])
-        for lo, hi, key in ((1, 1 + ns, "aux_shape"), (1 + ns, 7 + ns, "aux_colour"), (7 + ns, 9 + ns, "aux_size")):
+        for lo, hi, key in ((1, 1 + ns, "aux_shape"), (1 + ns, 7 + ns, "aux_colour"), (7 + ns, 9 + ns, "aux_size"),
+                            (9 + ns, 14 + ns, "aux_role")):
             aux_loss = aux_loss + F.cross_entropy(aux[..., lo:hi].flatten(0, 1), b[key].flatten(), ignore_index=-100)
         out = {
             "aux": 0.5 * aux_loss,

@@ -71,16 +71,18 @@ def make_batch(tok: Tokenizer, cfg: ModelConfig, bank: MaskBank, rng: random.Ran
     b["vqa_in"], b["vqa_out"] = _seq_tensors(tok, [[e.answer] for e in exs])
     g = cfg.grid
     b["aux_obj"] = torch.zeros(batch, g * g)
-    for key in ("aux_shape", "aux_colour", "aux_size"):
+    for key in ("aux_shape", "aux_colour", "aux_size", "aux_role"):
         b[key] = torch.full((batch, g * g), -100, dtype=torch.long)
     for i, e in enumerate(exs):
-        for o in e.scene.objects:
+        for k, o in enumerate(e.scene.objects):
+            role = 0 if e.scene.relation is None else 1 + k + 2 * (e.scene.relation == "above")
             cx, cy = o.centre
             cell = int(cy * g / data.CANVAS) * g + int(cx * g / data.CANVAS)
             b["aux_obj"][i, cell] = 1.0
             b["aux_shape"][i, cell] = data.SHAPES.index(o.shape)
             b["aux_colour"][i, cell] = data.COLOURS.index(o.colour)
             b["aux_size"][i, cell] = int(o.size == "large")
+            b["aux_role"][i, cell] = role
     scenes = [data.sample_scene(rng) for _ in range(gen_batch)]
     b["gen_text"] = text_batch(tok, [data.caption(s) for s in scenes], "generate", cfg.max_text_len, cpu)
     b["gen_in"], b["gen_out"] = _seq_tensors(tok, [layout_words(s) for s in scenes])

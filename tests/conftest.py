@@ -214,9 +214,18 @@ def _moto_server_bin() -> str | None:
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """A moto_server subprocess for the whole session; its URL."""
+    """The S3 endpoint: the one .ci/run started (LOOM_TEST_S3_ENDPOINT), else a moto_server
+    subprocess of this session's own; its URL."""
     import httpx
 
+    external = os.environ.get("LOOM_TEST_S3_ENDPOINT")
+    if external:
+        try:
+            httpx.get(f"{external}/moto-api/", timeout=5.0)
+        except httpx.HTTPError:
+            _missing(f"the S3 endpoint LOOM_TEST_S3_ENDPOINT={external}")
+        yield external
+        return
     binary = _moto_server_bin()
     if binary is None:
         _missing("moto_server")
