@@ -71,6 +71,16 @@ def claim_items(
             ),
         )
 
+    if job.status == JobStatus.queued.value:
+        # Job row before item rows: cancel_job locks in that order too, so a claim racing a
+        # cancel on PostgreSQL waits instead of deadlocking. Rolled back if nothing is claimed.
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.queued.value)
+            .values(status=JobStatus.running.value, started_at=now, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+
     # An alias, so the subquery is never correlated to the UPDATE's own "items". A MATERIALIZED
     # CTE, because PostgreSQL may otherwise plan "id IN (SELECT ... LIMIT n FOR UPDATE SKIP
     # LOCKED)" as a nested-loop semi-join that re-runs the subquery per row and ignores LIMIT.
@@ -107,16 +117,9 @@ def claim_items(
         .execution_options(synchronize_session=False)
     ).all()
     if not rows:
-        session.commit()
+        session.rollback()
         return []
 
-    if job.status == JobStatus.queued.value:
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.queued.value)
-            .values(status=JobStatus.running.value, started_at=now, updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
     events: list[dict[str, Any]] = []
     for r in rows:
         if r.error_message == takeover:
