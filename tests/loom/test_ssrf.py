@@ -1,4 +1,4 @@
-"""loom.media.fetch_url: the SSRF guard, against real local HTTP(S) servers that count requests."""
+"""loom.fetch.fetch_url: the SSRF guard, against real local HTTP(S) servers that count requests."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from loom.errors import BlockedUrl, FetchFailed, InputMissing, InputTooLarge, InvalidInput
-from loom.media import MAX_REDIRECTS, AddressPolicy, classify_address, fetch_url, resolve_host
+from loom.fetch import MAX_REDIRECTS, AddressPolicy, classify_address, fetch_url, resolve_host
 
 BODY = b"hello from the test server"
 BIG = 10_000
