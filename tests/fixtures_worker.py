@@ -36,9 +36,6 @@ def require_model(name: str = "loom-shapes") -> None:
     """The shipped weights must be present and match the registry's sha256."""
     from pipeline import registry
 
-    if os.environ.get("LOOM_TEST_WORKER_APP") or os.environ.get("LOOM_TEST_CLI"):
-        # test-only overrides that bring their own stand-in model
-        return
     entry = registry.get(name)
     if not entry.path.is_file():
         missing(f"weights {entry.path.name}")
@@ -62,9 +59,7 @@ def loom_env(**values: Any) -> dict[str, str]:
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join(
-            [str(ROOT), *filter(None, [os.environ.get("LOOM_TEST_PYTHONPATH")])]
-        ),
+        "PYTHONPATH": str(ROOT),
     }
 
 
@@ -73,7 +68,7 @@ class WorkerProcess:
 
     def __init__(self, env: dict[str, str], log_path: Path, name: str = "w1") -> None:
         self.log_path = log_path
-        app = os.environ.get("LOOM_TEST_WORKER_APP", "worker.app")
+        app = "worker.app"
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", "loom",

@@ -157,7 +157,7 @@ def test_manifest_key(local_app: LocalApp) -> None:
     store, rt = local_app.app.state.runtime.store, local_app.app.state.runtime
     tenant = rt.local_tenant_id()
     key = f"{tenant}/manifests/m1.jsonl"
-    lines = [json.dumps({"prompt": f"a small red circle", "seed": i}) for i in range(30)]
+    lines = [json.dumps({"prompt": "a small red circle", "seed": i}) for i in range(30)]
     store.put(key, "\n".join(lines).encode(), "application/x-ndjson")
     r = c.post("/v1/jobs", json={"task": "generate", "manifest_key": key})
     assert r.status_code == 201, r.text

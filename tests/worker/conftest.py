@@ -62,12 +62,15 @@ def cluster(
 
 @pytest.fixture(scope="session")
 def shapes_model() -> Any:
-    """The real model on CPU: trained weights when shipped, else the untrained architecture."""
-    torch = pytest.importorskip("torch")
-    torch.set_num_threads(1)
-    import model_source
+    """The real model, shipped weights, on CPU."""
+    import torch
 
-    return model_source.load(MODEL, device="cpu")
+    from fixtures_worker import require_model
+    from pipeline import registry
+
+    require_model()
+    torch.set_num_threads(1)
+    return registry.load(MODEL, device="cpu")
 
 
 @pytest.fixture

@@ -46,9 +46,6 @@ class PoisonedModel:
 # the model in the same signal.
 @worker_process_init.connect
 def _wrap_registry(**_: Any) -> None:
-    import model_source
-
-    model_source.install()  # untrained stand-in while the trained weights are not shipped
     from pipeline import registry
 
     real_load = registry.load

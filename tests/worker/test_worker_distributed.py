@@ -36,11 +36,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def worker_app() -> str:
-    """The production app once the trained weights ship; until then the same app serving the
-    untrained architecture (tests/worker/loom_test_worker.py)."""
-    from model_source import weights_shipped
+    """The production app, serving the shipped weights."""
+    from fixtures_worker import require_model
 
-    return "worker.app" if weights_shipped() else "loom_test_worker"
+    require_model()
+    return "worker.app"
 
 
 def rows(sf: Any, model: Any, job_id: str) -> list[Any]:
