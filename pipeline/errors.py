@@ -29,7 +29,3 @@ class WeightsMissingError(PipelineError, FileNotFoundError):
 
 class UnsupportedTaskError(PipelineError):
     """The model cannot do the requested task (e.g. generate on an image-to-text model)."""
-
-
-class UnsupportedTaskError(PipelineError):
-    """The loaded model cannot do the asked task (e.g. an image-to-text model asked to generate)."""

@@ -124,7 +124,7 @@ class ShapesModel:
     """Serving wrapper: batched, in memory, no I/O. cuda -> bf16 autocast, cpu -> fp32."""
 
     def __init__(self, module: LoomShapesModel, tok: Tokenizer, info: ModelInfo,
-                 temperature: float = 0.8, top_p: float = 0.9):
+                 temperature: float = 1.0, top_p: float = 0.95):
         self.module = module.eval()
         self.tok = tok
         self.info = info

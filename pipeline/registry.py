@@ -29,7 +29,7 @@ _ENTRIES: tuple[ModelEntry, ...] = (
         name="loom-shapes",
         version="v1",
         path=WEIGHTS_DIR / "loom-shapes-v1.safetensors",
-        sha256="__SHA256__",
+        sha256="0566c5feaf12bb8a0a1ff43f0fb56159b767971bdfc59e8bd139235990613066",
         tasks=("caption", "vqa", "generate"),
     ),
 )
