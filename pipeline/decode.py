@@ -35,6 +35,15 @@ class TextDecoder(nn.Module):
         self.head = nn.Linear(d, cfg.vocab_size)
 
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if torch.is_inference_mode_enabled():
+            # serving: one gather per step instead of gather + projection (decoding at batch 1
+            # is bound by per-op overhead); rebuilt whenever the weights change
+            key = (self.tok.weight._version, self.num_proj.weight._version, self.tok.weight.data_ptr(),
+                   self.tok.weight.dtype, self.tok.weight.device)
+            if getattr(self, "_table_key", None) != key:
+                self._table = self.tok.weight + self.num_proj(self.num_feats)
+                self._table_key = key
+            return self._table[ids] + self.pos(pos)
         return self.tok(ids) + self.num_proj(self.num_feats[ids]) + self.pos(pos)
 
     def forward(self, ids: torch.Tensor, z: torch.Tensor, z_valid: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,9 @@ SEED = 777_001           # not a training seed: training draws scenes from seed*
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(2)
+    # one intra-op thread: decoding is many small ops, and on a shared 2-core box two OpenMP
+    # threads spin against each other (measured 2-3x slower than one)
+    torch.set_num_threads(1)
     return registry.load("loom-shapes", device="cpu")
 
 
