@@ -122,7 +122,9 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 class RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
-        speed = task.fields.get("rate") or task.speed
+        # The average since start: rich's own speed needs several samples, and a small job
+        # finishes in one or two batches.
+        speed = task.fields.get("rate") or (task.completed / task.elapsed if task.elapsed else None)
         return Text(f"{speed:.1f} items/s" if speed else "-- items/s", style="cyan")
 
 

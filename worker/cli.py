@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -89,17 +90,20 @@ def run_embedded(
             chunk_size=settings.chunk_size, max_attempts=settings.max_attempts,
         )
     worker_id = f"cli-{socket.gethostname()}-{os.getpid()}"
+    started = time.monotonic()
     with make_progress() as progress:
         bar = progress.add_task(f"{task} {job.id[:8]}", total=len(specs))
         with Engine(settings, session_factory=local.session_factory, store=local.store,
                     worker_id=worker_id) as engine:
             engine.run_job(job.id, progress=lambda n: progress.advance(bar, n))
+    elapsed = time.monotonic() - started
     summary = local_job(local, job.id)
     c = summary["counts"]
     console.print(
         f"job [bold]{job.id}[/bold]: {summary['status']} - {c.get('succeeded', 0)} succeeded, "
         f"{c.get('failed', 0)} failed" + (f", {c['cancelled']} cancelled" if c.get("cancelled")
                                           else "")
+        + f" in {elapsed:.1f}s, {len(specs) / max(elapsed, 1e-9):.1f} items/s"
     )
     print_failures(local_failures(local, job.id))
     return summary
