@@ -1,0 +1,104 @@
+"""The reconciler: outbox, stale chunks, expired leases, missed finalisation (db_url)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+from jobs_helpers import LEASE, claim, ok, statuses
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from loom import jobs
+from loom.errors import (
+    FetchFailed,
+)
+from loom.jobs import Chunk, ItemFailure
+from loom.models import Item, Job, utcnow
+from loom.storage import LocalStore
+
+
+def test_reconcile_publishes_outbox_left_by_a_crash_between_commit_and_publish(
+    session: Session, make_job: Callable[..., Job]
+) -> None:
+    job = make_job(10, chunk_size=4)  # committed, never published: the API process "died"
+    t0 = utcnow()
+    sent: list[Chunk] = []
+    report = jobs.reconcile(session, publish=sent.append, stale_after_seconds=300, now=t0)
+    assert report.published == 3 and sorted(c.start for c in sent) == [0, 4, 8]
+    sent.clear()
+    again = jobs.reconcile(session, publish=sent.append, stale_after_seconds=300, now=t0)
+    assert again.published == 0
+    # Chunks still queued long after their last publish are published again (lost message).
+    cs = claim(session, job, "w", start=0, end=4, now=t0)
+    jobs.complete_items(session, worker_id="w", results=[ok(c) for c in cs], now=t0)
+    report = jobs.reconcile(session, publish=sent.append, stale_after_seconds=300,
+                            now=t0 + timedelta(seconds=301))
+    assert report.republished == 2 and sorted(c.start for c in sent) == [4, 8]
+
+
+def test_reconcile_republishes_a_chunk_when_backoff_ends(
+    session: Session, make_job: Callable[..., Job]
+) -> None:
+    job = make_job(4)
+    t0 = utcnow()
+    jobs.publish_pending(session, publish=lambda c: None, now=t0)
+    (c,) = claim(session, job, "w", limit=1, now=t0)
+    jobs.fail_items(session, worker_id="w", backoff_seconds=10, now=t0,
+                    failures=[ItemFailure(c.id, FetchFailed("503"))])
+    sent: list[Chunk] = []
+    jobs.reconcile(session, publish=sent.append, stale_after_seconds=300, now=t0)
+    assert sent == []  # other items are queued, but the chunk's message was just sent
+    jobs.reconcile(session, publish=sent.append, stale_after_seconds=300,
+                   now=t0 + timedelta(seconds=11))
+    assert sent == [Chunk(job.id, 0, 4, 0)]
+
+
+def test_reconcile_frees_expired_leases_and_gives_up_at_the_cap(
+    session: Session, make_job: Callable[..., Job], tmp_path: Path
+) -> None:
+    job = make_job(2, max_attempts=2)
+    store = LocalStore(tmp_path / "store")
+    t0 = utcnow()
+    jobs.publish_pending(session, publish=lambda c: None, now=t0)
+    claim(session, job, "dead", now=t0)
+    t1 = t0 + timedelta(seconds=LEASE + 1)
+    sent: list[Chunk] = []
+    report = jobs.reconcile(session, publish=sent.append, stale_after_seconds=300, now=t1)
+    assert (report.requeued, report.failed) == (2, 0)
+    assert sent == [Chunk(job.id, 0, 2, 0)]  # the dead worker's chunk goes out again
+    assert statuses(session, job) == ["queued", "queued"]
+    x, y = claim(session, job, "dead-again", now=t1)
+    jobs.complete_items(session, worker_id="dead-again", results=[ok(x)], now=t1)
+    t2 = t1 + timedelta(seconds=LEASE + 1)
+    report = jobs.reconcile(session, publish=sent.append, stale_after_seconds=300, now=t2,
+                            store=store)
+    assert (report.requeued, report.failed, report.finalized) == (0, 1, 1)
+    item = session.get(Item, y.id, populate_existing=True)
+    assert item is not None and item.status == "failed" and item.error_code == "worker_lost"
+    assert item.error_message == (
+        "the worker running this item died 2 times (lease expired); giving up")
+    final = jobs.get_job(session, job_id=job.id)
+    assert final.status == "completed_with_errors" and final.results_key is not None
+
+
+def test_reconcile_finishes_a_missed_or_interrupted_finalisation(
+    session: Session, make_job: Callable[..., Job], tmp_path: Path
+) -> None:
+    store = LocalStore(tmp_path / "store")
+    missed = make_job(2)
+    # A completer died after committing its items, before maybe_finalize.
+    session.execute(update(Item).where(Item.job_id == missed.id).values(status="succeeded"))
+    session.commit()
+    stuck = make_job(1)
+    session.execute(update(Item).where(Item.job_id == stuck.id).values(status="failed"))
+    old = utcnow() - timedelta(hours=1)
+    session.execute(update(Job).where(Job.id == stuck.id)
+                    .values(status="finalizing", updated_at=old))
+    session.commit()
+    report = jobs.reconcile(session, publish=lambda c: None, stale_after_seconds=300, store=store)
+    assert report.finalized == 2
+    assert jobs.get_job(session, job_id=missed.id).status == "succeeded"
+    assert jobs.get_job(session, job_id=stuck.id).status == "failed"
+    assert store.exists(jobs.get_job(session, job_id=stuck.id).results_key or "")
