@@ -9,14 +9,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import Float, case, cast, func, select
-
-from loom.models import Item, ItemStatus, Job, JobStatus, Output, utcnow
+from loom import jobs as core
+from loom.models import ItemStatus, JobStatus, utcnow
 
 if TYPE_CHECKING:
     from api.deps import Runtime
@@ -48,12 +47,6 @@ def queue_depth(broker_url: str) -> int | None:
         client.close()
 
 
-def _duration_seconds(dialect: str) -> Any:
-    if dialect == "sqlite":
-        return (func.julianday(Item.finished_at) - func.julianday(Item.started_at)) * 86400.0
-    return func.extract("epoch", Item.finished_at - Item.started_at)
-
-
 class LoomCollector(Collector):
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -74,31 +67,21 @@ class LoomCollector(Collector):
             yield g
 
     def _from_db(self) -> Iterator[Metric]:
-        rt = self.runtime
-        with rt.session_factory() as s:
+        with self.runtime.session_factory() as s:
             jobs = GaugeMetricFamily("loom_jobs", "Jobs by status", labels=["status"])
-            found = dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            found = core.job_status_counts(s)
             for st in JobStatus:
                 jobs.add_metric([st.value], found.get(st.value, 0))
             yield jobs
 
             items = GaugeMetricFamily("loom_items", "Items by status", labels=["status"])
-            found = dict(s.execute(select(Item.status, func.count()).group_by(Item.status)).all())
+            found = core.item_status_counts(s)
             for st in ItemStatus:
                 items.add_metric([st.value], found.get(st.value, 0))
             yield items
 
-            d = cast(_duration_seconds(rt.engine.dialect.name), Float)
-            cols = [func.sum(case((d <= b, 1), else_=0)) for b in LATENCY_BUCKETS]
-            row = s.execute(
-                select(func.count(), func.coalesce(func.sum(d), 0.0), *cols).where(
-                    Item.status.in_([ItemStatus.succeeded.value, ItemStatus.failed.value]),
-                    Item.started_at.is_not(None),
-                    Item.finished_at.is_not(None),
-                )
-            ).one()
-            count, total = int(row[0] or 0), float(row[1] or 0.0)
-            buckets = [(str(b), int(v or 0)) for b, v in zip(LATENCY_BUCKETS, row[2:])]
+            count, total, cumulative = core.item_latency(s, buckets=LATENCY_BUCKETS)
+            buckets = [(str(b), n) for b, n in zip(LATENCY_BUCKETS, cumulative)]
             buckets.append(("+Inf", count))
             hist = HistogramMetricFamily(
                 "loom_item_latency_seconds", "Item run time, claim to completion"
@@ -112,11 +95,7 @@ class LoomCollector(Collector):
                 f"Items each worker completed per second over the last {THROUGHPUT_WINDOW_SECONDS}s",
                 labels=["worker"],
             )
-            for worker, n in s.execute(
-                select(Output.worker_id, func.count())
-                .where(Output.created_at >= since)
-                .group_by(Output.worker_id)
-            ):
+            for worker, n in core.outputs_per_worker(s, since=since).items():
                 rate.add_metric([worker], n / THROUGHPUT_WINDOW_SECONDS)
             yield rate
 

@@ -9,11 +9,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-TaskName = Literal["caption", "vqa", "generate"]
+from loom import tasks
+
+# Derived from the task registry: a new TaskSpec is a new accepted task and its text inputs
+# become item fields, with no edit here.
+TaskName = Literal[tuple(tasks.names())]  # type: ignore[valid-type]
 ResultFormat = Literal["jsonl", "csv", "coco"]
-MAX_SEED = 2**53  # JSON-safe integer range
+ResultView = Literal["full", "table"]
+TEXT_INPUTS = tuple(dict.fromkeys(t for spec in tasks.REGISTRY.values() for t in spec.texts))
 
 
 class ErrorBody(BaseModel):
@@ -25,25 +30,23 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-class ItemIn(BaseModel):
-    """One unit of work. caption/vqa need exactly one image source; vqa a question; generate a
-    prompt (and optionally a seed)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    image_url: str | None = Field(
-        None, description="http(s) URL fetched by the worker (through the SSRF guard)."
-    )
-    image_key: str | None = Field(
-        None, description="Storage key of an image already uploaded under your tenant prefix."
-    )
-    image_base64: str | None = Field(
-        None, description="The image bytes, base64; stored at submission."
-    )
-    question: str | None = None
-    prompt: str | None = None
-    metadata: dict[str, Any] | None = Field(None, description="Returned with the result as is.")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+ItemIn = create_model(
+    "ItemIn",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="One unit of work: an image source (image_url | image_key | image_base64) for the "
+    "tasks that take an image, plus the task's text inputs (" + ", ".join(
+        f"{s.name}: {', '.join(s.texts) or 'none'}" for s in tasks.REGISTRY.values()) + ").",
+    image_url=(str | None, Field(
+        None, description="http(s) URL fetched by the worker (through the SSRF guard).")),
+    image_key=(str | None, Field(
+        None, description="Storage key of an image already uploaded under your tenant prefix.")),
+    image_base64=(str | None, Field(
+        None, description="The image bytes, base64; stored at submission.")),
+    **{name: (str | None, None) for name in TEXT_INPUTS},  # type: ignore[arg-type]
+    metadata=(dict[str, Any] | None, Field(None, description="Returned with the result as is.")),
+    seed=(int | None, Field(None, ge=0, le=tasks.SEED_MAX,
+                            description="Seeded tasks: this item's seed.")),
+)
 
 
 class JobRequest(BaseModel):

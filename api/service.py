@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import json
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,15 +15,13 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
-from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from api.deps import Runtime
 from api.schemas import ItemError, ItemIn, ItemOut, JobOut, JobRequest, OutputOut
-from loom import jobs, media, storage
+from loom import jobs, media, storage, tasks
 from loom.errors import (
-    IdempotencyConflict,
     InputMissing,
     InvalidInput,
     InvalidRequest,
@@ -34,20 +29,12 @@ from loom.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from loom.models import Item, Job, ModelVersion, Output, new_id
+from loom.models import Item, Job, Output, new_id
 
 log = logging.getLogger("loom.api")
 T = TypeVar("T")
 
-# Model names the API always offers (the API never imports pipeline code to ask).
-KNOWN_MODELS: dict[str, list[str]] = {"loom-shapes": ["caption", "vqa", "generate"]}
 MAX_MANIFEST_ITEMS = 1_000_000
-
-
-def request_hash(body: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of a request (sorted keys, no spaces)."""
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _check_url(url: str, where: str) -> None:
@@ -63,13 +50,21 @@ def check_tenant_key(key: str, tenant_id: str, where: str) -> None:
         raise NotFound(f"{where}: no object {key[:200]!r} in your tenant's storage")
 
 
+def recorded_caps(session: Session) -> dict[str, tasks.ModelCaps]:
+    """Models that workers have run (beyond the built-in ones), with the tasks they serve."""
+    caps: dict[str, set[str]] = {}
+    for row in jobs.model_versions(session):
+        caps.setdefault(row.name, set()).update(row.tasks or [])
+    return {name: tasks.ModelCaps(tasks=tuple(sorted(t))) for name, t in caps.items()}
+
+
 def known_models(session: Session, settings_default: str) -> dict[str, dict[str, Any]]:
     models: dict[str, dict[str, Any]] = {
-        name: {"name": name, "tasks": list(tasks), "versions": []}
-        for name, tasks in KNOWN_MODELS.items()
+        name: {"name": name, "tasks": list(caps.tasks), "versions": []}
+        for name, caps in tasks.BUILTIN_MODELS.items()
     }
     models.setdefault(settings_default, {"name": settings_default, "tasks": [], "versions": []})
-    for row in session.scalars(select(ModelVersion).order_by(ModelVersion.created_at)):
+    for row in jobs.model_versions(session):
         entry = models.setdefault(row.name, {"name": row.name, "tasks": [], "versions": []})
         entry["versions"].append(
             {"version": row.version, "weights_sha256": row.weights_sha256, "tasks": row.tasks}
@@ -79,65 +74,34 @@ def known_models(session: Session, settings_default: str) -> dict[str, dict[str,
 
 
 def _normalise_item(
-    item: ItemIn, i: int, *, task: str, tenant_id: str, max_text: int, max_bytes: int
+    item: ItemIn, i: int, *, spec: tasks.TaskSpec, tenant_id: str, max_text: int,
+    max_bytes: int,
 ) -> tuple[dict[str, Any], bytes | None]:
     """-> (input dict, decoded base64 bytes or None). Raises InvalidRequest naming items[i]."""
     where = f"items[{i}]"
-    for name in ("question", "prompt"):
-        text = getattr(item, name)
-        if text is not None and len(text) > max_text:
-            raise InvalidRequest(
-                f"{where}.{name} is {len(text)} characters; the limit is {max_text}"
-            )
-    sources = [n for n in ("image_url", "image_key", "image_base64") if getattr(item, n)]
-    data: bytes | None = None
-    inp: dict[str, Any] = {}
-    if task == "generate":
-        if sources:
-            raise InvalidRequest(f"{where}: task 'generate' takes a prompt, not {sources[0]}")
-        if not item.prompt or not item.prompt.strip():
-            raise InvalidRequest(f"{where}.prompt: required for task 'generate'")
-        inp["prompt"] = item.prompt
+    raw = item.model_dump(exclude={"metadata", "image_base64"}, exclude_none=True)
+    if item.image_base64 is not None:
+        raw["image_key"] = "(base64)"  # one image source: checked by the spec with the others
+    inp = spec.validate_input(raw, where=where, max_text_chars=max_text)
+    tasks.json_safe(item.metadata, f"{where}.metadata")
+    if "image_url" in inp:
+        _check_url(inp["image_url"], f"{where}.image_url")
+    elif "image_key" in inp and item.image_base64 is None:
+        check_tenant_key(inp["image_key"], tenant_id, f"{where}.image_key")
+    if item.image_base64 is None:
         return inp, None
-    if len(sources) != 1:
-        raise InvalidRequest(
-            f"{where}: give exactly one of image_url, image_key, image_base64 "
-            f"(got {len(sources)})"
-        )
-    if task == "vqa":
-        if not item.question or not item.question.strip():
-            raise InvalidRequest(f"{where}.question: required for task 'vqa'")
-        inp["question"] = item.question
-    if item.image_url:
-        if len(item.image_url) > 2048:
-            raise InvalidRequest(f"{where}.image_url: longer than 2048 characters")
-        _check_url(item.image_url, f"{where}.image_url")
-        inp["image_url"] = item.image_url
-    elif item.image_key:
-        check_tenant_key(item.image_key, tenant_id, f"{where}.image_key")
-        inp["image_key"] = item.image_key
-    else:
-        assert item.image_base64 is not None
-        if len(item.image_base64) > max_bytes * 4 // 3 + 4:
-            raise PayloadTooLarge(f"{where}.image_base64: image larger than {max_bytes} bytes")
-        try:
-            data = base64.b64decode(item.image_base64, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidRequest(f"{where}.image_base64: not valid base64") from None
-        try:
-            media.image_format(data)
-        except InvalidInput as exc:
-            raise InvalidRequest(f"{where}.image_base64: {exc.message}") from None
+    del inp["image_key"]
+    if len(item.image_base64) > max_bytes * 4 // 3 + 4:
+        raise PayloadTooLarge(f"{where}.image_base64: image larger than {max_bytes} bytes")
+    try:
+        data = base64.b64decode(item.image_base64, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"{where}.image_base64: not valid base64") from None
+    try:
+        media.image_format(data)
+    except InvalidInput as exc:
+        raise InvalidRequest(f"{where}.image_base64: {exc.message}") from None
     return inp, data
-
-
-def _seed(item: ItemIn, i: int, params: dict[str, Any]) -> int:
-    if item.seed is not None:
-        return item.seed
-    base = params.get("seed")
-    if isinstance(base, int) and not isinstance(base, bool) and base >= 0:
-        return base + i
-    return random.SystemRandom().randrange(2**31)
 
 
 def load_manifest(store: Any, key: str, tenant_id: str) -> list[ItemIn]:
@@ -183,18 +147,15 @@ def submit(
     if idempotency_key is not None:
         if not 1 <= len(idempotency_key) <= 200:
             raise InvalidRequest("Idempotency-Key header: 1..200 characters")
-        existing = session.scalar(
-            select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key)
-        )
+        existing = jobs.existing_for_key(
+            session, tenant_id=tenant_id, idempotency_key=idempotency_key, request_hash=body_hash)
+        session.rollback()  # end the read; submission opens its own write transaction
         if existing is not None:
-            if existing.request_hash != body_hash:
-                raise IdempotencyConflict(
-                    "Idempotency-Key was already used with a different request body"
-                )
             return existing
+    spec = tasks.get(req.task)
     model = req.model or settings.default_model
-    if model not in known_models(session, settings.default_model) and not model.startswith("hf:"):
-        raise InvalidRequest(f"model: unknown model {model!r}; see GET /v1/models")
+    tasks.json_safe(req.params, "params")
+    tasks.json_safe(req.metadata, "metadata")
     if req.webhook_url:
         _check_url(req.webhook_url, "webhook_url")
     if req.parent_job_id:
@@ -212,16 +173,21 @@ def submit(
     else:
         assert req.manifest_key is not None
         items_in = load_manifest(rt.store, req.manifest_key, tenant_id)
+    params = spec.validate_params(req.params, item_count=len(items_in) + len(uploads))
+    tasks.check_model(spec, model, tasks.caps_for(model, recorded_caps(session)), params)
+    if uploads and not spec.image:
+        raise InvalidRequest(f"task {spec.name!r} takes {', '.join(spec.texts)}, not files")
     job_id = new_id()
     items: list[dict[str, Any]] = []
     blobs: list[tuple[int, bytes, dict[str, Any]]] = []
     for i, item in enumerate(items_in):
         inp, data = _normalise_item(
-            item, i, task=req.task, tenant_id=tenant_id,
+            item, i, spec=spec, tenant_id=tenant_id,
             max_text=settings.max_text_chars, max_bytes=settings.max_input_bytes,
         )
-        if req.task == "generate":
-            inp["seed"] = _seed(item, i, req.params)
+        if spec.seeded:
+            inp["seed"] = tasks.item_seed(given=inp.get("seed"), base=params.get("seed"),
+                                          index=i)
         if data is not None:
             blobs.append((i, data, inp))
         items.append({"input": inp, "metadata": item.metadata})
@@ -233,27 +199,18 @@ def submit(
             media.image_format(data)
         except InvalidInput as exc:
             raise InvalidRequest(f"file {name!r} (items[{i}]): {exc.message}") from None
-        inp: dict[str, Any] = {}
-        if req.task == "vqa":
-            question = upload_question or req.params.get("question")
-            if not isinstance(question, str) or not question.strip():
-                raise InvalidRequest("vqa uploads need a 'question' field (asked of every file)")
-            if len(question) > settings.max_text_chars:
-                raise InvalidRequest(
-                    f"question is {len(question)} characters; the limit is "
-                    f"{settings.max_text_chars}"
-                )
-            inp["question"] = question
+        texts = {"question": upload_question} if upload_question is not None else {}
+        inp = spec.validate_input({"image_key": "(upload)", **texts}, where=f"file {name!r}",
+                                  max_text_chars=settings.max_text_chars)
+        del inp["image_key"]
         blobs.append((i, data, inp))
         items.append({"input": inp, "metadata": {"file": name}})
-    if req.task == "generate" and blobs:
-        raise InvalidRequest("task 'generate' takes prompts, not files")
     if not items:
         raise InvalidRequest("items: at least one item is required")
     job = submit_storing_inputs(
         session, rt.store, job_id=job_id, tenant_id=tenant_id,
         blobs=[(i, data, inp) for i, data, inp in blobs],
-        task=req.task, model_name=model, items=items, params=req.params,
+        task=req.task, model_name=model, items=items, params=params,
         priority=req.priority, webhook_url=req.webhook_url, parent_job_id=req.parent_job_id,
         metadata=req.metadata, idempotency_key=idempotency_key, request_hash=body_hash,
         chunk_size=settings.chunk_size, max_attempts=settings.max_attempts,
@@ -318,31 +275,7 @@ def publish(session: Session, rt: Runtime, job_id: str) -> None:
 
 
 def job_out(session: Session, job: Job) -> JobOut:
-    p = jobs.job_progress(session, job_id=job.id)
-    counts = {k: int(v) for k, v in dict(p.counts).items()}
-    total = int(p.total) or job.item_count
-    return JobOut(
-        id=job.id,
-        task=job.task,
-        model=job.model_name,
-        status=job.status,
-        priority=job.priority,
-        params=job.params or {},
-        metadata=job.job_metadata or None,
-        parent_job_id=job.parent_job_id,
-        webhook_url=job.webhook_url,
-        item_count=job.item_count,
-        counts=counts,
-        done=int(p.done),
-        progress=(int(p.done) / total) if total else 1.0,
-        items_per_second=p.items_per_second,
-        eta_seconds=p.eta_seconds,
-        error=ItemError(code=job.error_code, message=job.error_message) if job.error_code else None,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        updated_at=job.updated_at,
-    )
+    return JobOut.model_validate(jobs.job_dict(job, jobs.job_progress(session, job_id=job.id)))
 
 
 def output_url(rt: Runtime, base_url: str, output: Output) -> str | None:
@@ -385,18 +318,4 @@ def item_out(rt: Runtime, base_url: str, item: Item, output: Output | None) -> I
 
 def outputs_for(session: Session, items: Sequence[Item]) -> dict[int, Output]:
     """The outputs of a page of items, in one query (not one lazy load per item)."""
-    ids = [item.id for item in items]
-    if not ids:
-        return {}
-    return {o.item_id: o for o in session.scalars(select(Output).where(Output.item_id.in_(ids)))}
-
-
-def get_output(session: Session, *, output_id: int, tenant_id: str) -> Output:
-    row = session.execute(
-        select(Output)
-        .join(Job, Job.id == Output.job_id)
-        .where(Output.id == output_id, Job.tenant_id == tenant_id)
-    ).scalar_one_or_none()
-    if row is None or not row.storage_key:
-        raise NotFound(f"no output {output_id}")
-    return row
+    return jobs.outputs_for_items(session, item_ids=[item.id for item in items])

@@ -191,10 +191,11 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
             time.sleep(poll_seconds)
 
-    def results(self, job_id: str, *, format: str = "jsonl") -> Iterator[bytes]:  # noqa: A002
-        """Stream the results export as byte chunks."""
+    def results(self, job_id: str, *, format: str = "jsonl",  # noqa: A002
+                view: str = "full") -> Iterator[bytes]:
+        """Stream the results export as byte chunks (``view`` "table": the task's columns)."""
         with self._http.stream(
-            "GET", f"/v1/jobs/{job_id}/results", params={"format": format}
+            "GET", f"/v1/jobs/{job_id}/results", params={"format": format, "view": view}
         ) as response:
             _raise_for(response)
             yield from response.iter_bytes()

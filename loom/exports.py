@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from loom.models import Item, Job, Output
+from loom import tasks
+from loom.errors import InvalidRequest
 
 PAGE = 1000
 MEDIA_TYPES: dict[str, tuple[str, str]] = {
@@ -31,36 +33,6 @@ CSV_COLUMNS = (
 )
 
 
-def job_info(job: Job) -> dict[str, Any]:
-    return {
-        "job_id": job.id, "task": job.task, "model": job.model_name, "status": job.status,
-        "created_at": job.created_at.isoformat() if job.created_at else None,
-    }
-
-
-def _row(item: Item, output: Output | None) -> dict[str, Any]:
-    out = lineage = None
-    if output is not None:
-        out = {
-            "id": output.id, "kind": output.kind, "text": output.text,
-            "storage_key": output.storage_key, "url": None,
-            "content_type": output.content_type, "sha256": output.sha256,
-            "size_bytes": output.size_bytes,
-        }
-        lineage = {
-            "model": output.model_name, "model_version": output.model_version,
-            "weights_sha256": output.weights_sha256, "seed": output.seed,
-            "attempt": output.attempt, "worker_id": output.worker_id,
-            "input_sha256": output.input_sha256,
-        }
-    error = {"code": item.error_code, "message": item.error_message} if item.error_code else None
-    return {
-        "index": item.index, "item_id": item.id, "status": item.status,
-        "metadata": item.item_metadata, "input": item.input or {}, "output": out,
-        "error": error, "lineage": lineage,
-    }
-
-
 def result_rows(
     session: Session, *, job_id: str, tenant_id: str | None = None, page: int = PAGE
 ) -> Iterator[dict[str, Any]]:
@@ -71,7 +43,7 @@ def result_rows(
     for item, output in jobs.iter_results(
         session, job_id=job_id, tenant_id=tenant_id, page_size=page
     ):
-        yield _row(item, output)
+        yield jobs.result_row(item, output)
 
 
 def with_url(row: dict[str, Any], url_for: Callable[[Any], str | None]) -> dict[str, Any]:
@@ -96,6 +68,12 @@ def file_name(row: dict[str, Any]) -> str | None:
 
 
 # --- formats -----------------------------------------------------------------------------------
+#
+# Two views of the same rows: "full" (every field, what ``loom results`` and the API give by
+# default) and "table" (the task's own columns from its TaskSpec: the item's metadata, its text
+# inputs, the seed when seeded, and the output column; what the embedded commands write).
+
+VIEWS = ("full", "table")
 
 
 def jsonl_lines(rows: Iterable[dict[str, Any]]) -> Iterator[bytes]:
@@ -106,27 +84,61 @@ def jsonl_lines(rows: Iterable[dict[str, Any]]) -> Iterator[bytes]:
 def csv_record(row: dict[str, Any]) -> dict[str, Any]:
     inp, out = row.get("input") or {}, row.get("output") or {}
     err, lin = row.get("error") or {}, row.get("lineage") or {}
-    return {
+    rec = {
         "index": row.get("index"), "item_id": row.get("item_id"), "status": row.get("status"),
         "file": (row.get("metadata") or {}).get("file"),
         "image": inp.get("image_url") or inp.get("image_key"),
-        "question": inp.get("question"), "prompt": inp.get("prompt"),
         "seed": lin.get("seed", inp.get("seed")), "text": out.get("text"),
         "output_url": out.get("url"), "error_code": err.get("code"),
         "error_message": err.get("message"), "model": lin.get("model"),
         "model_version": lin.get("model_version"),
     }
+    rec.update({name: inp.get(name) for name in TEXT_INPUTS})
+    return rec
+
+
+TEXT_INPUTS = tuple(dict.fromkeys(t for s in tasks.REGISTRY.values() for t in s.texts))
+CSV_COLUMNS = ("index", "item_id", "status", "file", "image", *TEXT_INPUTS, "seed", "text",
+               "output_url", "error_code", "error_message", "model", "model_version")
+
+
+def output_value(row: dict[str, Any], spec: tasks.TaskSpec) -> Any:
+    """The output as the task's table column holds it: the text, or where the object is."""
+    out = row.get("output") or {}
+    if spec.output == "text":
+        return out.get("text")
+    return out.get("url") or out.get("storage_key")
+
+
+def table_record(row: dict[str, Any], spec: tasks.TaskSpec) -> dict[str, Any]:
+    meta = row.get("metadata")
+    rec: dict[str, Any] = dict(meta) if isinstance(meta, dict) else {}
+    inp = row.get("input") or {}
+    for name in spec.texts:
+        rec[name] = inp.get(name)
+    if spec.seeded:
+        rec["seed"] = (row.get("lineage") or {}).get("seed", inp.get("seed"))
+    rec[spec.output_column] = output_value(row, spec)
+    err = row.get("error")
+    if err:
+        rec["error"] = f"{err['code']}: {err.get('message') or ''}".rstrip(": ")
+    return rec
 
 
 def csv_lines(
-    records: Iterable[dict[str, Any]], columns: Iterable[str] = CSV_COLUMNS
+    records: Iterable[dict[str, Any]], columns: Iterable[str] | None = CSV_COLUMNS
 ) -> Iterator[bytes]:
-    """CSV of flat records (header first); values None become empty cells."""
+    """CSV of flat records (header first); values None become empty cells. ``columns`` None:
+    the first record's keys, plus "error"."""
+    it = iter(records)
+    first = next(it, None)
+    if columns is None:
+        columns = [*(first or {}), *([] if first and "error" in first else ["error"])]
     cols = list(columns)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for rec in records:
+    for rec in itertools.chain([] if first is None else [first], it):
         writer.writerow({k: ("" if rec.get(k) is None else rec.get(k)) for k in cols})
         if buf.tell() > 64 * 1024:
             yield buf.getvalue().encode()
@@ -136,33 +148,40 @@ def csv_lines(
 
 
 def coco_chunks(rows: Iterable[dict[str, Any]], job: dict[str, Any]) -> Iterator[bytes]:
-    """A COCO captions document. VQA: annotations carry question + answer; generate: the images
-    are the outputs and the captions their prompts. One JSON document, so it is built in memory
-    (a few hundred bytes per item) and sent as one chunk."""
+    """A COCO captions document. Tasks with image outputs: the images are the outputs and the
+    captions their prompts; tasks with a question: annotations carry question + answer. One
+    JSON document, so it is built in memory (a few hundred bytes per item) and sent as one
+    chunk."""
+    spec = tasks.get(job["task"])
+    if spec.output == "vector":
+        raise InvalidRequest(f"format 'coco' has no place for task {spec.name!r}'s vectors")
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    task = job.get("task")
     for row in rows:
         inp, out = row.get("input") or {}, row.get("output") or {}
         image_id = int(row["index"])
-        if task == "generate":
+        if spec.output == "image":
             if not out:
                 continue
             images.append({"id": image_id, "file_name": out.get("url") or out.get("storage_key"),
                            "seed": (row.get("lineage") or {}).get("seed")})
-            annotations.append({"id": image_id, "image_id": image_id, "caption": inp.get("prompt")})
+            annotations.append({"id": image_id, "image_id": image_id,
+                                "caption": " ".join(inp.get(t, "") for t in spec.texts)})
             continue
         images.append({"id": image_id, "file_name": file_name(row)})
         if not out:
             continue
         ann: dict[str, Any] = {"id": image_id, "image_id": image_id}
-        if task == "vqa":
-            ann.update(question=inp.get("question"), answer=out.get("text"))
+        if spec.texts:
+            ann.update({t: inp.get(t) for t in spec.texts})
+            ann[spec.output_column] = out.get("text")
         else:
             ann["caption"] = out.get("text")
         annotations.append(ann)
+    info = {"job_id": job.get("id"), "task": job.get("task"), "model": job.get("model"),
+            "status": job.get("status"), "created_at": job.get("created_at")}
     doc = {
-        "info": {"description": f"Loom job {job.get('job_id')}", **job},
+        "info": {"description": f"Loom job {job.get('id')}", **info},
         "licenses": [],
         "images": images,
         "annotations": annotations,
@@ -170,12 +189,36 @@ def coco_chunks(rows: Iterable[dict[str, Any]], job: dict[str, Any]) -> Iterator
     yield json.dumps(doc, ensure_ascii=False, default=str).encode()
 
 
-def stream(fmt: str, rows: Iterable[dict[str, Any]], *, job: dict[str, Any]) -> Iterator[bytes]:
-    """The export of ``rows`` in ``fmt`` (jsonl | csv | coco) as byte chunks."""
-    if fmt == "jsonl":
-        return jsonl_lines(rows)
-    if fmt == "csv":
-        return csv_lines(csv_record(r) for r in rows)
+def stream(
+    fmt: str, rows: Iterable[dict[str, Any]], *, job: dict[str, Any], view: str = "full"
+) -> Iterator[bytes]:
+    """The export of ``rows`` (result rows of ``job``, a ``jobs.job_dict``) in ``fmt``
+    (jsonl | csv | coco) as byte chunks; ``view`` "table" keeps the task's own columns."""
+    if view not in VIEWS:
+        raise InvalidRequest(f"view: expected one of {', '.join(VIEWS)}, got {view!r}")
     if fmt == "coco":
         return coco_chunks(rows, job)
-    raise ValueError(f"unknown format {fmt!r}")
+    if view == "table":
+        spec = tasks.get(job["task"])
+        records = (table_record(r, spec) for r in rows)
+        if fmt == "jsonl":
+            return jsonl_lines(records)
+        if fmt == "csv":
+            return csv_lines(records, columns=None)
+    elif fmt == "jsonl":
+        return jsonl_lines(rows)
+    elif fmt == "csv":
+        return csv_lines(csv_record(r) for r in rows)
+    raise InvalidRequest(f"format: expected one of {', '.join(MEDIA_TYPES)}, got {fmt!r}")
+
+
+def write(path: Any, fmt: str, rows: Iterable[dict[str, Any]], *, job: dict[str, Any],
+          view: str = "full") -> None:
+    """Stream an export into a file (created with its parents)."""
+    from pathlib import Path
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as f:
+        for chunk in stream(fmt, rows, job=job, view=view):
+            f.write(chunk)

@@ -50,12 +50,6 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
-class Task(str, enum.Enum):
-    caption = "caption"
-    vqa = "vqa"
-    generate = "generate"
-
-
 class JobStatus(str, enum.Enum):
     queued = "queued"
     running = "running"

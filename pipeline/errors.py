@@ -29,3 +29,7 @@ class WeightsMissingError(PipelineError, FileNotFoundError):
 
 class UnsupportedTaskError(PipelineError):
     """The model cannot do the requested task (e.g. generate on an image-to-text model)."""
+
+
+class UnsupportedParamError(PipelineError):
+    """A parameter the model does not accept for the task (a permanent error of the request)."""

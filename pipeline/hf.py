@@ -28,7 +28,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,8 @@ class HFModelInfo:
     device: str
     architecture: str
     source: str  # the local directory the weights were loaded from
+    # Decoding is configured when the model is loaded; no task takes per-job parameters.
+    params: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _sha256_file(path: Path) -> str:

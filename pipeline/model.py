@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -69,6 +70,10 @@ class LoomShapesModel(nn.Module):
         return out
 
 
+# Keyword parameters each task's method accepts (pipeline.serving checks calls against it).
+PARAMS: dict[str, tuple[str, ...]] = {"caption": ("beams",), "vqa": ("beams",), "generate": ()}
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
@@ -77,6 +82,7 @@ class ModelInfo:
     tasks: tuple[str, ...]
     parameters: int
     device: str
+    params: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(PARAMS))
 
 
 def text_batch(tok: Tokenizer, texts: list[list[str] | str], task: str, max_len: int,

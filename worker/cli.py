@@ -6,10 +6,9 @@ Embedded mode: SQLite + a local store under LOOM_HOME (default ./.loom); every c
 real job, so ``loom jobs``, ``loom status ID`` and ``loom results ID`` work on it afterwards.
 """
 
-from __future__ import annotations
+# No postponed annotations: the command builders put closure values (a task's field names)
+# into the Typer annotations, which must be evaluated where they are written.
 
-import csv
-import json
 import logging
 import os
 import socket
@@ -20,9 +19,11 @@ from typing import Annotated, Any
 
 import typer
 
-from loom.cli import (
+from loom import tasks
+from loom.cli import build_app
+from loom.cli.common import (
+    FORMATS,
     Local,
-    app,
     console,
     err,
     fail,
@@ -33,7 +34,7 @@ from loom.cli import (
     open_local,
     print_failures,
 )
-from loom.cli_submit import (
+from loom.cli.inputs import (
     choose_seed,
     collect_images,
     expand_prompts,
@@ -41,8 +42,9 @@ from loom.cli_submit import (
     read_questions,
     resolve_file,
 )
+from loom.cli.submit import command_for
 
-Out = Annotated[Path, typer.Option("--out", "-o", help="Output file.")]
+app = build_app()
 
 
 def _ext_of(data: bytes) -> str:
@@ -57,7 +59,7 @@ def _ext_of(data: bytes) -> str:
 
 def run_embedded(
     local: Local, task: str, specs: list[dict[str, Any]], files: list[Path | None],
-    params: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None, model: str | None = None,
 ) -> dict[str, Any]:
     """Record a job (inputs stored under its keys), run it in-process with a progress bar, and
     print the summary. ``specs``: item dicts {"input", "metadata"}; ``files[i]``: the image of
@@ -86,7 +88,7 @@ def run_embedded(
     with local.session_factory() as s:
         job = jobs.submit_job(
             s, job_id=job_id, tenant_id=local.tenant_id, task=task,
-            model_name=settings.default_model, items=specs, params=params or {},
+            model_name=model or settings.default_model, items=specs, params=params or {},
             chunk_size=settings.chunk_size, max_attempts=settings.max_attempts,
         )
     worker_id = f"cli-{socket.gethostname()}-{os.getpid()}"
@@ -109,134 +111,162 @@ def run_embedded(
     return summary
 
 
-def _rows(local: Local, job_id: str) -> list[dict[str, Any]]:
-    return list(local_rows(local, job_id))
+def _check(spec: tasks.TaskSpec, model: str | None, local: Local,
+           params: dict[str, Any] | None = None) -> str:
+    """Refuse an unknown model, or one that does not serve the task, before recording a job."""
+    from loom.errors import LoomError
+
+    name = model or local.settings.default_model
+    try:
+        tasks.check_model(spec, name, tasks.caps_for(name), params or {})
+    except LoomError as exc:
+        raise fail(exc.message) from None
+    return name
 
 
-def _error(row: dict[str, Any]) -> str | None:
-    e = row.get("error")
-    return f"{e['code']}: {e['message']}" if e else None
+def _format_for(out: Path, fmt: str | None) -> str:
+    """--format, else the output file's suffix (.csv, .json -> coco), else jsonl."""
+    if fmt is None:
+        fmt = {".csv": "csv", ".json": "coco"}.get(out.suffix.lower(), "jsonl")
+    if fmt not in FORMATS:
+        raise fail(f"--format must be one of {', '.join(FORMATS)}")
+    return fmt
 
 
-def _write_table(out: Path, fmt: str, rows: list[dict[str, Any]], cols: list[str],
-                 job: Any = None) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "csv":
-        with out.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-            w.writeheader()
-            w.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in cols} for r in rows)
-    else:
-        with out.open("w") as f:
-            for r in rows:
-                f.write(json.dumps({k: v for k, v in r.items() if v is not None or k in cols},
-                                   ensure_ascii=False) + "\n")
+def _export(local: Local, job: dict[str, Any], out: Path, fmt: str,
+            rows: Any = None) -> None:
+    """Write the job's results in the task's own columns, through the same exporter as
+    ``loom results --view table``."""
+    from loom import exports
+
+    exports.write(out, fmt, rows if rows is not None else local_rows(local, job["id"]),
+                  job=job, view="table")
     err.print(f"wrote {out}")
 
 
-@app.command()
-def caption(
-    paths: Annotated[list[str], typer.Argument(help="Image files or directories (recursive).")],
-    out: Out = Path("captions.jsonl"),
-    fmt: Annotated[str, typer.Option("--format", "-f", help="jsonl | csv | coco")] = "jsonl",
-) -> None:
-    """Caption images in this process; one row per image {"file", "caption"}."""
-    if fmt not in ("jsonl", "csv", "coco"):
-        raise fail("--format must be jsonl, csv or coco")
-    found = collect_images(paths)
-    local = open_local()
-    try:
-        specs = [{"input": {}, "metadata": {"file": name}} for _, name in found]
-        job = run_embedded(local, "caption", specs, [p for p, _ in found])
-        rows = _rows(local, job["id"])
-        if fmt == "coco":
-            from loom import exports
-
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with out.open("wb") as f:
-                for chunk in exports.coco_chunks(rows, {"job_id": job["id"], "task": "caption"}):
-                    f.write(chunk)
-            err.print(f"wrote {out}")
-            return
-        table = [
-            {"file": (r["metadata"] or {}).get("file"),
-             "caption": (r["output"] or {}).get("text"), "error": _error(r)}
-            for r in rows
-        ]
-        _write_table(out, fmt, table, ["file", "caption"] + (["error"] if fmt == "csv" else []))
-    finally:
-        local.close()
+Model = Annotated[str | None, typer.Option(help="Model name (default: LOOM_DEFAULT_MODEL).")]
+Fmt = Annotated[str | None, typer.Option("--format", "-f",
+                                         help="jsonl | csv | coco (default: from --out)")]
 
 
-@app.command()
-def ask(
-    image: Annotated[Path | None, typer.Argument(help="An image (with QUESTION).")] = None,
-    question: Annotated[str | None, typer.Argument()] = None,
-    questions: Annotated[Path | None, typer.Option(help="JSONL rows {file, question}.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="JSONL with answers.")] = None,
-) -> None:
-    """Answer questions about images: IMAGE QUESTION prints the answer; --questions FILE.jsonl
-    writes each row back with "answer" added."""
-    if questions:
-        rows = read_questions(questions)
-        paths = [resolve_file(str(r["file"]), questions.parent) for r in rows]
-    elif image and question:
-        rows, paths = [{"file": str(image), "question": question}], [image]
-    else:
-        raise fail("give IMAGE QUESTION, or --questions FILE.jsonl --out FILE.jsonl")
-    local = open_local()
-    try:
-        specs = [{"input": {"question": r["question"]}, "metadata": {"file": str(r["file"])}}
-                 for r in rows]
-        job = run_embedded(local, "vqa", specs, list(paths))
-        results = _rows(local, job["id"])
-        if not questions:
-            r = results[0]
-            if r["output"]:
+def image_command(spec: tasks.TaskSpec) -> Any:
+    def command(
+        paths: Annotated[list[str], typer.Argument(help="Image files or directories (recursive).")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Output file.")] = Path(
+            f"{spec.output_column}s.jsonl"),
+        fmt: Fmt = None,
+        model: Model = None,
+    ) -> None:
+        fmt_ = _format_for(out, fmt)
+        found = collect_images(paths)
+        local = open_local()
+        try:
+            name = _check(spec, model, local)
+            specs = [{"input": {}, "metadata": {"file": n}} for _, n in found]
+            job = run_embedded(local, spec.name, specs, [p for p, _ in found], model=name)
+            _export(local, job, out, fmt_)
+        finally:
+            local.close()
+
+    command.__doc__ = (f"{spec.summary[:1].upper()}{spec.summary[1:]} in this process; one row "
+                       f"per image {{\"file\", \"{spec.output_column}\"}}.")
+    return command
+
+
+def image_text_command(spec: tasks.TaskSpec) -> Any:
+    field = spec.texts[0]
+
+    def command(
+        image: Annotated[Path | None, typer.Argument(help=f"An image (with {field.upper()}).")]
+        = None,
+        text: Annotated[str | None, typer.Argument(metavar=field.upper())] = None,
+        rows_file: Annotated[Path | None, typer.Option(
+            f"--{field}s", help=f"JSONL rows {{file, {', '.join(spec.texts)}}}.")] = None,
+        out: Annotated[Path | None, typer.Option(
+            "--out", "-o", help=f"JSONL with {spec.output_column}s.")] = None,
+        fmt: Fmt = None,
+        model: Model = None,
+    ) -> None:
+        if rows_file:
+            rows = read_questions(rows_file, spec.texts)
+            paths = [resolve_file(str(r["file"]), rows_file.parent) for r in rows]
+        elif image and text and len(spec.texts) == 1:
+            rows, paths = [{"file": str(image), field: text}], [image]
+        else:
+            raise fail(f"give IMAGE {field.upper()}, or --{field}s FILE.jsonl --out FILE.jsonl")
+        local = open_local()
+        try:
+            name = _check(spec, model, local)
+            # Every column but the task's texts travels as metadata and comes back in the output.
+            specs = [{"input": {t: r[t] for t in spec.texts},
+                      "metadata": {k: v for k, v in r.items() if k not in spec.texts}}
+                     for r in rows]
+            job = run_embedded(local, spec.name, specs, list(paths), model=name)
+            if not rows_file:
+                r = next(iter(local_rows(local, job["id"])))
+                if not r["output"]:
+                    e = r.get("error") or {}
+                    raise fail(f"{e.get('code')}: {e.get('message')}" if e else r["status"])
                 print(r["output"]["text"])
-            else:
-                raise fail(_error(r) or r["status"])
-            return
-        answered = []
-        for row, r in zip(rows, results):
-            answered.append({**row, "answer": (r["output"] or {}).get("text"),
-                             **({"error": _error(r)} if r.get("error") else {})})
-        target = out or questions.with_name(questions.stem + ".answers.jsonl")
-        _write_table(target, "jsonl", answered, list(answered[0]))
-    finally:
-        local.close()
+                return
+            target = out or rows_file.with_name(f"{rows_file.stem}.{spec.output_column}s.jsonl")
+            _export(local, job, target, _format_for(target, fmt))
+        finally:
+            local.close()
+
+    command.__doc__ = (f"{spec.summary[:1].upper()}{spec.summary[1:]}: IMAGE {field.upper()} "
+                       f"prints the {spec.output_column}; --{field}s FILE.jsonl writes each row "
+                       f"back with \"{spec.output_column}\" added.")
+    return command
 
 
-@app.command()
-def generate(
-    prompt: Annotated[str | None, typer.Argument(help="A prompt (or --prompts FILE).")] = None,
-    prompts: Annotated[Path | None, typer.Option(help="Text file, one prompt a line.")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("generated"),
-    seed: Annotated[int | None, typer.Option(min=0, help="Item i uses SEED + i (default: random, printed).")] = None,
-    variants: Annotated[int, typer.Option(min=1, max=64, help="Images per prompt.")] = 1,
-) -> None:
-    """Generate images: DIR/00000.png ... and DIR/index.jsonl rows {"prompt", "file", "seed"}."""
-    pairs = expand_prompts(read_prompts(prompt, prompts), choose_seed(seed), variants)
-    local = open_local()
-    try:
-        specs = [{"input": {"prompt": p, "seed": s}, "metadata": None} for p, s in pairs]
-        job = run_embedded(local, "generate", specs, [None] * len(specs))
-        out.mkdir(parents=True, exist_ok=True)
-        index = []
-        for r in _rows(local, job["id"]):
-            o = r["output"]
-            entry: dict[str, Any] = {"prompt": r["input"]["prompt"], "file": None,
-                                     "seed": r["input"]["seed"]}
-            if o and o.get("storage_key"):
-                name = f"{r['index']:05d}.png"
-                (out / name).write_bytes(local.store.get(o["storage_key"]))
-                entry["file"] = name
-            else:
-                entry["error"] = _error(r)
-            index.append(entry)
-        _write_table(out / "index.jsonl", "jsonl", index, ["prompt", "file", "seed"])
-    finally:
-        local.close()
+def text_command(spec: tasks.TaskSpec) -> Any:
+    field = spec.texts[0]
+
+    def command(
+        text: Annotated[str | None, typer.Argument(
+            metavar=field.upper(), help=f"A {field} (or --{field}s FILE).")] = None,
+        texts_file: Annotated[Path | None, typer.Option(
+            f"--{field}s", help=f"Text file, one {field} a line.")] = None,
+        out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path(
+            "generated"),
+        seed: Annotated[int | None, typer.Option(
+            min=0, max=tasks.SEED_MAX,
+            help="Item i uses SEED + i (default: random, printed).")] = None,
+        variants: Annotated[int, typer.Option(min=1, max=64, help="Items per line.")] = 1,
+        model: Model = None,
+    ) -> None:
+        lines = read_prompts(text, texts_file)
+        pairs = expand_prompts(lines, choose_seed(seed) if spec.seeded else 0, variants)
+        local = open_local()
+        try:
+            name = _check(spec, model, local)
+            specs = [{"input": {field: p, **({"seed": s} if spec.seeded else {})},
+                      "metadata": None} for p, s in pairs]
+            job = run_embedded(local, spec.name, specs, [None] * len(specs), model=name)
+            out.mkdir(parents=True, exist_ok=True)
+
+            def copied() -> Any:
+                # Outputs land beside the index as 00000.png ...; the index names them.
+                for r in local_rows(local, job["id"]):
+                    o = r["output"]
+                    if o and o.get("storage_key"):
+                        ext = o["storage_key"].rsplit(".", 1)[-1]
+                        o["url"] = f"{r['index']:05d}.{ext}"
+                        (out / o["url"]).write_bytes(local.store.get(o["storage_key"]))
+                    yield r
+
+            _export(local, job, out / "index.jsonl", "jsonl", copied())
+        finally:
+            local.close()
+
+    command.__doc__ = (f"{spec.summary[:1].upper()}{spec.summary[1:]}: DIR/00000.png ... and "
+                       f"DIR/index.jsonl rows {{\"{field}\", \"{spec.output_column}\", \"seed\"}}.")
+    return command
+
+
+for _spec in tasks.REGISTRY.values():
+    app.command(_spec.command)(command_for(_spec, image_command, image_text_command, text_command))
 
 
 @app.command("run")

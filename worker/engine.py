@@ -22,26 +22,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from loom import jobs, tasks
 from loom.config import Settings
 from loom.errors import LoomError, ModelError
-from loom.models import Item, ItemStatus, Job, JobStatus, Outbox, utcnow
+from loom.models import Job, JobStatus, utcnow
 from worker.inference import ModelCache, ModelLoader, infer
 from worker.inputs import Prepared, prepare
 from worker.leases import LeaseKeeper
-from worker.outputs import image_result, text_result
+from worker.outputs import store_output
 
 if TYPE_CHECKING:  # pragma: no cover
     from loom.jobs import Chunk, ClaimedItem, ItemFailure, ItemResult
     from loom.storage import Store
 
 log = logging.getLogger(__name__)
-
-# Error codes of an earlier attempt after which an item runs alone: its process died
-# (worker_lost, also set when a claim takes an expired lease over) or its batch raised.
-SUSPECT_CODES = ("worker_lost", "model_error")
 
 Progress = Callable[[int], None]  # called with the number of items a batch finished
 
@@ -109,49 +105,12 @@ class Engine:
 
     # --- claiming ----------------------------------------------------------------------------
 
-    def _suspects(self, session: Session, chunk: Chunk) -> list[int]:
-        """Indexes in the chunk that are claimable again after an attempt that may have crashed
-        its process (lease expired) or broken its batch (model_error). Items retried after an
-        I/O error (fetch_failed, storage_error) are no suspects: they run in normal batches."""
-        now = utcnow()
-        rows = session.scalars(
-            select(Item.index)
-            .where(
-                Item.job_id == chunk.job_id,
-                Item.index >= chunk.start,
-                Item.index < chunk.end,
-                Item.attempts >= 1,
-                (
-                    (Item.status == ItemStatus.queued.value)
-                    & ((Item.available_at.is_(None)) | (Item.available_at <= now))
-                )
-                | ((Item.status == ItemStatus.running.value) & (Item.lease_expires_at < now)),
-                (Item.status == ItemStatus.running.value)
-                | Item.error_code.is_(None)
-                | Item.error_code.in_(SUSPECT_CODES),
-            )
-            .order_by(Item.index)
-            .limit(self.settings.batch_size)
-        )
-        return list(rows)
-
-    def _suspect_ids(self, item_ids: list[int]) -> set[int]:
-        if not item_ids:
-            return set()
-        with self.session_factory() as session:
-            rows = session.execute(
-                select(Item.id, Item.error_code).where(Item.id.in_(item_ids))
-            ).all()
-        return {r.id for r in rows if r.error_code is None or r.error_code in SUSPECT_CODES}
-
     def _claim(self, chunk: Chunk, report: ChunkReport, *, prefetch: bool = False) -> list[_Batch]:
         """Claim the next batch(es); their inputs start loading in the I/O pool right away.
 
         ``prefetch``: claiming while another batch is in flight. A suspect is then not claimed
         (a crash of the running batch would burn one of its attempts); it waits until nothing
         else is in flight. A suspect's input is read and decoded only once it runs (alone)."""
-        from loom import jobs
-
         def claim(start: int, end: int, limit: int) -> list[ClaimedItem]:
             with self.session_factory() as session:
                 items = jobs.claim_items(
@@ -167,7 +126,8 @@ class Engine:
             return items
 
         with self.session_factory() as session:
-            suspects = self._suspects(session, chunk)
+            suspects = jobs.suspect_indexes(session, chunk=chunk,
+                                            limit=self.settings.batch_size)
         if suspects and prefetch:
             return []
         batches: list[_Batch] = []
@@ -180,7 +140,9 @@ class Engine:
             items = claim(chunk.start, chunk.end, self.settings.batch_size)
             if not items:
                 return []
-            suspect = self._suspect_ids([i.id for i in items if i.attempts > 1])
+            with self.session_factory() as session:
+                suspect = jobs.suspect_ids(
+                    session, item_ids=[i.id for i in items if i.attempts > 1])
             fresh = [i for i in items if i.id not in suspect]
             retried = [i for i in items if i.id in suspect]
             # Race with an expiring lease: run the others together first, then each suspect
@@ -209,20 +171,19 @@ class Engine:
         report: ChunkReport,
         progress: Progress | None,
     ) -> None:
-        from loom import jobs
-
         n = len(outputs)
         futures: list[Future[ItemResult]] = []
+        kind = tasks.get(batch.items[0].task).output
         for prep, out in outputs:
             timings = {**prep.timings, "infer_ms": infer_ms, "infer_batch_size": float(n)}
-            if prep.item.task == "generate":
-                futures.append(
-                    self._io.submit(image_result, prep, out, info, timings, store=self.store)
-                )
+            if kind != "text":  # encoding and uploading leave the finisher thread
+                futures.append(self._io.submit(
+                    store_output, kind, prep, out, info, timings, store=self.store))
             else:
                 done: Future[ItemResult] = Future()
                 try:
-                    done.set_result(text_result(prep, str(out), info, timings))
+                    done.set_result(store_output(kind, prep, out, info, timings,
+                                                 store=self.store))
                 except Exception as exc:
                     done.set_exception(exc)
                 futures.append(done)
@@ -282,15 +243,14 @@ class Engine:
     def _max_attempts(self, job_id: str) -> int:
         if job_id not in self._max_attempts_cache:
             with self.session_factory() as session:
-                value = session.scalar(select(Job.max_attempts).where(Job.id == job_id))
-            self._max_attempts_cache[job_id] = int(value or 1)
+                self._max_attempts_cache[job_id] = jobs.job_max_attempts(session, job_id=job_id)
         return self._max_attempts_cache[job_id]
 
     # --- the loop ----------------------------------------------------------------------------
 
     def _job_status(self, job_id: str) -> str | None:
         with self.session_factory() as session:
-            return session.scalar(select(Job.status).where(Job.id == job_id))
+            return jobs.job_status(session, job_id=job_id)
 
     def run_chunk(self, chunk: Chunk, progress: Progress | None = None) -> ChunkReport:
         """Process every claimable item of ``chunk``; returns what this worker did with them.
@@ -298,8 +258,6 @@ class Engine:
         Safe to run twice at once for the same chunk (claims and completion are fenced in the
         database). Raises on infrastructure failures (database/store down): the caller retries.
         """
-        from loom import jobs
-
         report = ChunkReport(job_id=chunk.job_id, start=chunk.start, end=chunk.end)
         t_start = time.perf_counter()
         pending: deque[Future[None]] = deque()
@@ -374,18 +332,12 @@ class Engine:
         until the job reaches a terminal status (items retried after a transient error wait for
         their backoff).
         """
-        from loom import jobs
         from loom.models import JOB_TERMINAL
 
         terminal = {s.value for s in JOB_TERMINAL}
         with self.session_factory() as session:
             jobs.publish_pending(session, publish=lambda _chunk: None, job_id=job_id)
-            rows = session.execute(
-                select(Outbox.chunk_start, Outbox.chunk_end, Outbox.priority)
-                .where(Outbox.job_id == job_id)
-                .order_by(Outbox.chunk_start)
-            ).all()
-        chunks = [jobs.Chunk(job_id, int(s), int(e), int(p or 0)) for s, e, p in rows]
+            chunks = jobs.job_chunks(session, job_id=job_id)
         while True:
             claimed = 0
             for chunk in chunks:

@@ -11,12 +11,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from loom import tasks
 from loom.config import Settings
 from loom.errors import LoomError, ModelError, UnsupportedTask
-from loom.models import ModelVersion
 from worker.inputs import Prepared
 from worker.outputs import info_field
 
@@ -75,6 +74,8 @@ class ModelCache:
         return model
 
     def _record_model_version(self, info: Any) -> None:
+        from loom import jobs
+
         key = (
             str(info_field(info, "name", "")),
             str(info_field(info, "version", "")),
@@ -82,65 +83,76 @@ class ModelCache:
         )
         if key in self._recorded_versions:
             return
-        tasks = [str(t) for t in (info_field(info, "tasks", ()) or ())]
+        tasks_ = [str(t) for t in (info_field(info, "tasks", ()) or ())]
         with self.session_factory() as session:
-            exists = session.scalar(
-                select(ModelVersion.id).where(
-                    ModelVersion.name == key[0],
-                    ModelVersion.version == key[1],
-                    ModelVersion.weights_sha256 == key[2],
-                )
-            )
-            if exists is None:
-                session.add(
-                    ModelVersion(name=key[0], version=key[1], weights_sha256=key[2], tasks=tasks)
-                )
-                try:
-                    session.commit()
-                except Exception:  # another process recorded it first (unique constraint)
-                    session.rollback()
+            jobs.record_model_version(session, name=key[0], version=key[1],
+                                      weights_sha256=key[2], tasks=tasks_)
         self._recorded_versions.add(key)
+
+
+def _permanent_model_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from pipeline.errors import UnsupportedParamError, UnsupportedTaskError
+    except Exception:  # pragma: no cover - pipeline not importable
+        return ()
+    return (UnsupportedParamError, UnsupportedTaskError)
 
 
 def infer(
     models: ModelCache, prepared: list[Prepared]
 ) -> tuple[list[tuple[Prepared, Any]], list[Prepared], Any, float]:
-    """Run the model once for the batch's good items. Returns (outputs, failed, info, ms)."""
+    """Run the model once for the batch's good items, calling the method their task's spec
+    names with the arguments it lists. Returns (outputs, failed, info, ms)."""
+    from pipeline import serving
+
     good = [p for p in prepared if p.ok]
     bad = [p for p in prepared if not p.ok]
     if not good:
         return [], bad, None, 0.0
     first = good[0].item
-    task, params = first.task, dict(first.params or {})
+    spec = tasks.get(first.task)
+    params = spec.model_params(first.params)
     try:
         model = models.get(first.model_name)
         info = model.info
-        tasks = info_field(info, "tasks", None)
-        if tasks is not None and task not in tasks:
-            raise UnsupportedTask(f"model {first.model_name!r} does not support task {task!r}")
+        serving.check_call(_Declared(info), spec.name, params)
     except LoomError as exc:
-        for p in good:
-            p.error = exc
+        _fail(good, exc)
         return [], bad + good, None, 0.0
-    kwargs: dict[str, Any] = {}
-    if task in ("caption", "vqa") and isinstance(params.get("beams"), int):
-        kwargs["beams"] = params["beams"]
+    except _permanent_model_errors() as exc:
+        # The request asked for something this model cannot do: no retry will change that.
+        _fail(good, UnsupportedTask(f"model {first.model_name!r}: {exc}"))
+        return [], bad + good, None, 0.0
+    args: list[list[Any]] = []
+    if spec.image:
+        args.append([p.image for p in good])
+    args.extend([p.texts[name] for p in good] for name in spec.texts)
+    if spec.seeded:
+        args.append([p.seed for p in good])
     t0 = time.perf_counter()
     try:
-        if task == "caption":
-            outs = model.caption([p.image for p in good], **kwargs)
-        elif task == "vqa":
-            outs = model.answer([p.image for p in good], [p.question for p in good], **kwargs)
-        else:
-            outs = model.generate([p.prompt for p in good], [p.seed for p in good])
-        outs = list(outs)
-        if len(outs) != len(good):
-            raise ValueError(f"model returned {len(outs)} outputs for {len(good)} inputs")
+        outs = serving.run(model, spec.method, args, params)
     except Exception as exc:
         err = ModelError(
-            f"model {first.model_name!r} failed on {task}: {type(exc).__name__}: {exc}"
+            f"model {first.model_name!r} failed on {spec.name}: {type(exc).__name__}: {exc}"
         )
-        for p in good:
-            p.error = err
+        _fail(good, err)
         return [], bad + good, None, (time.perf_counter() - t0) * 1000.0
     return list(zip(good, outs, strict=True)), bad, info, (time.perf_counter() - t0) * 1000.0
+
+
+def _fail(good: list[Prepared], err: LoomError) -> None:
+    for p in good:
+        p.error = err
+
+
+class _Declared:
+    """A model's info as the serving seam reads it (tolerates infos without ``params``)."""
+
+    def __init__(self, info: Any) -> None:
+        self.name = str(info_field(info, "name", "model"))
+        self.version = str(info_field(info, "version", ""))
+        self.weights_sha256 = str(info_field(info, "weights_sha256", ""))
+        declared = info_field(info, "tasks", None)
+        self.tasks = tuple(tasks.names() if declared is None else declared)
+        self.params = dict(info_field(info, "params", {}) or {})

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from loom import tasks
 from loom.config import Settings
 from loom.errors import InputTooLarge, InvalidInput, LoomError, UnsupportedTask
 
@@ -20,8 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from loom.jobs import ClaimedItem
     from loom.storage import Store
 
-TASKS = ("caption", "vqa", "generate")
-SEED_MAX = 2**31 - 1
+derive_seed = tasks.derive_seed  # the seed policy lives in loom.tasks
 
 
 @dataclass
@@ -30,8 +30,7 @@ class Prepared:
 
     item: ClaimedItem
     image: Image | None = None
-    question: str | None = None
-    prompt: str | None = None
+    texts: dict[str, str] = field(default_factory=dict)  # the task's text inputs by name
     seed: int | None = None
     input_sha256: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -40,30 +39,6 @@ class Prepared:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-
-def derive_seed(job_id: str, index: int) -> int:
-    """The generation seed when the submitter did not set one: stable per (job, index)."""
-    digest = hashlib.sha256(f"{job_id}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % SEED_MAX
-
-
-def _text(inp: dict[str, Any], key: str, task: str, max_chars: int) -> str:
-    value = inp.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidInput(f"{task} needs a non-empty '{key}' string")
-    if len(value) > max_chars:
-        raise InvalidInput(f"'{key}' is longer than {max_chars} characters")
-    return value
-
-
-def _seed(item: ClaimedItem) -> int:
-    raw = item.input.get("seed")
-    if raw is None:
-        return derive_seed(item.job_id, item.index)
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
-        raise InvalidInput(f"seed must be a non-negative integer, got {raw!r}")
-    return raw
 
 
 def read_bytes(item: ClaimedItem, *, settings: Settings, store: Store) -> bytes:
@@ -103,19 +78,25 @@ def decode(data: bytes, *, settings: Settings) -> Image:
 
 
 def prepare(item: ClaimedItem, *, settings: Settings, store: Store) -> Prepared:
-    """Read + decode one item's input. Never raises for input problems (they land in ``error``)."""
+    """Read + decode one item's input as its task's spec says. Never raises for input problems
+    (they land in ``error``)."""
     prep = Prepared(item=item)
     try:
-        task = item.task
-        if task not in TASKS:
-            raise UnsupportedTask(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-        if task == "generate":
-            prep.prompt = _text(item.input, "prompt", task, settings.max_text_chars)
-            prep.seed = _seed(item)
-            prep.input_sha256 = hashlib.sha256(prep.prompt.encode("utf-8")).hexdigest()
+        spec = tasks.REGISTRY.get(item.task)
+        if spec is None:
+            raise UnsupportedTask(
+                f"unknown task {item.task!r}; expected one of {', '.join(tasks.names())}")
+        inp = spec.validate_input(item.input, where="input",
+                                  max_text_chars=settings.max_text_chars, error=InvalidInput)
+        prep.texts = {name: inp[name] for name in spec.texts}
+        if spec.seeded:
+            prep.seed = inp.get("seed")
+            if prep.seed is None:
+                prep.seed = tasks.derive_seed(item.job_id, item.index)
+        if not spec.image:
+            text = "\n".join(prep.texts.values())
+            prep.input_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
             return prep
-        if task == "vqa":
-            prep.question = _text(item.input, "question", task, settings.max_text_chars)
         t0 = time.perf_counter()
         data = read_bytes(item, settings=settings, store=store)
         t1 = time.perf_counter()

@@ -87,3 +87,55 @@ def image_result(
         size_bytes=len(data),
         **_lineage(prep, info, timings),
     )
+
+
+NPY_CONTENT_TYPE = "application/x-npy"
+
+
+def vector_result(
+    prep: Prepared, vector: Any, info: Any, timings: dict[str, float], *, store: Store
+) -> ItemResult:
+    """Store a vector compactly, as a float32 ``.npy`` object (never JSON text)."""
+    import io
+
+    import numpy as np
+
+    from loom.jobs import ItemResult
+    from loom.storage import output_key
+
+    item = prep.item
+    arr = np.asarray(vector, dtype=np.float32).reshape(-1)
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    data = buf.getvalue()
+    key = output_key(item.tenant_id, item.job_id, item.index, "npy")
+    t0 = time.perf_counter()
+    try:
+        store.put(key, data, NPY_CONTENT_TYPE)
+    except LoomError:
+        raise
+    except Exception as exc:
+        raise StorageError(f"upload of {key} failed: {type(exc).__name__}: {exc}") from exc
+    timings = {**timings, "upload_ms": (time.perf_counter() - t0) * 1000.0}
+    return ItemResult(
+        kind="vector",
+        text=None,
+        storage_key=key,
+        content_type=NPY_CONTENT_TYPE,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+        **_lineage(prep, info, timings),
+    )
+
+
+def store_output(
+    kind: str, prep: Prepared, out: Any, info: Any, timings: dict[str, float], *, store: Store
+) -> ItemResult:
+    """The result of one output of the task's output kind (``TaskSpec.output``)."""
+    if kind == "text":
+        return text_result(prep, str(out), info, timings)
+    if kind == "image":
+        return image_result(prep, out, info, timings, store=store)
+    if kind == "vector":
+        return vector_result(prep, out, info, timings, store=store)
+    raise ValueError(f"no output handler for kind {kind!r}")

@@ -19,6 +19,7 @@ from api.schemas import (
     JobOut,
     JobRequest,
     ResultFormat,
+    ResultView,
     RetryOut,
     TaskName,
 )
@@ -60,7 +61,7 @@ def submit_job(
     idempotency_key: IdemHeader = None,
 ) -> JobOut:
     """Submit a job. Items carry image_url / image_key / image_base64 (+question) or prompt."""
-    body_hash = service.request_hash(req.model_dump(mode="json"))
+    body_hash = core.request_hash(req.model_dump(mode="json"))
     job = service.submit(
         session, rt, tenant_id=caller.tenant_id, req=req,
         idempotency_key=idempotency_key, body_hash=body_hash,
@@ -126,7 +127,7 @@ async def upload_job(
     def _submit() -> JobOut:
         job = service.submit(
             session, rt, tenant_id=caller.tenant_id, req=req, idempotency_key=idempotency_key,
-            body_hash=service.request_hash(body), uploads=uploads, upload_question=question,
+            body_hash=core.request_hash(body), uploads=uploads, upload_question=question,
         )
         return service.job_out(session, job)
 
@@ -201,6 +202,7 @@ def results(
     rt: RuntimeDep,
     caller: CallerDep,
     format: ResultFormat = "jsonl",  # noqa: A002 - the query parameter's name
+    view: Annotated[ResultView, Query(description="full rows, or the task's own columns")] = "full",
 ) -> StreamingResponse:
     """Stream the results; image outputs are presigned (S3) or /v1/outputs/{id}/content URLs."""
     job = core.get_job(session, job_id=job_id, tenant_id=caller.tenant_id)
@@ -214,7 +216,7 @@ def results(
 
     media, ext = exports.MEDIA_TYPES[format]
     return StreamingResponse(
-        exports.stream(format, rows(), job=exports.job_info(job)),
+        exports.stream(format, rows(), job=core.job_dict(job), view=view),
         media_type=media,
         headers={"Content-Disposition": f'attachment; filename="{job.id}.{ext}"'},
     )

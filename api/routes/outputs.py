@@ -32,7 +32,7 @@ def output_content(
     output_id: RowId, session: SessionDep, rt: RuntimeDep, caller: CallerDep
 ) -> Response:
     """The bytes of an image output (how a local store serves them; S3 hands out presigned URLs)."""
-    output = service.get_output(session, output_id=output_id, tenant_id=caller.tenant_id)
+    output = core.get_output(session, output_id=output_id, tenant_id=caller.tenant_id)
     key = output.storage_key
     assert key is not None
     try:

@@ -8,6 +8,15 @@ transaction (BEGIN IMMEDIATE on SQLite). ``now`` parameters exist so tests can m
                      lease_seconds=120)
 """
 
+from loom.jobs.catalog import model_versions, record_model_version
+from loom.jobs.chunks import (
+    SUSPECT_CODES,
+    job_chunks,
+    job_max_attempts,
+    job_status,
+    suspect_ids,
+    suspect_indexes,
+)
 from loom.jobs.claims import cancel_remaining, claim_items, complete_items, fail_items, heartbeat
 from loom.jobs.control import cancel_job, retry_failed
 from loom.jobs.finalize import (
@@ -19,14 +28,28 @@ from loom.jobs.finalize import (
 )
 from loom.jobs.queries import (
     get_job,
+    get_output,
     item_lineage,
     iter_results,
     job_progress,
     list_items,
     list_jobs,
+    outputs_for_items,
 )
 from loom.jobs.reconcile import free_expired_leases, reconcile, worker_lost_message
-from loom.jobs.submit import publish_pending, request_fingerprint, submit_job
+from loom.jobs.stats import (
+    item_latency,
+    item_status_counts,
+    job_status_counts,
+    outputs_per_worker,
+)
+from loom.jobs.submit import (
+    existing_for_key,
+    publish_pending,
+    request_fingerprint,
+    request_hash,
+    submit_job,
+)
 from loom.jobs.types import (
     Chunk,
     ClaimedItem,
@@ -36,6 +59,7 @@ from loom.jobs.types import (
     Page,
     ReconcileReport,
 )
+from loom.jobs.views import job_dict, job_ref, lineage_dict, result_row
 
 __all__ = [
     "Chunk",
@@ -45,27 +69,47 @@ __all__ = [
     "JobProgress",
     "Page",
     "ReconcileReport",
+    "SUSPECT_CODES",
     "cancel_job",
     "cancel_remaining",
     "claim_items",
     "complete_finalization",
     "complete_items",
+    "existing_for_key",
     "fail_items",
     "fire_webhook",
     "free_expired_leases",
     "get_job",
+    "get_output",
     "heartbeat",
+    "item_latency",
     "item_lineage",
+    "item_status_counts",
     "iter_results",
+    "job_chunks",
+    "job_dict",
+    "job_max_attempts",
     "job_progress",
+    "job_ref",
+    "job_status",
+    "job_status_counts",
+    "lineage_dict",
     "list_items",
     "list_jobs",
     "maybe_finalize",
+    "model_versions",
+    "outputs_for_items",
+    "outputs_per_worker",
     "publish_pending",
     "reconcile",
+    "record_model_version",
     "request_fingerprint",
+    "request_hash",
+    "result_row",
     "retry_failed",
     "submit_job",
+    "suspect_ids",
+    "suspect_indexes",
     "webhook_payload",
     "worker_lost_message",
     "write_manifest",

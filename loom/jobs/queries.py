@@ -5,7 +5,7 @@ A job of another tenant is reported as NotFound (not Forbidden), so ids cannot b
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from loom.errors import NotFound
 from loom.jobs.types import JobProgress, Page, decode_cursor, encode_cursor
+from loom.jobs.views import job_ref
 from loom.models import Event, Item, ItemStatus, Job, Output
 
 MAX_PAGE = 1000
@@ -146,10 +147,23 @@ def iter_results(
             return
 
 
-def _job_summary(job: Job) -> dict[str, Any]:
-    return {"id": job.id, "task": job.task, "model_name": job.model_name, "status": job.status,
-            "params": job.params, "parent_job_id": job.parent_job_id,
-            "created_at": job.created_at, "finished_at": job.finished_at}
+def outputs_for_items(session: Session, *, item_ids: Sequence[int]) -> dict[int, Output]:
+    """The outputs of a page of items, in one query (not one lazy load per item)."""
+    if not item_ids:
+        return {}
+    return {o.item_id: o for o in session.scalars(
+        select(Output).where(Output.item_id.in_(list(item_ids))))}
+
+
+def get_output(session: Session, *, output_id: int, tenant_id: str | None = None) -> Output:
+    """An output with stored content, in the tenant's jobs (else NotFound)."""
+    stmt = select(Output).join(Job, Job.id == Output.job_id).where(Output.id == output_id)
+    if tenant_id is not None:
+        stmt = stmt.where(Job.tenant_id == tenant_id)
+    row = session.execute(stmt).scalar_one_or_none()
+    if row is None or not row.storage_key:
+        raise NotFound(f"no output {output_id}")
+    return row
 
 
 def item_lineage(session: Session, *, item_id: int, tenant_id: str | None = None) -> dict[str, Any]:
@@ -170,7 +184,7 @@ def item_lineage(session: Session, *, item_id: int, tenant_id: str | None = None
         parent = session.get(Job, parent_id)
         if parent is None or parent.tenant_id != job.tenant_id:
             break
-        parents.append(_job_summary(parent))
+        parents.append(job_ref(parent))
         seen.add(parent_id)
         parent_id = parent.parent_job_id
     return {
@@ -191,6 +205,6 @@ def item_lineage(session: Session, *, item_id: int, tenant_id: str | None = None
         "events": [{"kind": e.kind, "attempt": e.attempt, "worker_id": e.worker_id,
                     "error_code": e.error_code, "message": e.message,
                     "duration_ms": e.duration_ms, "created_at": e.created_at} for e in events],
-        "job": _job_summary(job),
+        "job": job_ref(job),
         "parents": parents,
     }

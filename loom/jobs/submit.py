@@ -15,30 +15,39 @@ from sqlalchemy.orm import Session
 from loom.db import begin_write
 from loom.errors import Conflict, IdempotencyConflict, InvalidRequest, NotFound
 from loom.jobs.types import CLAIMABLE_JOB, Chunk, add_events
-from loom.models import Item, ItemStatus, Job, JobStatus, Outbox, Task, new_id, utcnow
+from loom import tasks
+from loom.models import Item, ItemStatus, Job, JobStatus, Outbox, new_id, utcnow
 
 # Rows per INSERT batch: bounds statement size and memory while keeping round trips few.
 _INSERT_BATCH = 10_000
 
 
+def request_hash(body: Any) -> str:
+    """sha256 of the canonical JSON of a request (sorted keys, no spaces): the one fingerprint
+    that idempotency compares, whoever submits (API body, CLI, SDK)."""
+    raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(raw.encode("utf-8", errors="surrogatepass")).hexdigest()
+
+
 def request_fingerprint(
     *, task: str, model_name: str, items: Sequence[dict[str, Any]], params: dict[str, Any] | None
 ) -> str:
-    """A stable hash of what was asked, for idempotency when the caller supplies none."""
-    payload = {"task": task, "model": model_name, "params": params or {}, "items": list(items)}
-    raw = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(raw.encode()).hexdigest()
+    """The fingerprint of a submission whose caller supplied no request hash of its own."""
+    return request_hash(
+        {"task": task, "model": model_name, "params": params or {}, "items": list(items)})
 
 
-def _existing_for_key(
+def existing_for_key(
     session: Session, *, tenant_id: str, idempotency_key: str, request_hash: str
 ) -> Job | None:
+    """The job an idempotency key already made, or None; the same key with another request is
+    an IdempotencyConflict. The one idempotency path (API and submit_job alike)."""
     job = session.scalar(
         select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key)
     )
     if job is not None and job.request_hash != request_hash:
         raise IdempotencyConflict(
-            f"idempotency key {idempotency_key!r} was already used for a different request"
+            f"Idempotency-Key {idempotency_key!r} was already used with a different request"
         )
     return job
 
@@ -71,8 +80,7 @@ def submit_job(
     under ``input_key(tenant, job_id, ...)`` before the job row exists. When an idempotency key
     matches an earlier job, that job (with its own id) is returned.
     """
-    if task not in {t.value for t in Task}:
-        raise InvalidRequest(f"unknown task {task!r}")
+    tasks.get(task)  # InvalidRequest naming the valid tasks
     if not items:
         raise InvalidRequest("a job needs at least one item")
     if chunk_size < 1 or max_attempts < 1:
@@ -87,7 +95,7 @@ def submit_job(
     try:
         if idempotency_key is not None:
             assert request_hash is not None
-            existing = _existing_for_key(
+            existing = existing_for_key(
                 session,
                 tenant_id=tenant_id,
                 idempotency_key=idempotency_key,
@@ -152,7 +160,7 @@ def submit_job(
             raise Conflict(f"job {job_id} already exists") from exc
         # A concurrent submission with the same key won the unique constraint (PostgreSQL).
         assert request_hash is not None
-        existing = _existing_for_key(
+        existing = existing_for_key(
             session, tenant_id=tenant_id, idempotency_key=idempotency_key, request_hash=request_hash
         )
         session.commit()

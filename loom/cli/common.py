@@ -1,9 +1,5 @@
-"""The torch-free part of the ``loom`` CLI (Typer + rich).
-
-Commands that need no model: job queries (embedded on the local SQLite, or remote with ``--api``),
-remote submission through ``loom.client.Client``, and services (``api``, ``db upgrade``,
-``keys create``). ``worker/cli.py`` extends this app with the embedded commands that run the model.
-"""
+"""What every command of the CLI shares: consoles, options, the embedded runtime under
+LOOM_HOME, progress bars, job summaries, and the embedded/remote runners."""
 
 from __future__ import annotations
 
@@ -33,14 +29,6 @@ from rich.text import Text
 
 from loom.config import Settings
 
-app = typer.Typer(
-    name="loom",
-    help="Loom: bulk captioning, visual question answering and text-to-image jobs.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
 console = Console()
 err = Console(stderr=True)
 
@@ -52,6 +40,7 @@ KeyOpt = Annotated[
     str | None, typer.Option("--api-key", envvar="LOOM_API_KEY", help="API key (remote mode).")
 ]
 FORMATS = ("jsonl", "csv", "coco")
+VIEWS = ("full", "table")
 TERMINAL = ("succeeded", "completed_with_errors", "failed", "cancelled")
 
 
@@ -181,16 +170,7 @@ def local_job(local: Local, job_id: str) -> dict[str, Any]:
 
     with local.session_factory() as s:
         job = jobs.get_job(s, job_id=job_id, tenant_id=local.tenant_id)
-        return job_dict(job, jobs.job_progress(s, job_id=job.id))
-
-
-def job_dict(job: Any, p: Any) -> dict[str, Any]:
-    return {
-        "id": job.id, "task": job.task, "model": job.model_name, "status": job.status,
-        "item_count": job.item_count, "counts": dict(p.counts), "done": p.done,
-        "items_per_second": p.items_per_second, "eta_seconds": p.eta_seconds,
-        "created_at": job.created_at, "finished_at": job.finished_at,
-    }
+        return jobs.job_dict(job, jobs.job_progress(s, job_id=job.id))
 
 
 def local_rows(local: Local, job_id: str) -> Iterator[dict[str, Any]]:
@@ -218,7 +198,7 @@ def local_failures(local: Local, job_id: str) -> list[tuple[str, str, str]]:
     ]
 
 
-def _embedded(func: Any) -> Any:
+def embedded(func: Any) -> Any:
     """Run ``func(local)`` against the embedded state, turning LoomErrors into messages."""
     from loom.errors import LoomError
 
@@ -231,7 +211,7 @@ def _embedded(func: Any) -> Any:
         local.close()
 
 
-def _remote(func: Any, api: str, api_key: str | None) -> Any:
+def remote(func: Any, api: str, api_key: str | None) -> Any:
     from loom.client import ApiError
 
     with client(api, api_key) as c:
@@ -239,85 +219,6 @@ def _remote(func: Any, api: str, api_key: str | None) -> Any:
             return func(c)
         except ApiError as exc:
             raise fail(f"{exc.code}: {exc.message}") from None
-
-
-# --- job commands (embedded by default, remote with --api) ---------------------------------------
-
-
-@app.command("jobs")
-def jobs_cmd(
-    status: Annotated[str | None, typer.Option(help="Only jobs in this status.")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
-    api: ApiOpt = None,
-    api_key: KeyOpt = None,
-) -> None:
-    """List recent jobs, newest first."""
-    if api:
-        found = _remote(lambda c: c.jobs(status=status, limit=limit)["jobs"], api, api_key)
-    else:
-        def run(local: Local) -> list[dict[str, Any]]:
-            from loom import jobs
-
-            with local.session_factory() as s:
-                page = jobs.list_jobs(s, tenant_id=local.tenant_id, status=status, limit=limit)
-                return [job_dict(j, jobs.job_progress(s, job_id=j.id)) for j in page.items]
-
-        found = _embedded(run)
-    if console.is_terminal:
-        console.print(job_table(found))
-        return
-    for j in found:  # piped: one tab-separated line per job, nothing truncated
-        print("\t".join([j["id"], j["task"], j["model"], j["status"],
-                         f"{j['done']}/{j['item_count']}", str(j["created_at"])[:19]]))
-
-
-@app.command()
-def status(
-    job_id: str,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON.")] = False,
-    api: ApiOpt = None,
-    api_key: KeyOpt = None,
-) -> None:
-    """Show a job: status, counts per item status, progress, items/s, ETA, failures."""
-    if api:
-        def remote(c: Any) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
-            job = c.status(job_id)
-            items = c.items(job_id, status="failed", limit=50)["items"]
-            return job, [
-                ((i.get("metadata") or {}).get("file") or f"#{i['index']}",
-                 i["error"]["code"], i["error"].get("message") or "")
-                for i in items if i.get("error")
-            ]
-
-        job, failures = _remote(remote, api, api_key)
-    else:
-        job, failures = _embedded(lambda local: (local_job(local, job_id),
-                                                 local_failures(local, job_id)))
-    if as_json:
-        console.print_json(json.dumps(job, default=str))
-        return
-    print_job(job)
-    print_failures(failures)
-
-
-@app.command()
-def watch(
-    job_id: str,
-    interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 1.0,
-    api: ApiOpt = None,
-    api_key: KeyOpt = None,
-) -> None:
-    """Follow a job's progress live until it finishes."""
-    if api:
-        with client(api, api_key) as c:
-            job = follow(c.status, job_id, interval)
-    else:
-        local = open_local()
-        try:
-            job = follow(lambda j: local_job(local, j), job_id, interval)
-        finally:
-            local.close()
-    print_job(job)
 
 
 def follow(get: Any, job_id: str, interval: float) -> dict[str, Any]:
@@ -330,85 +231,3 @@ def follow(get: Any, job_id: str, interval: float) -> dict[str, Any]:
                 return job
             time.sleep(interval)
             job = get(job_id)
-
-
-@app.command()
-def results(
-    job_id: str,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="jsonl | csv | coco")] = "jsonl",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="File (default: stdout).")] = None,
-    api: ApiOpt = None,
-    api_key: KeyOpt = None,
-) -> None:
-    """Write a job's results (one row per item) as JSONL, CSV or COCO."""
-    if fmt not in FORMATS:
-        raise fail(f"--format must be one of {', '.join(FORMATS)}")
-    sink = out.open("wb") if out else sys.stdout.buffer
-    try:
-        if api:
-            def remote(c: Any) -> None:
-                for chunk in c.results(job_id, format=fmt):
-                    sink.write(chunk)
-
-            _remote(remote, api, api_key)
-        else:
-            def run(local: Local) -> None:
-                from loom import exports, jobs
-
-                with local.session_factory() as s:
-                    job = jobs.get_job(s, job_id=job_id, tenant_id=local.tenant_id)
-                info = exports.job_info(job)
-                for chunk in exports.stream(fmt, local_rows(local, job_id), job=info):
-                    sink.write(chunk)
-
-            _embedded(run)
-    finally:
-        if out:
-            sink.close()
-    if out:
-        err.print(f"wrote {out}")
-
-
-@app.command()
-def cancel(job_id: str, api: ApiOpt = None, api_key: KeyOpt = None) -> None:
-    """Cancel a job (queued items at once, running ones after their batch)."""
-    if api:
-        job = _remote(lambda c: c.cancel(job_id), api, api_key)
-    else:
-        def run(local: Local) -> dict[str, Any]:
-            from loom import jobs
-
-            with local.session_factory() as s:
-                jobs.cancel_job(s, job_id=job_id, tenant_id=local.tenant_id)
-            return local_job(local, job_id)
-
-        job = _embedded(run)
-    print_job(job)
-
-
-@app.command()
-def retry(job_id: str, api: ApiOpt = None, api_key: KeyOpt = None) -> None:
-    """Requeue a job's failed items (remote: workers pick them up)."""
-    if api:
-        answer = _remote(lambda c: c.retry(job_id), api, api_key)
-        console.print(f"requeued {answer['requeued']} items")
-        print_job(answer["job"])
-        return
-
-    def run(local: Local) -> int:
-        from loom import jobs
-
-        with local.session_factory() as s:
-            return int(jobs.retry_failed(s, job_id=job_id, tenant_id=local.tenant_id))
-
-    n = _embedded(run)
-    console.print(f"requeued {n} items; run them with: loom run {job_id}")
-
-
-def main() -> None:  # pragma: no cover - the console script is worker.cli:app
-    app()
-
-
-# Register ``loom submit ...`` and the service commands on this app (modules kept apart for size).
-from loom import cli_services as _cli_services  # noqa: E402,F401
-from loom import cli_submit as _cli_submit  # noqa: E402,F401

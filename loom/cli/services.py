@@ -7,16 +7,10 @@ from typing import Annotated
 
 import typer
 
-from loom.cli import app, err, fail, migrate
+from loom.cli.common import err, fail, migrate
 from loom.config import Settings
 
-db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
-keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
-app.add_typer(db_app, name="db")
-app.add_typer(keys_app, name="keys")
 
-
-@db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the database (LOOM_DATABASE_URL) to the latest schema."""
     from loom import db
@@ -29,7 +23,6 @@ def db_upgrade() -> None:
     err.print("database is up to date")
 
 
-@keys_app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant name (created if new).")],
     name: Annotated[str | None, typer.Option(help="A label for the key.")] = None,
@@ -52,7 +45,6 @@ def keys_create(
     print(secret)
 
 
-@app.command("api")
 def api_cmd(
     host: Annotated[str, typer.Option(envvar="LOOM_API_HOST")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="LOOM_API_PORT")] = 8000,
@@ -64,3 +56,14 @@ def api_cmd(
 
     uvicorn.run("api.main:app", host=host, port=port, workers=workers, reload=reload,
                 proxy_headers=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``api``, ``db upgrade`` and ``keys create`` to ``app``."""
+    db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+    db_app.command("upgrade")(db_upgrade)
+    keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+    keys_app.command("create")(keys_create)
+    app.add_typer(db_app, name="db")
+    app.add_typer(keys_app, name="keys")
+    app.command("api")(api_cmd)

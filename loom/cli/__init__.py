@@ -1,0 +1,29 @@
+"""The torch-free part of the ``loom`` CLI (Typer + rich), registered explicitly.
+
+``build_app()`` makes the app with the commands that need no model: job queries and control
+(``loom.cli.jobs``: embedded on the local SQLite, or remote with ``--api``), remote submission
+(``loom.cli.submit``, one command per task in the registry) and services (``loom.cli.services``).
+The console script (``worker/cli.py``) adds the embedded commands that run the model.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from loom.cli import jobs, services, submit
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        name="loom",
+        help="Loom: bulk captioning, visual question answering and text-to-image jobs.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    for module in (jobs, submit, services):
+        module.register(app)
+    return app
+
+
+__all__ = ["build_app"]

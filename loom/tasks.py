@@ -1,0 +1,271 @@
+"""The task registry: one ``TaskSpec`` per task, the only place a task's rules are written down.
+
+Everything that differs between tasks is derived from here: the API's request schema
+(``api/schemas.py``), item validation at submit (API and CLI) and again in the worker
+(``worker/inputs.py``), which model method runs a batch and with which arguments
+(``worker/inference.py``), how an output is stored (``output`` kind), the CLI commands, and the
+export columns (``loom/exports.py``). Adding a task means adding its spec here, its model method
+in ``pipeline/``, and a handler only if its output is of a new kind.
+
+Torch-free on purpose: the API and the CLI import it without loading any model code.
+
+    from loom import tasks
+    spec = tasks.get("vqa")            # InvalidRequest naming the valid tasks when unknown
+    inp = spec.validate_input({"image_url": u, "question": q}, where="items[0]", max_text_chars=500)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from loom.errors import InvalidRequest, LoomError
+
+OutputKind = Literal["text", "image", "vector"]
+IMAGE_SOURCES = ("image_url", "image_key")
+# Seeds are JSON-safe integers (a JavaScript client must not round them) and fit torch's
+# generator; a job's base seed plus its item count must stay inside the same range.
+SEED_MAX = 2**53 - 1
+
+
+@dataclass(frozen=True)
+class Param:
+    """A job parameter a task accepts. ``model`` params are passed to the model method (and so
+    must be accepted by the model, checked at submit); the others are read by Loom itself."""
+
+    name: str
+    kind: type = int
+    minimum: int | None = None
+    maximum: int | None = None
+    model: bool = True
+    help: str = ""
+
+    def check(self, value: Any, where: str) -> Any:
+        if self.kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidRequest(f"{where}: expected an integer, got {value!r:.60}")
+        elif not isinstance(value, self.kind):
+            raise InvalidRequest(f"{where}: expected {self.kind.__name__}, got {value!r:.60}")
+        if self.minimum is not None and value < self.minimum:
+            raise InvalidRequest(f"{where}: must be >= {self.minimum}, got {value}")
+        if self.maximum is not None and value > self.maximum:
+            raise InvalidRequest(f"{where}: must be <= {self.maximum}, got {value}")
+        return value
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    summary: str
+    method: str  # the model method (pipeline.serving.ServingModel) that runs a batch
+    image: bool  # takes one image: image_url | image_key (| image_base64 over the API)
+    texts: tuple[str, ...] = ()  # required text inputs, in the model method's argument order
+    seeded: bool = False  # one seed per item, recorded in lineage; same seed -> same output
+    output: OutputKind = "text"
+    output_column: str = "text"  # the column holding the output in table exports
+    params: tuple[Param, ...] = ()
+    cli_name: str = ""  # the CLI command (``loom <cli_name>``); defaults to the task name
+
+    @property
+    def command(self) -> str:
+        return self.cli_name or self.name
+
+    @property
+    def input_fields(self) -> tuple[str, ...]:
+        return (*(IMAGE_SOURCES if self.image else ()), *self.texts,
+                *(("seed",) if self.seeded else ()))
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def model_params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The job params that go to the model method as keyword arguments."""
+        return {k: v for k, v in (params or {}).items() if (p := self.param(k)) and p.model}
+
+    # --- validation (API, CLI and worker alike) -----------------------------------------------
+
+    def validate_params(self, params: Mapping[str, Any] | None, *, where: str = "params",
+                        item_count: int = 0) -> dict[str, Any]:
+        """Known params with valid values; anything else is an InvalidRequest naming it."""
+        out: dict[str, Any] = {}
+        for name, value in (params or {}).items():
+            p = self.param(name)
+            if p is None:
+                valid = ", ".join(x.name for x in self.params) or "none"
+                raise InvalidRequest(
+                    f"{where}.{name}: task {self.name!r} takes no parameter {name!r} "
+                    f"(valid: {valid})")
+            out[name] = p.check(value, f"{where}.{name}")
+        if self.seeded and "seed" in out and out["seed"] + max(item_count - 1, 0) > SEED_MAX:
+            raise InvalidRequest(
+                f"{where}.seed: {out['seed']} + {item_count} items passes the largest seed "
+                f"{SEED_MAX}")
+        return out
+
+    def validate_input(self, inp: Mapping[str, Any], *, where: str, max_text_chars: int,
+                       error: type[LoomError] = InvalidRequest) -> dict[str, Any]:
+        """The item's input dict, checked: one image source when the task takes an image, every
+        required text non-empty and within the limit, a seed in range. ``error``: InvalidRequest
+        at submit, InvalidInput in the worker (the item fails, not the request)."""
+        out: dict[str, Any] = {}
+        extra = sorted(k for k, v in inp.items() if v is not None and k not in self.input_fields)
+        if extra:
+            raise error(f"{where}: task {self.name!r} takes no {extra[0]!r} "
+                        f"(it takes {', '.join(self.input_fields)})")
+        if self.image:
+            sources = [k for k in IMAGE_SOURCES if inp.get(k)]
+            if len(sources) != 1:
+                raise error(f"{where}: task {self.name!r} needs an image: give exactly one of "
+                            f"image_url, image_key, image_base64 (got {len(sources)})")
+            value = inp[sources[0]]
+            if not isinstance(value, str) or len(value) > 2048:
+                raise error(f"{where}.{sources[0]}: expected a string of at most 2048 characters")
+            out[sources[0]] = value
+        for name in self.texts:
+            value = inp.get(name)
+            if not isinstance(value, str) or not value.strip():
+                raise error(f"{where}.{name}: required for task {self.name!r}")
+            if len(value) > max_text_chars:
+                raise error(f"{where}.{name} is {len(value)} characters; "
+                            f"the limit is {max_text_chars}")
+            out[name] = value
+        if self.seeded and inp.get("seed") is not None:
+            out["seed"] = check_seed(inp["seed"], f"{where}.seed", error=error)
+        return out
+
+
+def check_seed(value: Any, where: str, *, error: type[LoomError] = InvalidRequest) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise error(f"{where}: expected an integer from 0 to {SEED_MAX}, got {value!r:.60}")
+    return value
+
+
+# --- the seed policy (one place) -------------------------------------------------------------
+
+
+def item_seed(*, given: int | None, base: int | None, index: int) -> int:
+    """The seed item ``index`` runs with: its own, else the job's base seed + index, else a
+    random one (recorded, so the output can still be reproduced)."""
+    if given is not None:
+        return given
+    if base is not None:
+        return base + index
+    return random.SystemRandom().randrange(2**31)
+
+
+def derive_seed(job_id: str, index: int) -> int:
+    """A stable seed for an item that reached a worker without one (older rows)."""
+    digest = hashlib.sha256(f"{job_id}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (SEED_MAX + 1)
+
+
+def json_safe(value: Any, where: str) -> None:
+    """Refuse what JSON columns cannot hold faithfully: NaN/Infinity and lone surrogates."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidRequest(f"{where}: {value} is not a JSON number")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(f"{where}: not valid UTF-8 text (a lone surrogate)") from None
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            json_safe(k, where)
+            json_safe(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            json_safe(v, f"{where}[{i}]")
+
+
+# --- the registry ----------------------------------------------------------------------------
+
+BEAMS = Param("beams", minimum=1, maximum=8, help="beam width of text decoding (1 = greedy)")
+SEED = Param("seed", minimum=0, maximum=SEED_MAX, model=False,
+             help="base seed: item i uses seed + i unless it has its own")
+
+REGISTRY: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec("caption", "describe each image in one sentence", method="caption",
+                 image=True, output_column="caption", params=(BEAMS,)),
+        TaskSpec("vqa", "answer a question about each image", method="answer", image=True,
+                 texts=("question",), output_column="answer", params=(BEAMS,), cli_name="ask"),
+        TaskSpec("generate", "draw an image for each prompt", method="generate", image=False,
+                 texts=("prompt",), seeded=True, output="image", output_column="file",
+                 params=(SEED,)),
+    )
+}
+
+
+def names() -> list[str]:
+    return list(REGISTRY)
+
+
+def get(name: str) -> TaskSpec:
+    spec = REGISTRY.get(name)
+    if spec is None:
+        raise InvalidRequest(f"task: unknown task {name!r}; valid tasks: {', '.join(REGISTRY)}")
+    return spec
+
+
+def by_command(command: str) -> TaskSpec:
+    return next(s for s in REGISTRY.values() if s.command == command)
+
+
+# --- models the control plane knows without loading them ------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelCaps:
+    """What a model serves: its tasks and, per task, the model params it accepts. The worker
+    checks the same against the loaded model's ``info`` (pipeline.serving)."""
+
+    tasks: tuple[str, ...]
+    params: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+# The built-in models (pipeline/registry.py is the truth; a test keeps the two equal) and the
+# capabilities every ``hf:`` model has at least (pipeline/hf.py).
+BUILTIN_MODELS: dict[str, ModelCaps] = {
+    "loom-shapes": ModelCaps(tasks=("caption", "vqa", "generate"),
+                             params={"caption": ("beams",), "vqa": ("beams",)}),
+}
+HF_PREFIX = "hf:"
+HF_CAPS = ModelCaps(tasks=("caption", "vqa"), params={})
+
+
+def check_model(spec: TaskSpec, model: str, caps: ModelCaps | None,
+                params: Mapping[str, Any]) -> None:
+    """Refuse, before anything is recorded, a model that does not serve the task or a model
+    param the model does not take (a permanent error, never a retried model failure)."""
+    if caps is None:
+        raise InvalidRequest(f"model: unknown model {model!r}; see GET /v1/models or loom models")
+    if spec.name not in caps.tasks:
+        raise InvalidRequest(f"model: {model!r} does not serve task {spec.name!r} "
+                             f"(it serves {', '.join(caps.tasks)})")
+    accepted = set(caps.params.get(spec.name, ()))
+    for name in spec.model_params(params):
+        if name not in accepted:
+            raise InvalidRequest(
+                f"params.{name}: model {model!r} does not take {name!r} for task "
+                f"{spec.name!r} (it takes {', '.join(sorted(accepted)) or 'no parameters'})")
+
+
+def caps_for(model: str, recorded: Mapping[str, ModelCaps] | None = None) -> ModelCaps | None:
+    """Capabilities of ``model``: built in, an ``hf:`` model, or recorded by a worker."""
+    if model in BUILTIN_MODELS:
+        return BUILTIN_MODELS[model]
+    if model.startswith(HF_PREFIX) and len(model) > len(HF_PREFIX):
+        return HF_CAPS
+    return (recorded or {}).get(model)
+
+
+__all__ = [
+    "BUILTIN_MODELS", "HF_CAPS", "REGISTRY", "SEED_MAX", "ModelCaps", "Param",
+    "TaskSpec", "by_command", "caps_for", "check_model", "check_seed", "derive_seed", "get",
+    "item_seed", "json_safe", "names",
+]
