@@ -111,6 +111,35 @@ def run_embedded(
     return summary
 
 
+# Exit codes a script can rely on (README, "The CLI, embedded"): 0 every item succeeded; 1 the
+# command could not start (bad arguments, no such file, unknown model); these two after a run.
+EXIT_SOME_FAILED = 3  # the job finished and some items failed (their rows carry the error)
+EXIT_NOTHING_SUCCEEDED = 4  # no item succeeded
+
+
+def _resolved(local: Local, ref: str) -> str:
+    from loom.cli.common import resolve
+    from loom.errors import LoomError
+
+    try:
+        return resolve(local, ref)
+    except LoomError as exc:
+        raise fail(exc.message) from None
+
+
+def _exit_for(job: dict[str, Any], where: str | None) -> None:
+    """Turn the finished job into the command's exit code, saying where the failures are."""
+    counts, total = job["counts"], job["item_count"]
+    ok, failed = counts.get("succeeded", 0), counts.get("failed", 0)
+    if ok == total:
+        return
+    rows = f"their rows carry an \"error\" in {where}; " if where else ""
+    err.print(f"{total - ok} of {total} items did not succeed; {rows}"
+              f"loom status {job['id'][:8]} lists them")
+    raise typer.Exit(EXIT_NOTHING_SUCCEEDED if ok == 0 else EXIT_SOME_FAILED if failed
+                     else EXIT_NOTHING_SUCCEEDED)
+
+
 def _check(spec: tasks.TaskSpec, model: str | None, local: Local,
            params: dict[str, Any] | None = None) -> str:
     """Refuse an unknown model, or one that does not serve the task, before recording a job."""
@@ -165,6 +194,7 @@ def image_command(spec: tasks.TaskSpec) -> Any:
             specs = [{"input": {}, "metadata": {"file": n}} for _, n in found]
             job = run_embedded(local, spec.name, specs, [p for p, _ in found], model=name)
             _export(local, job, out, fmt_)
+            _exit_for(job, str(out))
         finally:
             local.close()
 
@@ -206,11 +236,13 @@ def image_text_command(spec: tasks.TaskSpec) -> Any:
                 r = next(iter(local_rows(local, job["id"])))
                 if not r["output"]:
                     e = r.get("error") or {}
-                    raise fail(f"{e.get('code')}: {e.get('message')}" if e else r["status"])
+                    raise fail(f"{e.get('code')}: {e.get('message')}" if e else r["status"],
+                               EXIT_NOTHING_SUCCEEDED)
                 print(r["output"]["text"])
                 return
             target = out or rows_file.with_name(f"{rows_file.stem}.{spec.output_column}s.jsonl")
             _export(local, job, target, _format_for(target, fmt))
+            _exit_for(job, str(target))
         finally:
             local.close()
 
@@ -257,6 +289,7 @@ def text_command(spec: tasks.TaskSpec) -> Any:
                     yield r
 
             _export(local, job, out / "index.jsonl", "jsonl", copied())
+            _exit_for(job, str(out / "index.jsonl"))
         finally:
             local.close()
 
@@ -276,6 +309,7 @@ def run_cmd(job_id: str) -> None:
 
     local = open_local()
     try:
+        job_id = _resolved(local, job_id)
         with make_progress() as progress:
             job = local_job(local, job_id)
             bar = progress.add_task(f"{job['task']} {job_id[:8]}", total=job["item_count"],
@@ -286,6 +320,7 @@ def run_cmd(job_id: str) -> None:
         job = local_job(local, job_id)
         console.print(f"job {job_id}: {job['status']}")
         print_failures(local_failures(local, job_id))
+        _exit_for(job, None)
     finally:
         local.close()
 

@@ -165,11 +165,20 @@ def print_failures(rows: list[tuple[str, str, str]], limit: int = 20) -> None:
 # --- embedded views (the same dict shapes as the API) --------------------------------------------
 
 
+def resolve(local: Local, ref: str) -> str:
+    """The full id of a job given by its id or a unique prefix of at least 8 characters."""
+    from loom import jobs
+
+    with local.session_factory() as s:
+        return jobs.resolve_job_id(s, ref=ref, tenant_id=local.tenant_id)
+
+
 def local_job(local: Local, job_id: str) -> dict[str, Any]:
     from loom import jobs
 
     with local.session_factory() as s:
-        job = jobs.get_job(s, job_id=job_id, tenant_id=local.tenant_id)
+        job = jobs.get_job(s, job_id=jobs.resolve_job_id(s, ref=job_id, tenant_id=local.tenant_id),
+                           tenant_id=local.tenant_id)
         return jobs.job_dict(job, jobs.job_progress(s, job_id=job.id))
 
 
@@ -177,6 +186,7 @@ def local_rows(local: Local, job_id: str) -> Iterator[dict[str, Any]]:
     from loom import exports
 
     root = local.settings.storage_url.removeprefix("file://")
+    job_id = resolve(local, job_id)
     with local.session_factory() as s:
         for row in exports.result_rows(s, job_id=job_id, tenant_id=local.tenant_id):
             out = row.get("output")

@@ -4,10 +4,10 @@ and the seeds of seeded tasks. Shared by the embedded commands and ``loom submit
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
+from loom import tasks
 from loom.cli.common import err, fail
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -82,13 +82,15 @@ def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
 
 
 def choose_seed(seed: int | None) -> int:
+    """The base seed of a seeded run: the user's, else a random one that is printed."""
     if seed is None:
-        seed = random.SystemRandom().randrange(2**31)
+        seed = tasks.item_seed(given=None, base=None, index=0)
         err.print(f"seed: {seed} (pass --seed {seed} to reproduce)")
     return seed
 
 
 def expand_prompts(prompts: list[str], seed: int, variants: int) -> list[tuple[str, int]]:
-    """(prompt, seed) per item: each prompt ``variants`` times; item i uses seed + i."""
+    """(text, seed) per item: each text ``variants`` times; item i uses the seed policy of
+    ``loom.tasks.item_seed`` (base seed + i)."""
     pairs = [p for p in prompts for _ in range(variants)]
-    return [(p, seed + i) for i, p in enumerate(pairs)]
+    return [(p, tasks.item_seed(given=None, base=seed, index=i)) for i, p in enumerate(pairs)]

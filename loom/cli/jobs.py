@@ -31,6 +31,7 @@ from loom.cli.common import (
     print_failures,
     print_job,
     remote,
+    resolve,
 )
 
 
@@ -135,9 +136,10 @@ def results(
             def run(local: Local) -> None:
                 from loom import exports, jobs
 
+                jid = resolve(local, job_id)
                 with local.session_factory() as s:
-                    job = jobs.job_dict(jobs.get_job(s, job_id=job_id, tenant_id=local.tenant_id))
-                for chunk in exports.stream(fmt, local_rows(local, job_id), job=job, view=view):
+                    job = jobs.job_dict(jobs.get_job(s, job_id=jid, tenant_id=local.tenant_id))
+                for chunk in exports.stream(fmt, local_rows(local, jid), job=job, view=view):
                     sink.write(chunk)
 
             embedded(run)
@@ -157,7 +159,7 @@ def cancel(job_id: str, api: ApiOpt = None, api_key: KeyOpt = None) -> None:
             from loom import jobs
 
             with local.session_factory() as s:
-                jobs.cancel_job(s, job_id=job_id, tenant_id=local.tenant_id)
+                jobs.cancel_job(s, job_id=resolve(local, job_id), tenant_id=local.tenant_id)
             return local_job(local, job_id)
 
         job = embedded(run)
@@ -176,7 +178,8 @@ def retry(job_id: str, api: ApiOpt = None, api_key: KeyOpt = None) -> None:
         from loom import jobs
 
         with local.session_factory() as s:
-            return int(jobs.retry_failed(s, job_id=job_id, tenant_id=local.tenant_id))
+            return int(jobs.retry_failed(s, job_id=resolve(local, job_id),
+                                         tenant_id=local.tenant_id))
 
     n = embedded(run)
     console.print(f"requeued {n} items; run them with: loom run {job_id}")

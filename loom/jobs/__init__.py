@@ -35,6 +35,7 @@ from loom.jobs.queries import (
     list_items,
     list_jobs,
     outputs_for_items,
+    resolve_job_id,
 )
 from loom.jobs.reconcile import free_expired_leases, reconcile, worker_lost_message
 from loom.jobs.stats import (
@@ -105,6 +106,7 @@ __all__ = [
     "record_model_version",
     "request_fingerprint",
     "request_hash",
+    "resolve_job_id",
     "result_row",
     "retry_failed",
     "submit_job",

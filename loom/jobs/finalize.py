@@ -19,8 +19,9 @@ from sqlalchemy.orm import Session
 from loom.db import begin_write
 from loom.errors import LoomError
 from loom.jobs.queries import iter_results
-from loom.jobs.types import OPEN_ITEM, OPEN_JOB, add_events
-from loom.models import Event, Item, ItemStatus, Job, JobStatus, utcnow
+from loom.jobs.types import OPEN_ITEM, OPEN_JOB, JobProgress, add_events
+from loom.jobs.views import job_dict
+from loom.models import ITEM_TERMINAL, Event, Item, ItemStatus, Job, JobStatus, utcnow
 from loom.storage import Store, results_key
 
 log = logging.getLogger(__name__)
@@ -163,15 +164,16 @@ def complete_finalization(
 
 
 def webhook_payload(job: Job, counts: dict[str, int]) -> dict[str, Any]:
-    return {
-        "event": "job.finished",
-        "job_id": job.id,
-        "status": job.status,
-        "item_count": job.item_count,
-        "counts": counts,
-        "results_key": job.results_key,
-        "finished_at": job.finished_at.isoformat() + "Z" if job.finished_at else None,
-    }
+    """``{"event": "job.finished", "job_id", ...the job as jobs.job_dict shows it}``, JSON-ready
+    (timestamps ISO 8601 UTC)."""
+    done = sum(n for s, n in counts.items() if s in {t.value for t in ITEM_TERMINAL})
+    progress = JobProgress(job_id=job.id, status=job.status, total=job.item_count,
+                           counts=counts, done=done, items_per_second=None, eta_seconds=None)
+    body = job_dict(job, progress)
+    for key, value in body.items():
+        if isinstance(value, datetime):
+            body[key] = value.isoformat() + "Z"
+    return {"event": "job.finished", "job_id": job.id, **body}
 
 
 def fire_webhook(job: Job, counts: dict[str, int],

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from loom.errors import NotFound
+from loom.errors import InvalidRequest, NotFound
 from loom.jobs.types import JobProgress, Page, decode_cursor, encode_cursor
 from loom.jobs.views import job_ref
 from loom.models import Event, Item, ItemStatus, Job, Output
@@ -26,6 +26,32 @@ def get_job(session: Session, *, job_id: str, tenant_id: str | None = None) -> J
     if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
         raise NotFound(f"no job {job_id}")
     return job
+
+
+MIN_PREFIX = 8
+
+
+def resolve_job_id(session: Session, *, ref: str, tenant_id: str | None = None) -> str:
+    """A full job id from an id or a unique prefix of at least 8 characters (what a person
+    copies from a summary line)."""
+    ref = ref.strip().lower()
+    if len(ref) < MIN_PREFIX or not all(c in "0123456789abcdef" for c in ref):
+        if session.get(Job, ref) is not None:  # an id chosen by hand, not hex
+            return get_job(session, job_id=ref, tenant_id=tenant_id).id
+        if len(ref) < MIN_PREFIX:
+            raise InvalidRequest(f"job id {ref!r}: give the id or at least {MIN_PREFIX} of its "
+                                 "first characters")
+        raise NotFound(f"no job {ref}")
+    stmt = select(Job.id).where(Job.id.like(f"{ref}%"))
+    if tenant_id is not None:
+        stmt = stmt.where(Job.tenant_id == tenant_id)
+    found = list(session.scalars(stmt.limit(3)))
+    if not found:
+        raise NotFound(f"no job {ref}")
+    if len(found) > 1:
+        raise InvalidRequest(f"job id prefix {ref!r} matches several jobs "
+                             f"({', '.join(found[:2])}, ...); give more characters")
+    return found[0]
 
 
 def list_jobs(

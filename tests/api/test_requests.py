@@ -266,3 +266,22 @@ print("FORBIDDEN", bad)
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "FORBIDDEN []" in proc.stdout, proc.stdout
+
+
+def test_model_params_are_refused_at_submit_not_retried(local_app: LocalApp) -> None:
+    """Task and model capabilities come from the task registry: what a model cannot take is a
+    422 naming it, and nothing is recorded or published."""
+    c = local_app.client
+    url = {"image_url": "https://e.com/a.png"}
+    msg = error(c.post("/v1/jobs", json={"task": "caption", "model": "hf:some/model",
+                                         "params": {"beams": 3}, "items": [url]}), 422)
+    assert "params.beams" in msg and "hf:some/model" in msg
+    msg = error(c.post("/v1/jobs", json={"task": "generate", "model": "hf:some/model",
+                                         "items": [{"prompt": "a red circle"}]}), 422)
+    assert "does not serve task 'generate'" in msg
+    msg = error(c.post("/v1/jobs", json={"task": "caption", "params": {"temperature": 1},
+                                         "items": [url]}), 422)
+    assert "params.temperature" in msg and "valid: beams" in msg
+    r = c.post("/v1/jobs", json={"task": "caption", "params": {"beams": 2}, "items": [url]})
+    assert r.status_code == 201, r.text
+    assert len(local_app.published) == 1

@@ -67,7 +67,9 @@ def images(home: Path) -> Path:
 
 def test_caption_directory_with_a_corrupt_file(home: Path, images: Path) -> None:
     out = home / "captions.jsonl"
-    proc = loom(home, "caption", str(images), "--out", str(out))
+    proc = loom(home, "caption", str(images), "--out", str(out), ok=False)
+    assert proc.returncode == 3, proc.stderr  # finished, with failures: a distinct code
+    assert "1 of 26 items did not succeed" in proc.stderr and str(out) in proc.stderr
     got = rows(out)
     assert len(got) == 26
     by_file = {r["file"]: r for r in got}
@@ -148,6 +150,9 @@ def test_jobs_status_and_results_afterwards(home: Path) -> None:
     assert len(table) == 26 and {r["status"] for r in table} == {"succeeded", "failed"}
     coco = json.loads(loom(home, "results", caption_job, "-f", "coco").stdout)
     assert len(coco["images"]) == 26 and len(coco["annotations"]) == 25
+    # The embedded command wrote its file through the same exporter, in the task's columns.
+    table_view = loom(home, "results", caption_job, "--view", "table").stdout.splitlines()
+    assert [json.loads(line) for line in table_view] == rows(home / "captions.jsonl")
     missing = loom(home, "status", "no-such-job", ok=False)
     assert missing.returncode == 1 and "no job" in missing.stderr
 
@@ -159,3 +164,30 @@ def test_bad_invocations_fail_clearly(home: Path) -> None:
     assert proc.returncode != 0 and "--questions" in proc.stderr
     proc = loom(home, "results", "x", "--format", "xml", ok=False)
     assert proc.returncode != 0 and "--format" in proc.stderr
+
+
+def test_exit_codes_and_job_id_prefixes(home: Path, tmp_path: Path) -> None:
+    """0 all succeeded, 3 finished with failures (above), 4 nothing succeeded, 1 nothing could
+    start; an unknown model is refused before any job is recorded; 8-character prefixes of a
+    job id resolve wherever an id is taken."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"not an image")
+    (bad / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    proc = loom(home, "caption", str(bad), "--out", str(tmp_path / "bad.jsonl"), ok=False)
+    assert proc.returncode == 4, proc.stderr
+    assert "2 of 2 items did not succeed" in proc.stderr
+    before = job_ids(home)
+    proc = loom(home, "caption", str(EXAMPLES / "scene_00.png"), "--model", "no-such-model",
+                ok=False)
+    assert proc.returncode == 1 and "unknown model 'no-such-model'" in proc.stderr
+    assert job_ids(home) == before  # refused before anything was recorded
+    proc = loom(home, "caption", str(tmp_path / "missing.png"), ok=False)
+    assert proc.returncode == 1 and "no such file" in proc.stderr
+    ok = loom(home, "caption", str(EXAMPLES / "scene_00.png"), "--out", str(tmp_path / "ok.jsonl"))
+    assert ok.returncode == 0
+    job = job_ids(home)["caption"][0]
+    assert job in ok.stdout  # the summary names the job by its full id
+    assert json.loads(loom(home, "status", job[:8], "--json").stdout)["id"] == job
+    short = loom(home, "status", job[:5], ok=False)
+    assert short.returncode == 1 and "at least 8" in short.stderr
