@@ -79,6 +79,9 @@ class JobRequest(BaseModel):
     webhook_url: str | None = Field(None, max_length=2048)
     parent_job_id: str | None = Field(None, max_length=64)
     metadata: dict[str, Any] | None = None
+    cache: bool = Field(
+        True, description="Reuse earlier outputs for the same input, task, model weights, "
+        "params and seed (marked cached, no inference); false infers every item.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "JobRequest":
@@ -102,6 +105,7 @@ class JobOut(BaseModel):
     metadata: dict[str, Any] | None = None
     parent_job_id: str | None = None
     webhook_url: str | None = None
+    cache: bool = True
     item_count: int
     counts: dict[str, int] = Field(description="Items per status.")
     done: int = Field(description="Items in a terminal status.")
@@ -139,6 +143,7 @@ class ItemOut(BaseModel):
     attempts: int
     error: ItemError | None = None
     output: OutputOut | None = None
+    cached: bool = Field(False, description="Answered by an earlier output, not inferred.")
     started_at: datetime | None = None
     finished_at: datetime | None = None
 

@@ -213,6 +213,7 @@ def submit(
         task=req.task, model_name=model, items=items, params=params,
         priority=req.priority, webhook_url=req.webhook_url, parent_job_id=req.parent_job_id,
         metadata=req.metadata, idempotency_key=idempotency_key, request_hash=body_hash,
+        use_cache=req.cache,
         chunk_size=settings.chunk_size, max_attempts=settings.max_attempts,
     )
     publish(session, rt, job.id)
@@ -311,6 +312,7 @@ def item_out(rt: Runtime, base_url: str, item: Item, output: Output | None) -> I
         if item.error_code
         else None,
         output=out,
+        cached=output is not None and output.cached_from is not None,
         started_at=item.started_at,
         finished_at=item.finished_at,
     )

@@ -102,9 +102,13 @@ class Client:
         parent_job_id: str | None = None,
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        cache: bool = True,
     ) -> dict[str, Any]:
-        """Submit a job (``items`` or ``manifest_key``); returns the job."""
+        """Submit a job (``items`` or ``manifest_key``); returns the job. ``cache=False``: infer
+        every item even where an earlier output answers it."""
         body: dict[str, Any] = {"task": task, "params": params or {}, "priority": priority}
+        if not cache:
+            body["cache"] = False
         for name, value in (
             ("items", list(items) if items is not None else None), ("model", model),
             ("manifest_key", manifest_key), ("webhook_url", webhook_url),

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -23,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -137,6 +139,8 @@ class Job(Base):
     item_count: Mapped[int] = mapped_column(Integer, default=0)
     chunk_size: Mapped[int] = mapped_column(Integer)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    # Reuse earlier outputs for the same (input, task, model weights, params, seed).
+    use_cache: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     results_key: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
@@ -179,6 +183,7 @@ class Output(Base):
     """One result per item, with its lineage. Written only after the upload succeeded."""
 
     __tablename__ = "outputs"
+    __table_args__ = (Index("ix_outputs_cache_key", "cache_key"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     item_id: Mapped[int] = mapped_column(
@@ -202,6 +207,10 @@ class Output(Base):
     attempt: Mapped[int] = mapped_column(Integer)
     worker_id: Mapped[str] = mapped_column(String(200))
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    # The result cache (loom/jobs/cache.py): what this output answers, and, for an output that
+    # was not inferred but reused, the output it reuses (same object, same text).
+    cache_key: Mapped[str | None] = mapped_column(String(64))
+    cached_from: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
     item: Mapped[Item] = relationship(back_populates="output")

@@ -59,7 +59,7 @@ def _ext_of(data: bytes) -> str:
 
 def run_embedded(
     local: Local, task: str, specs: list[dict[str, Any]], files: list[Path | None],
-    params: dict[str, Any] | None = None, model: str | None = None,
+    params: dict[str, Any] | None = None, model: str | None = None, use_cache: bool = True,
 ) -> dict[str, Any]:
     """Record a job (inputs stored under its keys), run it in-process with a progress bar, and
     print the summary. ``specs``: item dicts {"input", "metadata"}; ``files[i]``: the image of
@@ -89,6 +89,7 @@ def run_embedded(
         job = jobs.submit_job(
             s, job_id=job_id, tenant_id=local.tenant_id, task=task,
             model_name=model or settings.default_model, items=specs, params=params or {},
+            use_cache=use_cache,
             chunk_size=settings.chunk_size, max_attempts=settings.max_attempts,
         )
     worker_id = f"cli-{socket.gethostname()}-{os.getpid()}"
@@ -174,6 +175,9 @@ def _export(local: Local, job: dict[str, Any], out: Path, fmt: str,
 
 
 Model = Annotated[str | None, typer.Option(help="Model name (default: LOOM_DEFAULT_MODEL).")]
+Cache = Annotated[bool, typer.Option(
+    "--cache/--no-cache", help="Reuse earlier outputs for the same input, model weights, params "
+    "and seed (marked cached).")]
 Fmt = Annotated[str | None, typer.Option("--format", "-f",
                                          help="jsonl | csv | coco (default: from --out)")]
 
@@ -185,6 +189,7 @@ def image_command(spec: tasks.TaskSpec) -> Any:
             f"{spec.output_column}s.jsonl"),
         fmt: Fmt = None,
         model: Model = None,
+        cache: Cache = True,
     ) -> None:
         fmt_ = _format_for(out, fmt)
         found = collect_images(paths)
@@ -192,7 +197,8 @@ def image_command(spec: tasks.TaskSpec) -> Any:
         try:
             name = _check(spec, model, local)
             specs = [{"input": {}, "metadata": {"file": n}} for _, n in found]
-            job = run_embedded(local, spec.name, specs, [p for p, _ in found], model=name)
+            job = run_embedded(local, spec.name, specs, [p for p, _ in found], model=name,
+                               use_cache=cache)
             _export(local, job, out, fmt_)
             _exit_for(job, str(out))
         finally:
@@ -216,6 +222,7 @@ def image_text_command(spec: tasks.TaskSpec) -> Any:
             "--out", "-o", help=f"JSONL with {spec.output_column}s.")] = None,
         fmt: Fmt = None,
         model: Model = None,
+        cache: Cache = True,
     ) -> None:
         if rows_file:
             rows = read_questions(rows_file, spec.texts)
@@ -231,7 +238,7 @@ def image_text_command(spec: tasks.TaskSpec) -> Any:
             specs = [{"input": {t: r[t] for t in spec.texts},
                       "metadata": {k: v for k, v in r.items() if k not in spec.texts}}
                      for r in rows]
-            job = run_embedded(local, spec.name, specs, list(paths), model=name)
+            job = run_embedded(local, spec.name, specs, list(paths), model=name, use_cache=cache)
             if not rows_file:
                 r = next(iter(local_rows(local, job["id"])))
                 if not r["output"]:
@@ -267,6 +274,7 @@ def text_command(spec: tasks.TaskSpec) -> Any:
             help="Item i uses SEED + i (default: random, printed).")] = None,
         variants: Annotated[int, typer.Option(min=1, max=64, help="Items per line.")] = 1,
         model: Model = None,
+        cache: Cache = True,
     ) -> None:
         lines = read_prompts(text, texts_file)
         pairs = expand_prompts(lines, choose_seed(seed) if spec.seeded else 0, variants)
@@ -275,7 +283,8 @@ def text_command(spec: tasks.TaskSpec) -> Any:
             name = _check(spec, model, local)
             specs = [{"input": {field: p, **({"seed": s} if spec.seeded else {})},
                       "metadata": None} for p, s in pairs]
-            job = run_embedded(local, spec.name, specs, [None] * len(specs), model=name)
+            job = run_embedded(local, spec.name, specs, [None] * len(specs), model=name,
+                               use_cache=cache)
             out.mkdir(parents=True, exist_ok=True)
 
             def copied() -> Any:

@@ -28,6 +28,7 @@ from loom import jobs, tasks
 from loom.config import Settings
 from loom.errors import LoomError, ModelError
 from loom.models import Job, JobStatus, utcnow
+from worker.cache import ResultCache
 from worker.inference import ModelCache, ModelLoader, infer
 from worker.inputs import Prepared, prepare
 from worker.leases import LeaseKeeper
@@ -52,6 +53,7 @@ class ChunkReport:
     failed: int = 0  # permanent failures recorded by this worker
     retried: int = 0  # transient failures sent back to the queue (backoff)
     fenced: int = 0  # results this worker produced but lost to a newer lease holder
+    cached: int = 0  # items answered by an earlier output, with no inference
     cancelled: int = 0
     batches: int = 0
     seconds: float = 0.0
@@ -86,6 +88,7 @@ class Engine:
         self.models = ModelCache(
             settings, session_factory=session_factory, model_loader=model_loader
         )
+        self.cache = ResultCache(session_factory, self.models)
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="loom-io")
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loom-finish")
         self.leases = LeaseKeeper(
@@ -228,6 +231,7 @@ class Engine:
         with self._report_lock:
             report.batches += 1
             report.succeeded += won
+            report.cached += sum(1 for r in results if r.cached_from is not None)
             report.fenced += len(results) - won
             report.failed += permanent
             report.retried += len(failures) - permanent
@@ -285,7 +289,9 @@ class Engine:
                         prepared = [f.result() for f in batch.prepared]
                         if not queue:  # overlap: claim + decode the next batch during the model
                             queue.extend(self._claim(chunk, report, prefetch=True))
+                    served, prepared = self.cache.split(prepared, settle=drain)
                     outputs, bad, info, infer_ms = infer(self.models, prepared)
+                    outputs += served
                     pending.append(
                         self._finisher.submit(
                             self._finish, batch, outputs, bad, info, infer_ms, report, progress

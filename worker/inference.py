@@ -123,15 +123,25 @@ def infer(
         # The request asked for something this model cannot do: no retry will change that.
         _fail(good, UnsupportedTask(f"model {first.model_name!r}: {exc}"))
         return [], bad + good, None, 0.0
+    # The same input twice in one batch (same bytes, texts and seed) is inferred once.
+    slot: dict[tuple[Any, ...], int] = {}
+    unique: list[Prepared] = []
+    for p in good:
+        key = (p.input_sha256, tuple(p.texts.values()), p.seed)
+        if key not in slot:
+            slot[key] = len(unique)
+            unique.append(p)
     args: list[list[Any]] = []
     if spec.image:
-        args.append([p.image for p in good])
-    args.extend([p.texts[name] for p in good] for name in spec.texts)
+        args.append([p.image for p in unique])
+    args.extend([p.texts[name] for p in unique] for name in spec.texts)
     if spec.seeded:
-        args.append([p.seed for p in good])
+        args.append([p.seed for p in unique])
     t0 = time.perf_counter()
     try:
-        outs = serving.run(model, spec.method, args, params)
+        outs_unique = serving.run(model, spec.method, args, params)
+        outs = [outs_unique[slot[(p.input_sha256, tuple(p.texts.values()), p.seed)]]
+                for p in good]
     except Exception as exc:
         err = ModelError(
             f"model {first.model_name!r} failed on {spec.name}: {type(exc).__name__}: {exc}"

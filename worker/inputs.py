@@ -33,6 +33,7 @@ class Prepared:
     texts: dict[str, str] = field(default_factory=dict)  # the task's text inputs by name
     seed: int | None = None
     input_sha256: str | None = None
+    cache_key: str | None = None  # set by the result cache once the model's weights are known
     timings: dict[str, float] = field(default_factory=dict)
     error: LoomError | None = None
 

@@ -41,6 +41,7 @@ def _lineage(prep: Prepared, info: Any, timings: dict[str, float]) -> dict[str, 
         "weights_sha256": str(info_field(info, "weights_sha256", "")),
         "seed": prep.seed,
         "timings": {k: round(float(v), 3) for k, v in timings.items()},
+        "cache_key": prep.cache_key,
     }
 
 
@@ -128,10 +129,32 @@ def vector_result(
     )
 
 
+def cached_result(prep: Prepared, cached: Any, timings: dict[str, float]) -> ItemResult:
+    """An item answered by an earlier output: the same text or object, its model lineage, and
+    ``cached_from`` naming it; nothing is inferred or uploaded."""
+    from loom.jobs import ItemResult
+
+    row = cached.output
+    return ItemResult(
+        item_id=prep.item.id, attempt=prep.item.attempts, kind=row.kind, text=row.text,
+        storage_key=row.storage_key, content_type=row.content_type, sha256=row.sha256,
+        size_bytes=row.size_bytes, input_sha256=prep.input_sha256, model_name=row.model_name,
+        model_version=row.model_version, weights_sha256=row.weights_sha256, seed=prep.seed,
+        timings={k: round(float(v), 3) for k, v in timings.items()
+                 if k in ("fetch_ms", "decode_ms")},
+        cache_key=prep.cache_key, cached_from=row.id,
+    )
+
+
 def store_output(
     kind: str, prep: Prepared, out: Any, info: Any, timings: dict[str, float], *, store: Store
 ) -> ItemResult:
-    """The result of one output of the task's output kind (``TaskSpec.output``)."""
+    """The result of one output of the task's output kind (``TaskSpec.output``), or of a
+    cached one (``worker.cache.Cached``)."""
+    from worker.cache import Cached
+
+    if isinstance(out, Cached):
+        return cached_result(prep, out, timings)
     if kind == "text":
         return text_result(prep, str(out), info, timings)
     if kind == "image":

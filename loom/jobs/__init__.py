@@ -8,6 +8,7 @@ transaction (BEGIN IMMEDIATE on SQLite). ``now`` parameters exist so tests can m
                      lease_seconds=120)
 """
 
+from loom.jobs.cache import cache_key, cached_outputs, job_uses_cache
 from loom.jobs.catalog import model_versions, record_model_version
 from loom.jobs.chunks import (
     SUSPECT_CODES,
@@ -71,6 +72,8 @@ __all__ = [
     "Page",
     "ReconcileReport",
     "SUSPECT_CODES",
+    "cache_key",
+    "cached_outputs",
     "cancel_job",
     "cancel_remaining",
     "claim_items",
@@ -93,6 +96,7 @@ __all__ = [
     "job_progress",
     "job_ref",
     "job_status",
+    "job_uses_cache",
     "job_status_counts",
     "lineage_dict",
     "list_items",

@@ -229,7 +229,8 @@ def complete_items(
             "model_name": r.model_name or job.model_name, "model_version": r.model_version,
             "weights_sha256": r.weights_sha256, "task": job.task, "params": job.params or {},
             "seed": r.seed, "attempt": w.attempts, "worker_id": worker_id,
-            "timings": dict(r.timings), "created_at": now,
+            "timings": dict(r.timings), "cache_key": r.cache_key, "cached_from": r.cached_from,
+            "created_at": now,
         })
         total_ms = sum(r.timings.values()) * 1000.0 if r.timings else None
         events.append({"job_id": w.job_id, "item_id": w.id, "kind": "succeeded",

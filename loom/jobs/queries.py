@@ -227,6 +227,7 @@ def item_lineage(session: Session, *, item_id: int, tenant_id: str | None = None
             "weights_sha256": output.weights_sha256, "task": output.task,
             "params": output.params, "seed": output.seed, "attempt": output.attempt,
             "worker_id": output.worker_id, "timings": output.timings,
+            "cache_key": output.cache_key, "cached_from": output.cached_from,
             "created_at": output.created_at},
         "events": [{"kind": e.kind, "attempt": e.attempt, "worker_id": e.worker_id,
                     "error_code": e.error_code, "message": e.message,

@@ -69,6 +69,7 @@ def submit_job(
     chunk_size: int,
     max_attempts: int,
     job_id: str | None = None,
+    use_cache: bool = True,
     now: datetime | None = None,
 ) -> Job:
     """Create a job with its items and one outbox row per chunk, atomically.
@@ -126,6 +127,7 @@ def submit_job(
             item_count=len(items),
             chunk_size=chunk_size,
             max_attempts=max_attempts,
+            use_cache=use_cache,
             created_at=now,
             updated_at=now,
         )

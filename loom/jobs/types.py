@@ -65,6 +65,8 @@ class ItemResult:
     weights_sha256: str = ""
     seed: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    cache_key: str | None = None  # what this output answers (loom.jobs.cache)
+    cached_from: int | None = None  # the output reused instead of inferring
     # The claim's attempt number (ClaimedItem.attempts). When given, the fence also checks it,
     # so a stale result from an earlier claim by the same worker id is rejected too.
     attempt: int | None = field(default=None, kw_only=True)

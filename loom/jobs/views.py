@@ -26,6 +26,7 @@ def job_dict(job: Job, progress: JobProgress | None = None) -> dict[str, Any]:
         "metadata": job.job_metadata or None,
         "parent_job_id": job.parent_job_id,
         "webhook_url": job.webhook_url,
+        "cache": job.use_cache,
         "item_count": total,
         "counts": counts,
         "done": done,
@@ -56,6 +57,7 @@ def lineage_dict(output: Output) -> dict[str, Any]:
         "weights_sha256": output.weights_sha256, "seed": output.seed,
         "attempt": output.attempt, "worker_id": output.worker_id,
         "input_sha256": output.input_sha256, "timings": output.timings,
+        "cached_from": output.cached_from,
     }
 
 
@@ -83,6 +85,7 @@ def result_row(item: Item, output: Output | None) -> dict[str, Any]:
         if item.error_code else None,
         "lineage": lineage_dict(output) if output is not None else None,
         "attempts": item.attempts,
+        "cached": output is not None and output.cached_from is not None,
         "started_at": item.started_at,
         "finished_at": item.finished_at,
     }
