@@ -8,13 +8,12 @@ of its file name); the part after that dot is the field (``jpg``, ``txt``, ``jso
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from loom.errors import InvalidRequest
 
@@ -143,6 +142,32 @@ def read_shards(
         yield batch
 
 
+def member_bytes(name: str, data: bytes, mtime: int) -> bytes:
+    """One regular-file tar member (header + data + padding). The ustar header is packed here
+    because ``tarfile.TarInfo.tobuf`` costs ~150 us a member (a million samples = 3 million
+    members); names that ustar cannot hold go through tarfile (GNU long names)."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or not name.isascii():
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), mtime, 0o644
+        header = info.tobuf(format=tarfile.GNU_FORMAT, encoding="utf-8", errors="strict")
+    else:
+        fields = (
+            raw.ljust(100, b"\0"), b"0000644\0", b"0000000\0", b"0000000\0",
+            b"%011o\0" % len(data), b"%011o\0" % mtime, b" " * 8, b"0", b"\0" * 100,
+            b"ustar\x0000", b"\0" * 32, b"\0" * 32, b"0000000\0", b"0000000\0", b"\0" * 155,
+        )
+        header = b"".join(fields).ljust(512, b"\0")
+        chksum = b"%06o\0 " % sum(header)
+        header = header[:148] + chksum + header[156:]
+    pad = -len(data) % 512
+    return header + data + b"\0" * pad
+
+
+def sample_bytes(key: str, fields: dict[str, bytes], mtime: int) -> bytes:
+    return b"".join(member_bytes(f"{key}.{field}", data, mtime) for field, data in fields.items())
+
+
 class ShardWriter:
     """Tar shards of at most ``shard_rows`` samples, written as they come (``{prefix}-{n:05d}.tar``
     in ``out_dir``). ``add(key, {field: bytes})`` appends one sample."""
@@ -155,34 +180,30 @@ class ShardWriter:
         self.prefix = prefix
         self.paths: list[Path] = []
         self.rows = 0
-        self._tar: tarfile.TarFile | None = None
+        self._file: BinaryIO | None = None
         self._in_shard = 0
-        self._mtime = time.time()
+        self._mtime = int(time.time())
 
-    def _open(self) -> tarfile.TarFile:
-        if self._tar is None or self._in_shard >= self.shard_rows:
+    def _open(self) -> BinaryIO:
+        if self._file is None or self._in_shard >= self.shard_rows:
             self._close_shard()
             path = self.out_dir / f"{self.prefix}-{len(self.paths):05d}.tar"
             self.paths.append(path)
-            self._tar = tarfile.open(path, mode="w", format=tarfile.PAX_FORMAT)
+            self._file = path.open("wb", buffering=1024 * 1024)
             self._in_shard = 0
-        return self._tar
+        return self._file
 
     def add(self, key: str, fields: dict[str, bytes]) -> None:
-        tar = self._open()
-        for field, data in fields.items():
-            info = tarfile.TarInfo(f"{key}.{field}")
-            info.size = len(data)
-            info.mtime = int(self._mtime)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
+        f = self._open()
+        f.write(sample_bytes(key, fields, self._mtime))
         self._in_shard += 1
         self.rows += 1
 
     def _close_shard(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
+        if self._file is not None:
+            self._file.write(b"\0" * 1024)  # end-of-archive: two zero blocks
+            self._file.close()
+            self._file = None
 
     def close(self) -> list[Path]:
         self._close_shard()

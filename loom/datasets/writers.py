@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loom.datasets import records
-from loom.datasets.wds import ShardWriter
+from loom.datasets.wds import ShardWriter, sample_bytes
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -269,14 +269,14 @@ class WebDatasetRowsWriter:
         self.images = images
         self.result = WriteResult()
         self.sink: _Sink | None = None
-        self._tar: tarfile.TarFile | None = None
+        self._file: Any = None
         self._shards: ShardWriter | None = None
+        self._mtime = int(time.time())
         if out is None:
-            self.sink = _Sink()
-            self._tar = tarfile.open(fileobj=self.sink, mode="w|", format=tarfile.PAX_FORMAT)
+            self.sink = self._file = _Sink()
         elif str(out).endswith(".tar"):  # one tar file
             Path(out).parent.mkdir(parents=True, exist_ok=True)
-            self._tar = tarfile.open(out, mode="w", format=tarfile.PAX_FORMAT)
+            self._file = Path(out).open("wb", buffering=1024 * 1024)
             self.result.paths.append(Path(out))
         else:
             self._shards = ShardWriter(out, shard_rows=shard_rows or 10_000)
@@ -299,12 +299,7 @@ class WebDatasetRowsWriter:
         if self._shards is not None:
             self._shards.add(key, fields)
         else:
-            assert self._tar is not None
-            for name, data in fields.items():
-                info = tarfile.TarInfo(f"{key}.{name}")
-                info.size = len(data)
-                info.mode = 0o644
-                self._tar.addfile(info, io.BytesIO(data))
+            self._file.write(sample_bytes(key, fields, self._mtime))
         self.result.rows += 1
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
@@ -314,9 +309,11 @@ class WebDatasetRowsWriter:
     def close(self) -> WriteResult:
         if self._shards is not None:
             self.result.paths = self._shards.close()
-        elif self._tar is not None:
-            self._tar.close()
-            self._tar = None
+        elif self._file is not None:
+            self._file.write(b"\0" * 1024)  # end-of-archive
+            if self._file is not self.sink:
+                self._file.close()
+            self._file = None
         return self.result
 
     def __enter__(self) -> WebDatasetRowsWriter:
