@@ -35,7 +35,9 @@ def rss_mb() -> float:
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """VmHWM: the peak RSS of this process image (ru_maxrss would carry the parent's over)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def rows(n: int, task: str, marks: dict[str, float]) -> Iterator[dict[str, Any]]:
