@@ -106,13 +106,18 @@ def detect_columns(
     or a struct with a ``bytes`` field), else a binary column, else a string column whose first
     values look like URLs or image paths (a well-known name wins among candidates)."""
     names = list(schema.names)
+    question = _pick(names, QUESTION_NAMES, question_col, "question")
+    prompt = _pick(names, PROMPT_NAMES, prompt_col, "prompt")
+    ident = _pick(names, ID_NAMES, id_col, "id")
     image = _pick(names, (), image_col, "image")
     if image is None:
-        features = [n for n in image_features if n in names]
-        structs = [n for n in names if _is_image_struct(schema.field(n).type)]
-        binaries = [n for n in names if _is_binary(schema.field(n).type)]
+        # Columns already taken as question/prompt/id are never guessed to be the image.
+        free = [n for n in names if n not in (question, prompt, ident)]
+        features = [n for n in image_features if n in free]
+        structs = [n for n in free if _is_image_struct(schema.field(n).type)]
+        binaries = [n for n in free if _is_binary(schema.field(n).type)]
         strings: list[str] = []
-        for n in names:
+        for n in free:
             if not _is_string(schema.field(n).type) or sample is None:
                 continue
             values = [v for v in sample.column(n).to_pylist()[:20] if v]
@@ -123,12 +128,7 @@ def detect_columns(
                 named = [n for n in group if n.lower() in IMAGE_NAMES]
                 image = (named or group)[0]
                 break
-    return Columns(
-        image=image,
-        question=_pick(names, QUESTION_NAMES, question_col, "question"),
-        prompt=_pick(names, PROMPT_NAMES, prompt_col, "prompt"),
-        id=_pick(names, ID_NAMES, id_col, "id"),
-    )
+    return Columns(image=image, question=question, prompt=prompt, id=ident)
 
 
 def json_safe(value: Any) -> Any:
