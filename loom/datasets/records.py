@@ -27,7 +27,8 @@ FIXED: tuple[tuple[str, str], ...] = (
     ("error_code", "string"), ("error_message", "string"),
     ("input_sha256", "string"), ("model", "string"), ("model_version", "string"),
     ("weights_sha256", "string"), ("seed", "int64"), ("attempt", "int64"),
-    ("worker_id", "string"), ("timings", "string"),
+    ("worker_id", "string"), ("timings", "string"), ("started_at", "timestamp"),
+    ("finished_at", "timestamp"),
 )
 FIXED_NAMES = frozenset(n for n, _ in FIXED) | {"metadata_extra", "image"}
 EXTRA = "metadata_extra"
@@ -64,7 +65,15 @@ def fixed_record(row: dict[str, Any], task: str) -> dict[str, Any]:
         "model_version": lin.get("model_version"), "weights_sha256": lin.get("weights_sha256"),
         "seed": seed, "attempt": lin.get("attempt"), "worker_id": lin.get("worker_id"),
         "timings": json.dumps(timings, sort_keys=True) if timings else None,
+        "started_at": row.get("started_at"), "finished_at": row.get("finished_at"),
     }
+
+
+def arrow_type(name: str) -> pa.DataType:
+    """A FIXED type name as a pyarrow type (timestamps: naive UTC, microseconds)."""
+    import pyarrow as pa
+
+    return pa.timestamp("us") if name == "timestamp" else getattr(pa, name)()
 
 
 def metadata_of(row: dict[str, Any]) -> dict[str, Any]:

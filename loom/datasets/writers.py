@@ -146,7 +146,7 @@ class ParquetRowsWriter:
     def _build_schema(self) -> pa.Schema:
         import pyarrow as pa
 
-        fields = [pa.field(name, getattr(pa, t)()) for name, t in records.FIXED]
+        fields = [pa.field(name, records.arrow_type(t)) for name, t in records.FIXED]
         meta_fields = records.infer_meta_schema(self._metas)
         keys: dict[str, str] = {}
         for m in self._metas:
@@ -171,7 +171,7 @@ class ParquetRowsWriter:
         extras: list[dict[str, Any]] = [{} for _ in range(n)]
         arrays: list[pa.Array] = []
         for name, t in records.FIXED:
-            arrays.append(pa.array([r[name] for r in self._buf], type=getattr(pa, t)()))
+            arrays.append(pa.array([r[name] for r in self._buf], type=records.arrow_type(t)))
         known = set()
         for column, key, t in self._meta_fields:
             known.add(key)

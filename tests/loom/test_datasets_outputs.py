@@ -58,7 +58,8 @@ def run_job(session: Any, store: LocalStore, task: str, items: list[dict[str, An
         else:
             results.append(ItemResult(
                 c.id, "text", text=f"caption {c.index}", input_sha256="i" * 64,
-                model_version="1", weights_sha256="w" * 64, seed=7, attempt=c.attempts))
+                model_version="1", weights_sha256="w" * 64, seed=7, attempt=c.attempts,
+                timings={"infer_ms": 1.5}))
     jobs.complete_items(session, worker_id="w1", results=results)
     jobs.fail_items(session, worker_id="w1", failures=failures, backoff_seconds=0)
     return job.id
@@ -109,6 +110,8 @@ def test_parquet_out_round_trip(env: Any, tmp_path: Path) -> None:
     assert (got[0]["model"], got[0]["model_version"], got[0]["weights_sha256"],
             got[0]["input_sha256"], got[0]["seed"], got[0]["attempt"], got[0]["worker_id"]) == (
         "loom-shapes", "1", "w" * 64, "i" * 64, 7, 1, "w1")
+    assert json.loads(got[0]["timings"]) == {"infer_ms": 1.5}
+    assert got[0]["started_at"] is not None and got[0]["finished_at"] >= got[0]["started_at"]
     assert (got[3]["status"], got[3]["error_code"], got[3]["error_message"], got[3]["text"]) == (
         "failed", "invalid_input", "corrupt image", None)
     assert all(g["metadata_extra"] is None for g in got)
