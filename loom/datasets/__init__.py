@@ -147,6 +147,7 @@ def writer_for(
     shard_rows: int | None = None,
     images: Any = None,
     row_group_rows: int = 10_000,
+    arrow: bool = True,
 ) -> Any:
     """A writer with ``write_row(row)``, ``write(rows)``, ``close() -> WriteResult(rows, paths)``
     (also a context manager). ``images(row) -> (bytes, ext) | None`` supplies the image of a row
@@ -156,7 +157,9 @@ def writer_for(
       ``part-00000.parquet`` shards of at most ``shard_rows`` rows (default 1,000,000).
     - webdataset: ``out`` ending in ``.tar`` -> that one tar; else a folder of
       ``shard-00000.tar`` of at most ``shard_rows`` samples (default 10,000).
-    - hf: a folder ``out/data/train-00000.parquet`` with an HF ``Image`` column ``image``.
+    - hf: a folder ``out/data/train-00000.parquet`` with an HF ``Image`` column ``image``
+      (``load_dataset(out)``), converted at close by ``datasets`` into the ``save_to_disk``
+      layout in ``out`` too (``load_from_disk(out)``); pass ``arrow=False`` to skip that.
     """
     from loom.datasets import writers
 
@@ -167,7 +170,7 @@ def writer_for(
         return writers.WebDatasetRowsWriter(out, task=task, shard_rows=shard_rows, images=images)
     if fmt == "hf":
         return writers.HFRowsWriter(out, task=task, shard_rows=shard_rows, images=images,
-                                    row_group_rows=row_group_rows)
+                                    row_group_rows=row_group_rows, arrow=arrow)
     raise InvalidRequest(f"unknown output format {fmt!r}; use one of {', '.join(OUTPUT_FORMATS)}")
 
 

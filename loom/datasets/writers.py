@@ -324,17 +324,46 @@ class WebDatasetRowsWriter:
 
 
 class HFRowsWriter(ParquetRowsWriter):
-    """A Hugging Face dataset folder: ``{out}/data/{split}-00000.parquet`` ... with the HF
-    features (``image`` is an ``Image``, images embedded) in the files' metadata, so
-    ``datasets.load_dataset(out)`` / ``load_dataset("parquet", data_dir=out + "/data")`` open it;
-    ``to_arrow_folder()`` additionally gives a ``save_to_disk`` folder for ``load_from_disk``."""
+    """A Hugging Face dataset folder. The rows go to ``{out}/data/{split}-00000.parquet`` ...
+    with the HF features (``image`` is an ``Image``, images embedded) in the files' metadata, so
+    ``datasets.load_dataset(out)`` / ``load_dataset("parquet", data_dir=out + "/data")`` open
+    it; with ``arrow`` (default) ``close()`` also converts them with ``datasets`` into a
+    ``save_to_disk`` layout in ``out`` itself (state.json + Arrow shards), so
+    ``datasets.load_from_disk(out)`` opens it too (streamed through datasets' Arrow cache, in a
+    temporary folder under ``out`` that is removed)."""
 
     def __init__(self, out: str | Path, *, task: str, shard_rows: int | None = None,
-                 images: ImageFn | None = None, split: str = "train", **kwargs: Any) -> None:
+                 images: ImageFn | None = None, split: str = "train", arrow: bool = True,
+                 **kwargs: Any) -> None:
         self.root = Path(out)
+        self.split = split
+        self.arrow = arrow
         super().__init__(self.root / "data", task=task, shard_rows=shard_rows or 100_000,
                          images=images, hf_image=True,
                          shard_name=f"{split}-{{n:05d}}.parquet", **kwargs)
+
+    def close(self) -> WriteResult:
+        result = super().close()
+        if self.arrow and result.paths and not (self.root / "state.json").exists():
+            save_to_disk(self.root, result.paths, split=self.split)
+        return result
+
+
+def save_to_disk(root: Path, parquet_files: list[Path], *, split: str = "train") -> None:
+    """``datasets``' own conversion of our parquet shards into its ``save_to_disk`` layout."""
+    import shutil
+    import tempfile
+
+    import datasets
+
+    cache = tempfile.mkdtemp(dir=root, prefix=".hf-cache-")
+    try:
+        ds = datasets.load_dataset("parquet", data_files={split: [str(p) for p in parquet_files]},
+                                   split=split, cache_dir=cache)
+        ds.save_to_disk(str(root))
+        del ds
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def stream_rows(

@@ -188,7 +188,12 @@ def test_hf_out_opened_by_datasets(env: Any, tmp_path: Path) -> None:
     assert ds[5]["image"].size == (10, 5) and ds[5]["image"].getpixel((0, 0)) == (5, 0, 0)
     assert ds[5]["prompt"] == "circle 5" and ds[5]["id"] == "img-5"
     assert ds[3]["image"] is None and ds[3]["error_code"] == "invalid_input"
-    # The folder is itself a dataset that loom.datasets reads back (split from the file names).
+    # The same folder is a save_to_disk dataset (converted by datasets at close).
+    saved = datasets.load_from_disk(str(tmp_path / "hf"))
+    assert isinstance(saved.features["image"], datasets.Image) and len(saved) == N
+    assert saved[5]["image"].getpixel((0, 0)) == (5, 0, 0) and saved[5]["id"] == "img-5"
+    assert not list((tmp_path / "hf").glob(".hf-cache-*"))
+    # The folder is itself a dataset that loom.datasets reads back.
     back = [it for b in open_source(tmp_path / "hf") for it in b]
     assert [it["id"] for it in back] == [f"img-{i}" for i in range(N)]
     assert back[5]["image_bytes"] == png(5)
