@@ -147,7 +147,7 @@ def writer_for(
     shard_rows: int | None = None,
     images: Any = None,
     row_group_rows: int = 10_000,
-    arrow: bool = True,
+    arrow: bool = False,
 ) -> Any:
     """A writer with ``write_row(row)``, ``write(rows)``, ``close() -> WriteResult(rows, paths)``
     (also a context manager). ``images(row) -> (bytes, ext) | None`` supplies the image of a row
@@ -158,8 +158,9 @@ def writer_for(
     - webdataset: ``out`` ending in ``.tar`` -> that one tar; else a folder of
       ``shard-00000.tar`` of at most ``shard_rows`` samples (default 10,000).
     - hf: a folder ``out/data/train-00000.parquet`` with an HF ``Image`` column ``image``
-      (``load_dataset(out)``), converted at close by ``datasets`` into the ``save_to_disk``
-      layout in ``out`` too (``load_from_disk(out)``); pass ``arrow=False`` to skip that.
+      (``load_dataset(out)``); ``arrow=True`` also converts it at close, with ``datasets``,
+      into the ``save_to_disk`` layout in ``out`` (``load_from_disk(out)``; costly, see
+      writers.HFRowsWriter).
     """
     from loom.datasets import writers
 

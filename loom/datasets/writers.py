@@ -327,13 +327,14 @@ class HFRowsWriter(ParquetRowsWriter):
     """A Hugging Face dataset folder. The rows go to ``{out}/data/{split}-00000.parquet`` ...
     with the HF features (``image`` is an ``Image``, images embedded) in the files' metadata, so
     ``datasets.load_dataset(out)`` / ``load_dataset("parquet", data_dir=out + "/data")`` open
-    it; with ``arrow`` (default) ``close()`` also converts them with ``datasets`` into a
+    it. With ``arrow=True``, ``close()`` also converts them with ``datasets`` into a
     ``save_to_disk`` layout in ``out`` itself (state.json + Arrow shards), so
-    ``datasets.load_from_disk(out)`` opens it too (streamed through datasets' Arrow cache, in a
-    temporary folder under ``out`` that is removed)."""
+    ``datasets.load_from_disk(out)`` opens it too. Off by default: for 1,000,000 rows that
+    conversion took 4x the time of the write, 35x the disk (Arrow is uncompressed) and a peak
+    RSS of ~1.1 GB (datasets' memory-mapped Arrow pages), where the parquet write stays flat."""
 
     def __init__(self, out: str | Path, *, task: str, shard_rows: int | None = None,
-                 images: ImageFn | None = None, split: str = "train", arrow: bool = True,
+                 images: ImageFn | None = None, split: str = "train", arrow: bool = False,
                  **kwargs: Any) -> None:
         self.root = Path(out)
         self.split = split

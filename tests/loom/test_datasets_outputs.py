@@ -179,7 +179,7 @@ def test_hf_out_opened_by_datasets(env: Any, tmp_path: Path) -> None:
     job_id = run_job(session, store, "generate", items_from_table(tmp_path, "generate"))
     rows = exports.result_rows(session, job_id=job_id)
     res = write_rows("hf", rows, tmp_path / "hf", task="generate", images=store_images(store),
-                     shard_rows=20)
+                     shard_rows=20, arrow=True)
     assert [p.name for p in res.paths] == ["train-00000.parquet", "train-00001.parquet"]
     ds = datasets.load_dataset("parquet", data_dir=str(tmp_path / "hf" / "data"), split="train",
                                cache_dir=str(tmp_path / "cache"))
