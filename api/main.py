@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import Runtime
 from api.metrics import build_registry
-from api.routes import health, jobs, models, outputs
+from api.routes import files, health, jobs, models, outputs
 from loom.config import Settings
 from loom.errors import LoomError
 
@@ -60,19 +60,25 @@ def error_response(status: int, code: str, message: str, headers: Any = None) ->
 class BodyLimitMiddleware:
     """413 for bodies over ``limit`` bytes: by Content-Length up front, or while streaming."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int, overrides: dict[str, tuple[int, str]] | None = None
+    ) -> None:
         self.app = app
         self.limit = limit
+        # path -> (limit, setting name): uploads of the Files API have their own, larger limit.
+        self.overrides = overrides or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        message = f"request body larger than {self.limit} bytes (LOOM_MAX_BODY_BYTES)"
+        limit, setting = self.overrides.get(
+            scope.get("path", "").rstrip("/"), (self.limit, "LOOM_MAX_BODY_BYTES"))
+        message = f"request body larger than {limit} bytes ({setting})"
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
-                    too_big = int(value) > self.limit
+                    too_big = int(value) > limit
                 except ValueError:
                     too_big = False
                 if too_big:
@@ -85,7 +91,7 @@ class BodyLimitMiddleware:
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     raise StarletteHTTPException(413, message)
             return msg
 
@@ -167,15 +173,20 @@ def create_app(
         openapi_tags=[
             {"name": "jobs", "description": "Submit, watch, cancel and retry jobs."},
             {"name": "results", "description": "Results, items, outputs and lineage."},
+            {"name": "files", "description": "Upload manifests, datasets and images."},
             {"name": "models", "description": "Models the workers can run."},
             {"name": "ops", "description": "Health, readiness and Prometheus metrics."},
         ],
     )
     app.state.runtime = runtime
     app.state.metrics_registry = build_registry(runtime)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    # The multipart envelope around an uploaded file is small; 1 MiB covers it.
+    app.add_middleware(
+        BodyLimitMiddleware, limit=settings.max_body_bytes,
+        overrides={"/v1/files": (settings.max_file_bytes + 2**20, "LOOM_MAX_FILE_BYTES")},
+    )
     install_error_handlers(app)
-    for module in (jobs, outputs, models, health):
+    for module in (jobs, files, outputs, models, health):
         app.include_router(module.router)
     return app
 

@@ -173,3 +173,30 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class FileOut(BaseModel):
+    """An uploaded file (OpenAI's file object, plus ``sha256`` and the storage ``key``: pass a
+    manifest's key as ``manifest_key``, an image's as an item's ``image_key``)."""
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int | None = Field(description="Unix seconds.")
+    filename: str
+    purpose: Literal["manifest", "dataset", "image"]
+    sha256: str
+    key: str
+    content_type: str | None = None
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileOut]
+    next_cursor: str | None = None
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True

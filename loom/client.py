@@ -236,6 +236,41 @@ class Client:
     def models(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/models")["models"]  # type: ignore[no-any-return]
 
+    # --- files ------------------------------------------------------------------------------
+
+    def upload_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        purpose: str = "manifest",
+        filename: str | None = None,
+        content_type: str = "application/octet-stream",
+    ) -> dict[str, Any]:
+        """Upload a file (streamed from disk); returns the file object: ``id``, ``bytes``,
+        ``sha256``, ``key`` (pass a manifest's ``key`` to ``submit(manifest_key=...)``)."""
+        p = Path(path)
+        with p.open("rb") as f:
+            return self._call(  # type: ignore[no-any-return]
+                "POST", "/v1/files", data={"purpose": purpose},
+                files={"file": (filename or p.name, f, content_type)},
+            )
+
+    def files(self, *, purpose: str | None = None, limit: int = 50,
+              cursor: str | None = None) -> dict[str, Any]:
+        """One page of your files, newest first: ``{"data": [...], "next_cursor"}``."""
+        params: dict[str, Any] = {"limit": limit}
+        if purpose:
+            params["purpose"] = purpose
+        if cursor:
+            params["cursor"] = cursor
+        return self._call("GET", "/v1/files", params=params)  # type: ignore[no-any-return]
+
+    def file(self, file_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/files/{file_id}")  # type: ignore[no-any-return]
+
+    def delete_file(self, file_id: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/v1/files/{file_id}")  # type: ignore[no-any-return]
+
     def output_content(self, output_id: int) -> bytes:
         response = self._http.get(f"/v1/outputs/{output_id}/content")
         _raise_for(response)

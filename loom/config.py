@@ -46,6 +46,8 @@ class Settings(BaseSettings):
 
     # API limits.
     max_body_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    # POST /v1/files only (streamed to storage, so memory does not grow with it).
+    max_file_bytes: int = Field(default=2 * 1024**3, gt=0)
     max_items_per_request: int = Field(default=10_000, ge=1)
     max_text_chars: int = Field(default=500, ge=1)
 

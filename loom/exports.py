@@ -147,11 +147,52 @@ def csv_lines(
     yield buf.getvalue().encode()
 
 
-def coco_chunks(rows: Iterable[dict[str, Any]], job: dict[str, Any]) -> Iterator[bytes]:
+SizeFn = Callable[[dict[str, Any]], "tuple[int, int] | None"]
+
+
+def metadata_size(row: dict[str, Any]) -> tuple[int, int] | None:
+    """(width, height) from the item's metadata, when the source gave them."""
+    meta = row.get("metadata") or {}
+    w, h = (meta.get("width"), meta.get("height")) if isinstance(meta, dict) else (None, None)
+    if isinstance(w, int) and isinstance(h, int) and not isinstance(w, bool):
+        return w, h
+    return None
+
+
+def store_size(store: Any) -> SizeFn:
+    """(width, height) read from the image's header in ``store``: the output of a generate job,
+    else the stored input; metadata width/height first; None for URL inputs."""
+    from PIL import Image, UnidentifiedImageError
+
+    from loom.errors import LoomError
+
+    def size(row: dict[str, Any]) -> tuple[int, int] | None:
+        known = metadata_size(row)
+        if known:
+            return known
+        out = row.get("output") or {}
+        key = out.get("storage_key") if out.get("kind") == "image" else None
+        key = key or (row.get("input") or {}).get("image_key")
+        if not key:
+            return None
+        try:
+            with Image.open(io.BytesIO(store.get(key))) as im:  # reads the header only
+                return int(im.width), int(im.height)
+        except (LoomError, UnidentifiedImageError, OSError):
+            return None
+
+    return size
+
+
+def coco_chunks(
+    rows: Iterable[dict[str, Any]], job: dict[str, Any], size_of: SizeFn | None = None
+) -> Iterator[bytes]:
     """A COCO captions document. Tasks with image outputs: the images are the outputs and the
     captions their prompts; tasks with a question: annotations carry question + answer. One
     JSON document, so it is built in memory (a few hundred bytes per item) and sent as one
-    chunk."""
+    chunk. Images get ``width`` / ``height`` from ``size_of(row)`` (default: the metadata's;
+    ``store_size(store)`` reads image headers), null when unknown."""
+    size_fn = size_of or metadata_size
     spec = tasks.get(job["task"])
     if spec.output == "vector":
         raise InvalidRequest(f"format 'coco' has no place for task {spec.name!r}'s vectors")
@@ -163,12 +204,15 @@ def coco_chunks(rows: Iterable[dict[str, Any]], job: dict[str, Any]) -> Iterator
         if spec.output == "image":
             if not out:
                 continue
+            w, h = size_fn(row) or (None, None)
             images.append({"id": image_id, "file_name": out.get("url") or out.get("storage_key"),
+                           "width": w, "height": h,
                            "seed": (row.get("lineage") or {}).get("seed")})
             annotations.append({"id": image_id, "image_id": image_id,
                                 "caption": " ".join(inp.get(t, "") for t in spec.texts)})
             continue
-        images.append({"id": image_id, "file_name": file_name(row)})
+        w, h = size_fn(row) or (None, None)
+        images.append({"id": image_id, "file_name": file_name(row), "width": w, "height": h})
         if not out:
             continue
         ann: dict[str, Any] = {"id": image_id, "image_id": image_id}
@@ -190,14 +234,16 @@ def coco_chunks(rows: Iterable[dict[str, Any]], job: dict[str, Any]) -> Iterator
 
 
 def stream(
-    fmt: str, rows: Iterable[dict[str, Any]], *, job: dict[str, Any], view: str = "full"
+    fmt: str, rows: Iterable[dict[str, Any]], *, job: dict[str, Any], view: str = "full",
+    size_of: SizeFn | None = None,
 ) -> Iterator[bytes]:
     """The export of ``rows`` (result rows of ``job``, a ``jobs.job_dict``) in ``fmt``
-    (jsonl | csv | coco) as byte chunks; ``view`` "table" keeps the task's own columns."""
+    (jsonl | csv | coco) as byte chunks; ``view`` "table" keeps the task's own columns;
+    ``size_of``: the COCO images' width and height (see ``coco_chunks``)."""
     if view not in VIEWS:
         raise InvalidRequest(f"view: expected one of {', '.join(VIEWS)}, got {view!r}")
     if fmt == "coco":
-        return coco_chunks(rows, job)
+        return coco_chunks(rows, job, size_of)
     if view == "table":
         spec = tasks.get(job["task"])
         records = (table_record(r, spec) for r in rows)

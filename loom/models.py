@@ -247,3 +247,24 @@ class Outbox(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column(DateTime, index=True)
     publish_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class File(Base):
+    """An uploaded file (the Files API): a manifest, a dataset table or an image, stored under a
+    server-generated key in its tenant's prefix; the user's file name is metadata only."""
+
+    __tablename__ = "files"
+    __table_args__ = (
+        # Keyset pagination of a tenant's files: (created_at, id) descending.
+        Index("ix_files_tenant_created", "tenant_id", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "file-" + 32 hex
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    storage_key: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    content_type: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

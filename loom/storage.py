@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
 from loom.errors import InputMissing, LoomError, StorageError
@@ -39,6 +40,12 @@ class Store(Protocol):
     def url(self, key: str, expires_seconds: int = 3600) -> str | None: ...
 
     def open_stream(self, key: str) -> Iterator[bytes]: ...
+
+    def put_stream(
+        self, key: str, f: BinaryIO, content_type: str = "application/octet-stream"
+    ) -> None: ...
+
+    def delete(self, key: str) -> None: ...
 
 
 # --- keys ---------------------------------------------------------------------------------------
@@ -75,6 +82,11 @@ def output_key(tenant_id: str, job_id: str, index: int, ext: str) -> str:
 
 def results_key(tenant_id: str, job_id: str, fmt: str = "jsonl") -> str:
     return f"{_job_prefix(tenant_id, job_id)}/results.{_ext(fmt)}"
+
+
+def file_key(tenant_id: str, file_id: str, ext: str) -> str:
+    """An uploaded file (the Files API): ``{tenant}/files/{file_id}.{ext}``."""
+    return validate_key(f"{tenant_id}/files/{file_id}.{_ext(ext)}")
 
 
 # --- local directory ------------------------------------------------------------------------------
@@ -134,6 +146,31 @@ class LocalStore:
         with f:
             while block := f.read(_STREAM_CHUNK):
                 yield block
+
+    def put_stream(
+        self, key: str, f: BinaryIO, content_type: str = "application/octet-stream"
+    ) -> None:
+        """Copy a file object in blocks (memory stays at one block), atomically as ``put``."""
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(f, out, _STREAM_CHUNK)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise StorageError(f"could not write {key}: {exc}") from exc
+
+    def delete(self, key: str) -> None:
+        """Remove the object; a missing one is not an error (deletes are idempotent)."""
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"could not delete {key}: {exc}") from exc
 
 
 # --- S3 -----------------------------------------------------------------------------------------
@@ -292,6 +329,28 @@ class S3Store:
             yield from body.iter_chunks(_STREAM_CHUNK)
         finally:
             body.close()
+
+    def put_stream(
+        self, key: str, f: BinaryIO, content_type: str = "application/octet-stream"
+    ) -> None:
+        """Upload a file object; boto3 switches to a multipart upload for big ones (8 MiB
+        parts), so memory stays bounded whatever the size."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.upload_fileobj(
+                f, self.bucket, self._key(key), ExtraArgs={"ContentType": content_type}
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"could not write {key}: {exc}") from exc
+
+    def delete(self, key: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"could not delete {key}: {exc}") from exc
 
 
 def store_from_url(

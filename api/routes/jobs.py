@@ -216,7 +216,8 @@ def results(
 
     media, ext = exports.MEDIA_TYPES[format]
     return StreamingResponse(
-        exports.stream(format, rows(), job=core.job_dict(job), view=view),
+        exports.stream(format, rows(), job=core.job_dict(job), view=view,
+                       size_of=exports.store_size(rt.store) if format == "coco" else None),
         media_type=media,
         headers={"Content-Disposition": f'attachment; filename="{job.id}.{ext}"'},
     )

@@ -60,6 +60,7 @@ def test_200_items_complete_with_results_in_every_format(
         coco = json.loads(b"".join(c.results(job["id"], format="coco")))
         assert len(coco["images"]) == len(coco["annotations"]) == 200
         assert coco["images"][5]["file_name"] == "img005.png"
+        assert {(im["width"], im["height"]) for im in coco["images"]} == {(64, 64)}
         assert coco["annotations"][5]["caption"] == rows[5]["output"]["text"]
         # Cursor pagination over items.
         page = c.items(job["id"], limit=150)

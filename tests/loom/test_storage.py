@@ -50,6 +50,21 @@ def test_put_get_exists_stream(store: Store) -> None:
     assert b"".join(store.open_stream(KEY)) == b"second version"
 
 
+def test_put_stream_and_delete(store: Store, tmp_path: Path) -> None:
+    """Uploads of the Files API: a file object in blocks (S3: a multipart upload past 8 MiB)."""
+    key = storage.file_key("t1", "file-abc", "JSONL")
+    assert key == "t1/files/file-abc.jsonl"
+    data = os.urandom(9 * 1024 * 1024 + 17)
+    src = tmp_path / "upload.bin"
+    src.write_bytes(data)
+    with src.open("rb") as f:
+        store.put_stream(key, f, "application/x-ndjson")
+    assert store.get(key) == data
+    store.delete(key)
+    assert not store.exists(key)
+    store.delete(key)  # idempotent
+
+
 def test_missing_key_raises_input_missing(store: Store) -> None:
     with pytest.raises(InputMissing):
         store.get("t1/jobs/j1/inputs/00000000.png")
