@@ -1,7 +1,7 @@
 """files: uploads of the Files API (POST /v1/files)
 
-Revision ID: 0002_files
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 Create Date: 2026-11-29 05:00:00
 """
 
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_files"
-down_revision: str | None = "0001"
+revision: str = "0003"
+down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
