@@ -16,7 +16,7 @@ from loom import tasks
 # Derived from the task registry: a new TaskSpec is a new accepted task and its text inputs
 # become item fields, with no edit here.
 TaskName = Literal[tuple(tasks.names())]  # type: ignore[valid-type]
-ResultFormat = Literal["jsonl", "csv", "coco"]
+ResultFormat = Literal["jsonl", "csv", "coco", "parquet", "webdataset"]
 ResultView = Literal["full", "table"]
 TEXT_INPUTS = tuple(dict.fromkeys(t for spec in tasks.REGISTRY.values() for t in spec.texts))
 

@@ -13,10 +13,11 @@ Errors come back as ``ApiError`` (a ``LoomError``) with the server's ``code`` an
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +255,60 @@ class Client:
                 "POST", "/v1/files", data={"purpose": purpose},
                 files={"file": (filename or p.name, f, content_type)},
             )
+
+    def upload_bytes(self, data: bytes, *, filename: str, purpose: str = "image",
+                     content_type: str = "application/octet-stream") -> dict[str, Any]:
+        """Upload bytes as a file; returns the file object (``key`` for ``image_key``)."""
+        return self._call(  # type: ignore[no-any-return]
+            "POST", "/v1/files", data={"purpose": purpose},
+            files={"file": (filename, data, content_type)},
+        )
+
+    def submit_dataset(
+        self,
+        task: str,
+        items: Iterable[dict[str, Any]],
+        *,
+        upload_workers: int = 8,
+        **submit_options: Any,
+    ) -> dict[str, Any]:
+        """Submit a job of any size in bounded requests: each local image is uploaded on its
+        own (``image_path`` or ``image_bytes`` in an item; ``upload_workers`` at a time), the
+        items go into a JSONL manifest uploaded as one file, and one job is created from it.
+        An image the server refuses as an image is uploaded as plain data, so that it fails its
+        own item on the worker instead of the submission."""
+        import tempfile
+        from concurrent.futures import ThreadPoolExecutor
+
+        def prepared(item: dict[str, Any]) -> dict[str, Any]:
+            item = dict(item)
+            path, data = item.pop("image_path", None), item.pop("image_bytes", None)
+            if path is None and data is None:
+                return item
+            name = Path(str(path)).name if path is not None else "image"
+            try:
+                raw = data if data is not None else Path(str(path)).read_bytes()
+            except OSError as exc:
+                raw = b""
+                item["metadata"] = {**(item.get("metadata") or {}), "read_error": exc.strerror}
+            try:
+                uploaded = self.upload_bytes(raw, filename=name, purpose="image")
+            except ApiError as exc:
+                if exc.code != "invalid_request":
+                    raise
+                uploaded = self.upload_bytes(raw, filename=name, purpose="dataset")
+            item["image_key"] = uploaded["key"]
+            return item
+
+        with tempfile.TemporaryDirectory() as tmp:
+            manifest = Path(tmp) / "manifest.jsonl"
+            source = iter(items)
+            with manifest.open("w") as f, ThreadPoolExecutor(upload_workers) as pool:
+                while window := list(itertools.islice(source, 512)):  # memory stays bounded
+                    for item in pool.map(prepared, window):
+                        f.write(json.dumps(item, ensure_ascii=False) + "\n")
+            key = self.upload_file(manifest, purpose="manifest")["key"]
+        return self.submit(task, manifest_key=key, **submit_options)
 
     def files(self, *, purpose: str | None = None, limit: int = 50,
               cursor: str | None = None) -> dict[str, Any]:

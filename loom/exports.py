@@ -26,6 +26,9 @@ MEDIA_TYPES: dict[str, tuple[str, str]] = {
     "jsonl": ("application/x-ndjson", "jsonl"),
     "csv": ("text/csv", "csv"),
     "coco": ("application/json", "json"),
+    # Written by loom.datasets (every column; WebDataset embeds the images).
+    "parquet": ("application/vnd.apache.parquet", "parquet"),
+    "webdataset": ("application/x-tar", "tar"),
 }
 CSV_COLUMNS = (
     "index", "item_id", "status", "file", "image", "question", "prompt", "seed", "text",
@@ -259,12 +262,12 @@ def stream(
 
 
 def write(path: Any, fmt: str, rows: Iterable[dict[str, Any]], *, job: dict[str, Any],
-          view: str = "full") -> None:
+          view: str = "full", size_of: SizeFn | None = None) -> None:
     """Stream an export into a file (created with its parents)."""
     from pathlib import Path
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     with target.open("wb") as f:
-        for chunk in stream(fmt, rows, job=job, view=view):
+        for chunk in stream(fmt, rows, job=job, view=view, size_of=size_of):
             f.write(chunk)

@@ -35,9 +35,15 @@ from loom.cli.common import (
     print_failures,
 )
 from loom.cli.inputs import (
+    DatasetOpts,
+    Source,
     choose_seed,
-    collect_images,
+    count_items,
+    dataset_sources,
     expand_prompts,
+    image_sources,
+    is_dataset,
+    limit_sources,
     read_prompts,
     read_questions,
     resolve_file,
@@ -58,12 +64,12 @@ def _ext_of(data: bytes) -> str:
 
 
 def run_embedded(
-    local: Local, task: str, specs: list[dict[str, Any]], files: list[Path | None],
+    local: Local, task: str, specs: list[dict[str, Any]], files: list[Path | bytes | None],
     params: dict[str, Any] | None = None, model: str | None = None, use_cache: bool = True,
 ) -> dict[str, Any]:
     """Record a job (inputs stored under its keys), run it in-process with a progress bar, and
     print the summary. ``specs``: item dicts {"input", "metadata"}; ``files[i]``: the image of
-    item i (stored as its input) or None."""
+    item i (a file or its bytes, stored as its input) or None."""
     from loom import jobs, storage
     from loom.models import new_id
     from worker.engine import Engine
@@ -75,10 +81,10 @@ def run_embedded(
         if path is None:
             continue
         try:
-            blobs.append((i, path.read_bytes()))
+            blobs.append((i, path if isinstance(path, bytes) else path.read_bytes()))
         except OSError as exc:
             blobs.append((i, b""))
-            spec["metadata"]["read_error"] = str(exc.strerror)
+            spec["metadata"] = {**(spec["metadata"] or {}), "read_error": str(exc.strerror)}
 
     job_id = new_id()
     for i, data in blobs:
@@ -154,52 +160,92 @@ def _check(spec: tasks.TaskSpec, model: str | None, local: Local,
     return name
 
 
+OUT_FORMATS = (*FORMATS, "parquet", "webdataset", "hf")
+
+
 def _format_for(out: Path, fmt: str | None) -> str:
-    """--format, else the output file's suffix (.csv, .json -> coco), else jsonl."""
+    """--format, else the output's suffix (.csv, .json -> coco, .parquet, .tar -> webdataset),
+    else jsonl."""
     if fmt is None:
-        fmt = {".csv": "csv", ".json": "coco"}.get(out.suffix.lower(), "jsonl")
-    if fmt not in FORMATS:
-        raise fail(f"--format must be one of {', '.join(FORMATS)}")
+        fmt = {".csv": "csv", ".json": "coco", ".parquet": "parquet",
+               ".tar": "webdataset"}.get(out.suffix.lower(), "jsonl")
+    if fmt not in OUT_FORMATS:
+        raise fail(f"--format must be one of {', '.join(OUT_FORMATS)}")
     return fmt
 
 
 def _export(local: Local, job: dict[str, Any], out: Path, fmt: str,
             rows: Any = None) -> None:
-    """Write the job's results in the task's own columns, through the same exporter as
-    ``loom results --view table``."""
-    from loom import exports
+    """Write the job's results: JSONL/CSV/COCO in the task's own columns, through the same
+    exporter as ``loom results --view table``; Parquet, WebDataset and HF datasets with every
+    column and the images (loom.datasets)."""
+    from loom import datasets, exports
 
-    exports.write(out, fmt, rows if rows is not None else local_rows(local, job["id"]),
-                  job=job, view="table")
+    rows = rows if rows is not None else local_rows(local, job["id"])
+    if fmt in datasets.OUTPUT_FORMATS:
+        written = datasets.write_rows(fmt, rows, out, task=job["task"],
+                                      images=datasets.store_images(local.store))
+        err.print(f"wrote {written.rows} rows to {out}")
+        return
+    exports.write(out, fmt, rows, job=job, view="table",
+                  size_of=exports.store_size(local.store) if fmt == "coco" else None)
     err.print(f"wrote {out}")
+
+
+def _preview(paths: list[str], spec: tasks.TaskSpec, opts: DatasetOpts,
+             job: dict[str, Any]) -> None:
+    """After --limit/--sample: the measured rate and what the whole source would take."""
+    if opts.limit is None and opts.sample is None:
+        return
+    rate = job.get("items_per_second")
+    total = count_items(paths, spec, opts)
+    if rate:
+        err.print(f"preview: {job['item_count']} of {total} items at {rate:.1f} items/s; the "
+                  f"full run would take about {total / rate:.0f} s on this machine")
 
 
 Model = Annotated[str | None, typer.Option(help="Model name (default: LOOM_DEFAULT_MODEL).")]
 Cache = Annotated[bool, typer.Option(
     "--cache/--no-cache", help="Reuse earlier outputs for the same input, model weights, params "
     "and seed (marked cached).")]
-Fmt = Annotated[str | None, typer.Option("--format", "-f",
-                                         help="jsonl | csv | coco (default: from --out)")]
+Fmt = Annotated[str | None, typer.Option(
+    "--format", "-f", help="jsonl | csv | coco | parquet | webdataset | hf (default: from --out)")]
+ImageCol = Annotated[str | None, typer.Option(
+    help="Datasets: the image column (URL, path or bytes; default: detected).")]
+IdCol = Annotated[str | None, typer.Option(help="Datasets: the id column.")]
+Split = Annotated[str | None, typer.Option(help="Hugging Face datasets: the split.")]
+Limit = Annotated[int | None, typer.Option(min=1, help="Run only the first N items (preview).")]
+Sample = Annotated[int | None, typer.Option(min=1, help="Run a random N items (preview).")]
+
+
+def _sources_of(srcs: list[Source]) -> tuple[list[dict[str, Any]], list[Path | bytes | None]]:
+    return ([{"input": dict(s.input), "metadata": s.metadata or None} for s in srcs],
+            [s.data if s.data is not None else s.path for s in srcs])
 
 
 def image_command(spec: tasks.TaskSpec) -> Any:
     def command(
-        paths: Annotated[list[str], typer.Argument(help="Image files or directories (recursive).")],
-        out: Annotated[Path, typer.Option("--out", "-o", help="Output file.")] = Path(
+        paths: Annotated[list[str], typer.Argument(
+            help="Image files, folders (recursive), tables (.parquet .csv .tsv .jsonl), "
+                 "WebDataset shards (.tar, {00000..00099} patterns) or HF dataset folders.")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Output file or folder.")] = Path(
             f"{spec.output_column}s.jsonl"),
         fmt: Fmt = None,
         model: Model = None,
         cache: Cache = True,
+        image_col: ImageCol = None, id_col: IdCol = None, split: Split = None,
+        limit: Limit = None, sample: Sample = None,
     ) -> None:
         fmt_ = _format_for(out, fmt)
-        found = collect_images(paths)
+        opts = DatasetOpts(image_col, {}, id_col, split, limit, sample)
+        found = image_sources(paths, spec, opts)
         local = open_local()
         try:
             name = _check(spec, model, local)
-            specs = [{"input": {}, "metadata": {"file": n}} for _, n in found]
-            job = run_embedded(local, spec.name, specs, [p for p, _ in found], model=name,
-                               use_cache=cache)
+            specs, files = _sources_of(found)
+            job = run_embedded(local, spec.name, specs, files, model=name, use_cache=cache)
             _export(local, job, out, fmt_)
+            _preview(paths, spec, opts, job)
             _exit_for(job, str(out))
         finally:
             local.close()
@@ -213,33 +259,42 @@ def image_text_command(spec: tasks.TaskSpec) -> Any:
     field = spec.texts[0]
 
     def command(
-        image: Annotated[Path | None, typer.Argument(help=f"An image (with {field.upper()}).")]
+        image: Annotated[str | None, typer.Argument(
+            help=f"An image (with {field.upper()}), or a dataset with a {field} column.")]
         = None,
         text: Annotated[str | None, typer.Argument(metavar=field.upper())] = None,
         rows_file: Annotated[Path | None, typer.Option(
             f"--{field}s", help=f"JSONL rows {{file, {', '.join(spec.texts)}}}.")] = None,
         out: Annotated[Path | None, typer.Option(
-            "--out", "-o", help=f"JSONL with {spec.output_column}s.")] = None,
+            "--out", "-o", help=f"Output with {spec.output_column}s.")] = None,
         fmt: Fmt = None,
         model: Model = None,
         cache: Cache = True,
+        image_col: ImageCol = None,
+        text_col: Annotated[str | None, typer.Option(
+            f"--{field}-col", help=f"Datasets: the {field} column.")] = None,
+        id_col: IdCol = None, split: Split = None, limit: Limit = None, sample: Sample = None,
     ) -> None:
+        opts = DatasetOpts(image_col, {field: text_col}, id_col, split, limit, sample)
         if rows_file:
             rows = read_questions(rows_file, spec.texts)
-            paths = [resolve_file(str(r["file"]), rows_file.parent) for r in rows]
+            found = limit_sources([Source(
+                {t: r[t] for t in spec.texts},
+                {k: v for k, v in r.items() if k not in spec.texts},  # travels back out
+                path=resolve_file(str(r["file"]), rows_file.parent)) for r in rows], opts)
+        elif image and not text and is_dataset(image):
+            found = limit_sources(list(dataset_sources(image, spec, opts)), opts)
         elif image and text and len(spec.texts) == 1:
-            rows, paths = [{"file": str(image), field: text}], [image]
+            found = [Source({field: text}, {"file": image}, path=Path(image))]
         else:
-            raise fail(f"give IMAGE {field.upper()}, or --{field}s FILE.jsonl --out FILE.jsonl")
+            raise fail(f"give IMAGE {field.upper()}, --{field}s FILE.jsonl, or a dataset")
+        single = bool(image and text)
         local = open_local()
         try:
             name = _check(spec, model, local)
-            # Every column but the task's texts travels as metadata and comes back in the output.
-            specs = [{"input": {t: r[t] for t in spec.texts},
-                      "metadata": {k: v for k, v in r.items() if k not in spec.texts}}
-                     for r in rows]
-            job = run_embedded(local, spec.name, specs, list(paths), model=name, use_cache=cache)
-            if not rows_file:
+            specs, files = _sources_of(found)
+            job = run_embedded(local, spec.name, specs, files, model=name, use_cache=cache)
+            if single:
                 r = next(iter(local_rows(local, job["id"])))
                 if not r["output"]:
                     e = r.get("error") or {}
@@ -247,15 +302,19 @@ def image_text_command(spec: tasks.TaskSpec) -> Any:
                                EXIT_NOTHING_SUCCEEDED)
                 print(r["output"]["text"])
                 return
-            target = out or rows_file.with_name(f"{rows_file.stem}.{spec.output_column}s.jsonl")
+            base = rows_file or Path(str(image))
+            target = out or base.with_name(f"{base.stem}.{spec.output_column}s.jsonl")
             _export(local, job, target, _format_for(target, fmt))
+            if image and not rows_file:
+                _preview([image], spec, opts, job)
             _exit_for(job, str(target))
         finally:
             local.close()
 
     command.__doc__ = (f"{spec.summary[:1].upper()}{spec.summary[1:]}: IMAGE {field.upper()} "
-                       f"prints the {spec.output_column}; --{field}s FILE.jsonl writes each row "
-                       f"back with \"{spec.output_column}\" added.")
+                       f"prints the {spec.output_column}; --{field}s FILE.jsonl (or a dataset "
+                       f"with --{field}-col) writes each row back with \"{spec.output_column}\" "
+                       "added.")
     return command
 
 
@@ -275,14 +334,24 @@ def text_command(spec: tasks.TaskSpec) -> Any:
         variants: Annotated[int, typer.Option(min=1, max=64, help="Items per line.")] = 1,
         model: Model = None,
         cache: Cache = True,
+        text_col: Annotated[str | None, typer.Option(
+            f"--{field}-col", help=f"Datasets: the {field} column.")] = None,
+        id_col: IdCol = None, split: Split = None, limit: Limit = None, sample: Sample = None,
     ) -> None:
-        lines = read_prompts(text, texts_file)
+        opts = DatasetOpts(None, {field: text_col}, id_col, split, limit, sample)
+        if texts_file is not None and is_dataset(str(texts_file), texts_only=True):
+            rows = limit_sources(list(dataset_sources(str(texts_file), spec, opts)), opts)
+            lines, metas = [r.input.get(field, "") for r in rows], [r.metadata for r in rows]
+        else:
+            lines = read_prompts(text, texts_file)
+            metas = [{} for _ in lines]
         pairs = expand_prompts(lines, choose_seed(seed) if spec.seeded else 0, variants)
         local = open_local()
         try:
             name = _check(spec, model, local)
             specs = [{"input": {field: p, **({"seed": s} if spec.seeded else {})},
-                      "metadata": None} for p, s in pairs]
+                      "metadata": metas[i // variants] or None}
+                     for i, (p, s) in enumerate(pairs)]
             job = run_embedded(local, spec.name, specs, [None] * len(specs), model=name,
                                use_cache=cache)
             out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from api.schemas import (
     RetryOut,
     TaskName,
 )
-from loom import exports
+from loom import datasets, exports
 from loom import jobs as core
 from loom.errors import InvalidRequest
 from loom.models import ItemStatus, JobStatus
@@ -188,8 +188,10 @@ def list_items(
     responses={
         **ERRORS,
         200: {
-            "description": "JSONL (one row per item), CSV, or a COCO captions JSON document.",
-            "content": {"application/x-ndjson": {}, "text/csv": {}, "application/json": {}},
+            "description": "JSONL (one row per item), CSV, a COCO captions JSON document, "
+            "Parquet (every column) or a WebDataset tar (images, .txt, .json per item).",
+            "content": {"application/x-ndjson": {}, "text/csv": {}, "application/json": {},
+                        "application/vnd.apache.parquet": {}, "application/x-tar": {}},
         },
     },
     response_class=StreamingResponse,
@@ -215,9 +217,14 @@ def results(
                 yield exports.with_url(row, lambda o: service.output_url(rt, base, o))
 
     media, ext = exports.MEDIA_TYPES[format]
+    if format in datasets.OUTPUT_FORMATS:  # every column, images embedded (webdataset)
+        body = datasets.stream_rows(format, rows(), task=job.task,
+                                    images=datasets.store_images(rt.store))
+    else:
+        body = exports.stream(format, rows(), job=core.job_dict(job), view=view,
+                              size_of=exports.store_size(rt.store) if format == "coco" else None)
     return StreamingResponse(
-        exports.stream(format, rows(), job=core.job_dict(job), view=view,
-                       size_of=exports.store_size(rt.store) if format == "coco" else None),
+        body,
         media_type=media,
         headers={"Content-Disposition": f'attachment; filename="{job.id}.{ext}"'},
     )

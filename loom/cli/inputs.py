@@ -4,6 +4,9 @@ and the seeds of seeded tasks. Shared by the embedded commands and ``loom submit
 from __future__ import annotations
 
 import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +97,95 @@ def expand_prompts(prompts: list[str], seed: int, variants: int) -> list[tuple[s
     ``loom.tasks.item_seed`` (base seed + i)."""
     pairs = [p for p in prompts for _ in range(variants)]
     return [(p, tasks.item_seed(given=None, base=seed, index=i)) for i, p in enumerate(pairs)]
+
+
+# --- datasets: tables, WebDataset shards, Hugging Face datasets ----------------------------------
+
+
+@dataclass
+class Source:
+    """One item as the CLI read it: its input fields and metadata, and where its image is (a
+    local file, or bytes from a table or a shard), if it has one."""
+
+    input: dict[str, Any]
+    metadata: dict[str, Any]
+    path: Path | None = None
+    data: bytes | None = None
+
+
+@dataclass
+class DatasetOpts:
+    """How to read a dataset source (the --*-col, --split, --limit and --sample options)."""
+
+    image_col: str | None = None
+    text_cols: dict[str, str | None] = field(default_factory=dict)  # task text -> column
+    id_col: str | None = None
+    split: str | None = None
+    limit: int | None = None
+    sample: int | None = None
+
+
+def is_dataset(path: str, *, texts_only: bool = False) -> bool:
+    """A table, shards or an HF dataset (not an image, a folder of images, or, for tasks that
+    take only text, a plain .txt of lines)."""
+    from loom import datasets
+
+    fmt = datasets.detect_format(path)
+    return fmt is not None and not (texts_only and fmt == "txt")
+
+
+def dataset_sources(path: str, spec: tasks.TaskSpec, opts: DatasetOpts) -> Iterator[Source]:
+    """The items of a dataset, read in streaming batches; other columns travel as metadata."""
+    from loom import datasets
+    from loom.errors import LoomError
+
+    try:
+        batches = datasets.open_source(
+            path, image_col=opts.image_col, id_col=opts.id_col, split=opts.split,
+            limit=opts.limit, sample=opts.sample,
+            question_col=opts.text_cols.get("question"), prompt_col=opts.text_cols.get("prompt"))
+        for batch in batches:
+            for it in batch:
+                meta = dict(it.get("metadata") or {})
+                if it.get("id") is not None:
+                    meta["id"] = it["id"]
+                src = Source({t: it[t] for t in spec.texts if it.get(t) is not None}, meta)
+                if spec.image:
+                    if it.get("image_url"):
+                        src.input["image_url"] = it["image_url"]
+                    elif it.get("image_bytes") is not None:
+                        src.data = bytes(it["image_bytes"])
+                    elif it.get("image_path"):
+                        src.path = Path(str(it["image_path"]))
+                yield src
+    except LoomError as exc:
+        raise fail(exc.message) from None
+
+
+def image_sources(paths: list[str], spec: tasks.TaskSpec, opts: DatasetOpts) -> list[Source]:
+    """Files, folders (recursive) and datasets, in the order given, limited or sampled."""
+    out: list[Source] = []
+    for raw in paths:
+        if is_dataset(raw):
+            out.extend(dataset_sources(raw, spec, opts))
+        else:
+            out.extend(Source({}, {"file": name}, path=p) for p, name in collect_images([raw]))
+    return limit_sources(out, opts)
+
+
+def limit_sources(sources: list[Source], opts: DatasetOpts) -> list[Source]:
+    if opts.limit is not None:
+        sources = sources[: opts.limit]
+    if opts.sample is not None and opts.sample < len(sources):
+        keep = set(random.Random().sample(range(len(sources)), opts.sample))
+        sources = [s for i, s in enumerate(sources) if i in keep]
+    if not sources:
+        raise fail("no items to run")
+    return sources
+
+
+def count_items(paths: list[str], spec: tasks.TaskSpec, opts: DatasetOpts) -> int:
+    """How many items the sources hold in full (for the estimate after a preview)."""
+    full = DatasetOpts(opts.image_col, opts.text_cols, opts.id_col, opts.split)
+    return sum(sum(1 for _ in dataset_sources(p, spec, full)) if is_dataset(p)
+               else len(collect_images([p])) for p in paths)

@@ -119,9 +119,32 @@ def results(
     api: ApiOpt = None,
     api_key: KeyOpt = None,
 ) -> None:
-    """Write a job's results (one row per item) as JSONL, CSV or COCO."""
-    if fmt not in FORMATS:
-        raise fail(f"--format must be one of {', '.join(FORMATS)}")
+    """Write a job's results (one row per item) as JSONL, CSV, COCO, Parquet, WebDataset or a
+    Hugging Face dataset folder (the last three with -o)."""
+    from loom import datasets
+
+    if fmt not in FORMATS and fmt not in datasets.OUTPUT_FORMATS:
+        raise fail(f"--format must be one of {', '.join((*FORMATS, *datasets.OUTPUT_FORMATS))}")
+    if fmt in datasets.OUTPUT_FORMATS:
+        if out is None:
+            raise fail(f"--format {fmt} writes files: give -o PATH")
+        if api:
+            if fmt == "hf":
+                raise fail("--format hf is written embedded; remotely use --format parquet "
+                           "(datasets.load_dataset('parquet', data_files=...) opens it)")
+        else:
+            def write(local: Local) -> None:
+                from loom import jobs
+
+                jid = resolve(local, job_id)
+                with local.session_factory() as s:
+                    task = jobs.get_job(s, job_id=jid, tenant_id=local.tenant_id).task
+                written = datasets.write_rows(fmt, local_rows(local, jid), out, task=task,
+                                              images=datasets.store_images(local.store))
+                err.print(f"wrote {written.rows} rows to {out}")
+
+            embedded(write)
+            return
     if view not in VIEWS:
         raise fail(f"--view must be one of {', '.join(VIEWS)}")
     sink = out.open("wb") if out else sys.stdout.buffer

@@ -6,7 +6,6 @@ images with text (``ask IMAGE QUESTION`` or ``--questions F.jsonl``), or text on
 # No postponed annotations: the command builders put closure values (a task's field names)
 # into the Typer annotations, which must be evaluated where they are written.
 
-import base64
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,9 +15,14 @@ import typer
 from loom import tasks
 from loom.cli.common import ApiOpt, KeyOpt, console, fail, follow, print_job, remote
 from loom.cli.inputs import (
+    DatasetOpts,
+    Source,
     choose_seed,
-    collect_images,
+    dataset_sources,
     expand_prompts,
+    image_sources,
+    is_dataset,
+    limit_sources,
     read_prompts,
     read_questions,
     resolve_file,
@@ -30,11 +34,30 @@ Priority = Annotated[int, typer.Option(min=0, max=9, help="0 (default) .. 9 (mos
 Idem = Annotated[str | None, typer.Option("--idempotency-key", help="Retry-safe submission key.")]
 
 
-def _image_item(src: str, name: str | None = None) -> dict[str, Any]:
-    if src.startswith(("http://", "https://")):
-        return {"image_url": src, "metadata": {"file": src}}
-    data = base64.b64encode(Path(src).read_bytes()).decode()
-    return {"image_base64": data, "metadata": {"file": name or src}}
+INLINE_ITEMS = 100  # at most this many items without local images go in the request itself
+
+
+def _items(sources: list[Source]) -> list[dict[str, Any]]:
+    """Items for ``Client.submit_dataset``: local images as ``image_path``/``image_bytes``."""
+    out = []
+    for src in sources:
+        item: dict[str, Any] = {**src.input, "metadata": src.metadata or None}
+        if src.data is not None:
+            item["image_bytes"] = src.data
+        elif src.path is not None:
+            item["image_path"] = str(src.path)
+        out.append(item)
+    return out
+
+
+def _submit(c: Any, spec: tasks.TaskSpec, items: list[dict[str, Any]],
+            opts: dict[str, Any]) -> dict[str, Any]:
+    """A few items without local images go inline; anything else is uploaded in bounded
+    requests (one per image, then the manifest) and becomes one job."""
+    local = any("image_path" in i or "image_bytes" in i for i in items)
+    if not local and len(items) <= INLINE_ITEMS:
+        return c.submit(spec.name, items, **opts)  # type: ignore[no-any-return]
+    return c.submit_dataset(spec.name, items, **opts)  # type: ignore[no-any-return]
 
 
 def _need_api(api: str | None) -> str:
@@ -54,28 +77,36 @@ def _send(spec: tasks.TaskSpec, api: str | None, api_key: str | None, wait: bool
     remote(run, _need_api(api), api_key)
 
 
+Cache = Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse earlier outputs.")]
+ImageCol = Annotated[str | None, typer.Option(help="Datasets: the image column.")]
+IdCol = Annotated[str | None, typer.Option(help="Datasets: the id column.")]
+Split = Annotated[str | None, typer.Option(help="Hugging Face datasets: the split.")]
+Limit = Annotated[int | None, typer.Option(min=1, help="Only the first N items.")]
+Sample = Annotated[int | None, typer.Option(min=1, help="A random N items.")]
+
+
 def image_command(spec: tasks.TaskSpec) -> Callable[..., None]:
     def command(
-        sources: Annotated[list[str], typer.Argument(help="Image files, directories or URLs.")],
+        sources: Annotated[list[str], typer.Argument(
+            help="Image files, folders, URLs, tables, WebDataset shards or HF datasets.")],
         model: Model = None, priority: Priority = 0, idempotency_key: Idem = None,
-        wait: Wait = False, api: ApiOpt = None, api_key: KeyOpt = None,
+        wait: Wait = False, cache: Cache = True, image_col: ImageCol = None,
+        id_col: IdCol = None, split: Split = None, limit: Limit = None, sample: Sample = None,
+        api: ApiOpt = None, api_key: KeyOpt = None,
     ) -> None:
+        opts = DatasetOpts(image_col, {}, id_col, split, limit, sample)
         urls = [s for s in sources if s.startswith(("http://", "https://"))]
-        local = collect_images([s for s in sources if s not in urls]) if len(urls) < len(sources) \
-            else []
-        opts = {"model": model, "priority": priority, "idempotency_key": idempotency_key}
+        found = [Source({"image_url": u}, {"file": u}) for u in urls]
+        rest = [s for s in sources if s not in urls]
+        if rest:
+            found += image_sources(rest, spec, opts)
+        items = _items(limit_sources(found, opts))
+        submit_opts = {"model": model, "priority": priority, "idempotency_key": idempotency_key,
+                       "cache": cache}
+        _send(spec, api, api_key, wait, lambda c: _submit(c, spec, items, submit_opts))
 
-        def submit(c: Any) -> dict[str, Any]:
-            if urls:
-                items = [_image_item(u) for u in urls] + [_image_item(str(p), n) for p, n in local]
-                return c.submit(spec.name, items, **opts)  # type: ignore[no-any-return]
-            return c.submit_files(spec.name, [p for p, _ in local],  # type: ignore[no-any-return]
-                                  names=[n for _, n in local], **opts)
-
-        _send(spec, api, api_key, wait, submit)
-
-    command.__doc__ = f"{spec.summary[:1].upper()}{spec.summary[1:]}: local files are uploaded, " \
-        "URLs are fetched by the workers."
+    command.__doc__ = f"{spec.summary[:1].upper()}{spec.summary[1:]}: local files and datasets " \
+        "are uploaded in bounded requests, URLs are fetched by the workers."
     return command
 
 
@@ -83,30 +114,44 @@ def image_text_command(spec: tasks.TaskSpec) -> Callable[..., None]:
     field = spec.texts[0]
 
     def command(
-        image: Annotated[str | None, typer.Argument(help="Image file or URL.")] = None,
+        image: Annotated[str | None, typer.Argument(
+            help="Image file or URL, or a dataset with a text column.")] = None,
         text: Annotated[str | None, typer.Argument(metavar=field.upper())] = None,
         rows_file: Annotated[Path | None, typer.Option(
             f"--{field}s", help=f"JSONL rows {{file, {', '.join(spec.texts)}}}.")] = None,
         model: Model = None, priority: Priority = 0, idempotency_key: Idem = None,
-        wait: Wait = False, api: ApiOpt = None, api_key: KeyOpt = None,
+        wait: Wait = False, cache: Cache = True, image_col: ImageCol = None,
+        text_col: Annotated[str | None, typer.Option(
+            f"--{field}-col", help=f"Datasets: the {field} column.")] = None,
+        id_col: IdCol = None, split: Split = None, limit: Limit = None, sample: Sample = None,
+        api: ApiOpt = None, api_key: KeyOpt = None,
     ) -> None:
+        opts = DatasetOpts(image_col, {field: text_col}, id_col, split, limit, sample)
         if rows_file:
-            items = []
+            found = []
             for r in read_questions(rows_file, spec.texts):
                 src = str(r["file"])
-                if not src.startswith(("http://", "https://")):
-                    src = str(resolve_file(src, rows_file.parent))
-                items.append({**_image_item(src, str(r["file"])),
-                              **{t: r[t] for t in spec.texts}})
+                meta = {k: v for k, v in r.items() if k not in spec.texts}
+                texts = {t: r[t] for t in spec.texts}
+                if src.startswith(("http://", "https://")):
+                    found.append(Source({**texts, "image_url": src}, meta))
+                else:
+                    found.append(Source(texts, meta, path=resolve_file(src, rows_file.parent)))
+        elif image and not text and is_dataset(image):
+            found = list(dataset_sources(image, spec, opts))
         elif image and text and len(spec.texts) == 1:
-            items = [{**_image_item(image), field: text}]
+            found = [Source({field: text, "image_url": image}, {"file": image})
+                     if image.startswith(("http://", "https://"))
+                     else Source({field: text}, {"file": image}, path=Path(image))]
         else:
-            raise fail(f"give IMAGE {field.upper()} or --{field}s FILE.jsonl")
-        _send(spec, api, api_key, wait, lambda c: c.submit(
-            spec.name, items, model=model, priority=priority, idempotency_key=idempotency_key))
+            raise fail(f"give IMAGE {field.upper()}, --{field}s FILE.jsonl, or a dataset")
+        items = _items(limit_sources(found, opts))
+        submit_opts = {"model": model, "priority": priority, "idempotency_key": idempotency_key,
+                       "cache": cache}
+        _send(spec, api, api_key, wait, lambda c: _submit(c, spec, items, submit_opts))
 
     command.__doc__ = f"{spec.summary[:1].upper()}{spec.summary[1:]} (IMAGE {field.upper()}, " \
-        f"or --{field}s FILE.jsonl)."
+        f"--{field}s FILE.jsonl, or a dataset with --{field}-col)."
     return command
 
 
@@ -116,24 +161,34 @@ def text_command(spec: tasks.TaskSpec) -> Callable[..., None]:
     def command(
         text: Annotated[str | None, typer.Argument(metavar=field.upper())] = None,
         texts_file: Annotated[Path | None, typer.Option(
-            f"--{field}s", help=f"Text file, one {field} a line.")] = None,
+            f"--{field}s", help=f"Text file, one {field} a line, or a dataset.")] = None,
         seed: Annotated[int | None, typer.Option(
             min=0, max=tasks.SEED_MAX, help="Item i uses SEED + i.")] = None,
         variants: Annotated[int, typer.Option(min=1, max=64, help="Items per line.")] = 1,
         model: Model = None, priority: Priority = 0, idempotency_key: Idem = None,
-        wait: Wait = False, api: ApiOpt = None, api_key: KeyOpt = None,
+        wait: Wait = False, cache: Cache = True,
+        text_col: Annotated[str | None, typer.Option(
+            f"--{field}-col", help=f"Datasets: the {field} column.")] = None,
+        id_col: IdCol = None, split: Split = None, limit: Limit = None, sample: Sample = None,
+        api: ApiOpt = None, api_key: KeyOpt = None,
     ) -> None:
-        lines = read_prompts(text, texts_file)
-        if spec.seeded:
-            items = [{field: p, "seed": s}
-                     for p, s in expand_prompts(lines, choose_seed(seed), variants)]
+        opts = DatasetOpts(None, {field: text_col}, id_col, split, limit, sample)
+        if texts_file is not None and is_dataset(str(texts_file), texts_only=True):
+            rows = limit_sources(list(dataset_sources(str(texts_file), spec, opts)), opts)
+            lines, metas = [r.input.get(field, "") for r in rows], [r.metadata for r in rows]
         else:
-            items = [{field: p} for p in lines for _ in range(variants)]
-        _send(spec, api, api_key, wait, lambda c: c.submit(
-            spec.name, items, model=model, priority=priority, idempotency_key=idempotency_key))
+            lines = read_prompts(text, texts_file)
+            metas = [{} for _ in lines]
+        base = choose_seed(seed) if spec.seeded else 0
+        items = [{field: p, **({"seed": s} if spec.seeded else {}),
+                  "metadata": metas[i // variants] or None}
+                 for i, (p, s) in enumerate(expand_prompts(lines, base, variants))]
+        submit_opts = {"model": model, "priority": priority, "idempotency_key": idempotency_key,
+                       "cache": cache}
+        _send(spec, api, api_key, wait, lambda c: _submit(c, spec, items, submit_opts))
 
     command.__doc__ = f"{spec.summary[:1].upper()}{spec.summary[1:]} ({field.upper()}, or " \
-        f"--{field}s FILE.txt)."
+        f"--{field}s FILE.txt or a dataset)."
     return command
 
 

@@ -186,3 +186,27 @@ def test_files_on_sqlite_and_local_store(local_app: LocalApp) -> None:
     assert "not_found" in error(c.get("/v1/files/file-nope"), 404)
     assert "invalid pagination cursor" in error(c.get("/v1/files?cursor=zzz"), 422)
     assert len(c.get("/v1/files").json()["data"]) == 2
+
+
+def test_submit_dataset_streams_a_job_past_the_request_limits(local_app: Any) -> None:
+    """``Client.submit_dataset`` (what ``loom submit`` uses for local images and datasets):
+    one bounded upload per image and a manifest, then one job; the per-request item cap and
+    body limit never cap the job, and a corrupt image is accepted to fail its own item."""
+    from loom.client import Client
+
+    c = Client("http://testserver", "unused")
+    c._http = local_app.client  # the real app, over its ASGI transport
+    items: list[dict[str, Any]] = [
+        {"image_bytes": scene_png(i), "metadata": {"id": f"r{i}"}} for i in range(24)]
+    items.append({"image_bytes": b"not an image at all", "metadata": {"id": "broken"}})
+    items.append({"image_url": "https://example.com/a.png", "metadata": {"id": "url"}})
+    assert len(items) > local_app.settings.max_items_per_request
+    job = c.submit_dataset("caption", items, cache=False)
+    assert job["item_count"] == 26 and job["cache"] is False
+    assert len(local_app.published) == 1
+    listed = local_app.client.get(f"/v1/jobs/{job['id']}/items", params={"limit": 100}).json()
+    by_id = {i["metadata"]["id"]: i for i in listed["items"]}
+    assert by_id["url"]["input"] == {"image_url": "https://example.com/a.png"}
+    store = local_app.app.state.runtime.store
+    assert store.get(by_id["r3"]["input"]["image_key"]) == scene_png(3)
+    assert store.get(by_id["broken"]["input"]["image_key"]) == b"not an image at all"
