@@ -35,7 +35,7 @@ _ENTRIES: tuple[ModelEntry, ...] = (
         sha256="0566c5feaf12bb8a0a1ff43f0fb56159b767971bdfc59e8bd139235990613066",
         tasks=("caption", "vqa", "generate", "embed"),
         embed_head=WEIGHTS_DIR / "loom-shapes-v1-embed.safetensors",
-        embed_head_sha256="",
+        embed_head_sha256="b24f569bc2db2f1c90624eee19d7c3c3245c6efb89d0fc9371687b5a5b261570",
     ),
 )
 

@@ -64,7 +64,7 @@ def test_embed_dedupe_and_search(home: Path, folder: tuple[Path, list[str]]) -> 
     loom(home, "dedupe", job, "--threshold", "1.0", "--out", str(jl))
     assert {r["file"] for r in rows(jl)} == {"scene_0.png", "copy_of_0.png"}
 
-    for i in (2, 3, 4, 5):
+    for i in (3, 5):
         proc = loom(home, "search", caps[i], "--in", job, "-k", "3", "--json")
         hits = [json.loads(line) for line in proc.stdout.splitlines()]
         assert [h["rank"] for h in hits] == [1, 2, 3]
@@ -78,7 +78,7 @@ def test_dedupe_and_search_refuse_clearly(home: Path) -> None:  # noqa: F811
     proc = loom(home, "dedupe", ok=False)
     assert proc.returncode != 0 and "JOB id or --table" in proc.stderr
     proc = loom(home, "dedupe", "no-such-job", ok=False)
-    assert proc.returncode != 0 and "not found" in proc.stderr.lower()
+    assert proc.returncode != 0 and "no job no-such-job" in proc.stderr
     (home / "cap.png").write_bytes((Path(__file__).parents[2] / "examples" / "images" /
                                     "scene_03.png").read_bytes())
     loom(home, "caption", str(home / "cap.png"), "--out", str(home / "c.jsonl"))

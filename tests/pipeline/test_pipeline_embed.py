@@ -72,3 +72,14 @@ def test_tampered_head_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(WeightsMismatchError, match="expected sha256"):
         registry.load_entry(replace(entry, embed_head=copy), device="cpu")
+
+
+def test_control_plane_knows_what_the_model_serves(model) -> None:
+    from loom import tasks
+
+    caps = tasks.BUILTIN_MODELS["loom-shapes"]
+    assert caps.tasks == model.info.tasks
+    for task in caps.tasks:
+        assert tuple(caps.params.get(task, ())) == tuple(model.info.params.get(task, ()))
+    spec = tasks.get("embed")
+    assert spec.output == "vector" and spec.image and not spec.texts and spec.method == "embed"
