@@ -1,4 +1,4 @@
-"""Duplicate grouping speed: brute force (numpy matrix products in blocks) against the faiss HNSW
+"""Duplicate grouping speed: brute force (numpy matrix products in blocks) against the faiss IVF
 index, side by side at growing sizes, on unit vectors shaped like the embed task's (128-d, with
 planted near-duplicates). Prints seconds per method and the ratio, and whether the index found
 the same groups. BRUTE_FORCE_MAX in loom/vectors.py is where brute force passes about a second.

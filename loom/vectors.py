@@ -13,7 +13,7 @@ Grouping: items with the same input sha256 (from lineage) are exact duplicates; 
 cosine is >= the threshold are near-duplicates; groups are the connected components of both
 (union-find), so A~B and B~C put A, B and C in one group. Pairs are found by brute force (numpy
 matrix products in blocks) up to ``BRUTE_FORCE_MAX`` vectors, which runs in about a second
-(bench/bench_vectors.py), and with a faiss HNSW index beyond that (neighbours of each vector,
+(bench/bench_vectors.py), and with a faiss IVF index beyond that (neighbours of each vector,
 then the same threshold).
 """
 
@@ -33,9 +33,10 @@ from loom.errors import InvalidRequest
 # The dedupe threshold the embed head is trained and measured for (pipeline/train_embed.py):
 # near-duplicates of loom-shapes scenes land above it, distinct scenes below.
 DEFAULT_THRESHOLD = 0.9
-BRUTE_FORCE_MAX = 20_000   # vectors; beyond this the index is used (bench/bench_vectors.py)
+BRUTE_FORCE_MAX = 5_000    # vectors: about a second of brute force (bench/bench_vectors.py)
 BLOCK = 2048               # rows per matrix product: 2048 x n float32 stays small
 INDEX_NEIGHBOURS = 32      # neighbours looked up per vector in the index
+INDEX_PROBES = 16          # IVF cells searched per vector
 METHODS = ("auto", "brute", "faiss")
 
 
@@ -131,21 +132,28 @@ def brute_pairs(v: np.ndarray, threshold: float, block: int = BLOCK
         yield i + start, j + start, sims[i, j]
 
 
-def faiss_pairs(v: np.ndarray, threshold: float, k: int = INDEX_NEIGHBOURS
-                ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The same pairs from an HNSW index (inner product): each vector's k nearest, filtered by
-    the threshold. Approximate: a group larger than k still joins up through its members."""
+def faiss_pairs(v: np.ndarray, threshold: float, k: int = INDEX_NEIGHBOURS,
+                nprobe: int = INDEX_PROBES) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The same pairs from a faiss IVF index (inner product): each vector's k nearest among the
+    ``nprobe`` closest cells, filtered by the threshold. Approximate: a pair split across cells
+    that are not probed is missed, and a group larger than k joins up through its members.
+    IVF, not HNSW: measured faster to build and query here (bench/bench_vectors.py)."""
     try:
         import faiss
     except ImportError:  # pragma: no cover - the extra is missing
         raise InvalidRequest(f"{len(v)} vectors need the vector index: "
                              "pip install 'loom[vectors]' (faiss-cpu)") from None
-    index = faiss.IndexHNSWFlat(v.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = 64
-    index.add(np.ascontiguousarray(v))
-    index.hnsw.efSearch = max(64, 2 * k)
-    sims, nbrs = index.search(np.ascontiguousarray(v), min(k + 1, len(v)))
-    rows = np.repeat(np.arange(len(v)), sims.shape[1]).reshape(sims.shape)
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    n, d = v.shape
+    nlist = max(1, min(int(4 * np.sqrt(n)), n // 40))   # faiss wants ~40 points per cell
+    quantiser = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantiser, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    sample = v if n <= 64 * nlist else v[np.random.default_rng(0).choice(n, 64 * nlist, False)]
+    index.train(sample)
+    index.add(v)
+    index.nprobe = min(nprobe, nlist)
+    sims, nbrs = index.search(v, min(k + 1, n))
+    rows = np.repeat(np.arange(n), sims.shape[1]).reshape(sims.shape)
     keep = (nbrs > rows) & (sims >= threshold)
     yield rows[keep], nbrs[keep], sims[keep]
 

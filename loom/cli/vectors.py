@@ -24,7 +24,7 @@ def dedupe(
     out: Annotated[Path, typer.Option("--out", "-o", help="Groups file: .parquet or .jsonl.")]
     = Path("groups.jsonl"),
     method: Annotated[str, typer.Option(
-        help="auto (brute force up to 20,000 vectors, then the faiss index) | brute | faiss")]
+        help="auto (brute force up to 5,000 vectors, then the faiss index) | brute | faiss")]
     = "auto",
     api: ApiOpt = None,
     api_key: KeyOpt = None,
