@@ -96,7 +96,7 @@ def test_generate_outputs_are_presigned_urls(stack: Stack) -> None:
                 r["output"]["sha256"]
 
 
-def test_embed_job_vectors_and_dedupe(stack: Stack, caption_job: dict[str, Any]) -> None:
+def test_embed_job_vectors_and_dedupe(stack: Stack) -> None:
     """embed over HTTP: float32 .npy outputs in S3, then POST /v1/jobs/{id}/dedupe groups the
     byte-identical copy (sha256) and leaves distinct scenes alone."""
     import numpy as np
@@ -116,9 +116,10 @@ def test_embed_job_vectors_and_dedupe(stack: Stack, caption_job: dict[str, Any])
         assert answer["vectors"] == 5 and answer["duplicates"] == 1 and answer["threshold"] == 0.9
         [group] = answer["groups"]
         assert [(m["file"], m["match"], m["keep"]) for m in group["members"]] == [
-            ("e2.png", "first", True), ("e2.png", "exact", False)]
+            ("e2.png", "first", True), ("e4.png", "exact", False)]
+        captions = c.submit("caption", items[:1])
         with pytest.raises(ApiError) as ei:
-            c.dedupe(caption_job["id"])
+            c.dedupe(captions["id"])
         assert ei.value.http_status == 422 and "embed job" in ei.value.message
     with stack.client("beta") as c, pytest.raises(ApiError) as ei:
         c.dedupe(job["id"])
