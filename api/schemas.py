@@ -158,6 +158,30 @@ class RetryOut(BaseModel):
     requeued: int
 
 
+class DedupeMember(BaseModel):
+    index: int
+    file: str | None
+    input_sha256: str | None
+    keep: bool = Field(description="The member to keep: the group's lowest index.")
+    match: Literal["first", "exact", "near"] = Field(
+        description="exact: same input sha256 as the kept member; near: by cosine.")
+    score: float = Field(description="Cosine to the kept member.")
+
+
+class DedupeGroup(BaseModel):
+    group: int
+    size: int
+    members: list[DedupeMember]
+
+
+class DedupeOut(BaseModel):
+    job_id: str
+    threshold: float
+    vectors: int = Field(description="Succeeded items with a vector.")
+    duplicates: int = Field(description="Members that are not kept, over all groups.")
+    groups: list[DedupeGroup]
+
+
 class ModelOut(BaseModel):
     name: str
     versions: list[dict[str, Any]] = Field(

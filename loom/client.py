@@ -231,6 +231,12 @@ class Client:
     def retry(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/jobs/{job_id}/retry")  # type: ignore[no-any-return]
 
+    def dedupe(self, job_id: str, threshold: float | None = None) -> dict[str, Any]:
+        """Duplicate groups of an embed job (``POST /v1/jobs/{id}/dedupe``)."""
+        params = {} if threshold is None else {"threshold": threshold}
+        return self._call("POST", f"/v1/jobs/{job_id}/dedupe",  # type: ignore[no-any-return]
+                          params=params)
+
     def lineage(self, item_id: int) -> dict[str, Any]:
         return self._call("GET", f"/v1/items/{item_id}/lineage")  # type: ignore[no-any-return]
 

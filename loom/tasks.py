@@ -197,6 +197,8 @@ REGISTRY: dict[str, TaskSpec] = {
         TaskSpec("generate", "draw an image for each prompt", method="generate", image=False,
                  texts=("prompt",), seeded=True, output="image", output_column="file",
                  params=(SEED,)),
+        TaskSpec("embed", "embed each image as a fixed-size vector (dedupe, search)",
+                 method="embed", image=True, output="vector", output_column="vector"),
     )
 }
 
@@ -231,7 +233,7 @@ class ModelCaps:
 # The built-in models (pipeline/registry.py is the truth; a test keeps the two equal) and the
 # capabilities every ``hf:`` model has at least (pipeline/hf.py).
 BUILTIN_MODELS: dict[str, ModelCaps] = {
-    "loom-shapes": ModelCaps(tasks=("caption", "vqa", "generate"),
+    "loom-shapes": ModelCaps(tasks=("caption", "vqa", "generate", "embed"),
                              params={"caption": ("beams",), "vqa": ("beams",)}),
 }
 HF_PREFIX = "hf:"

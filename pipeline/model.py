@@ -19,7 +19,7 @@ from pipeline.fuse import Fusion
 from pipeline.preprocess import batch_array
 from pipeline.tokenizer import Tokenizer
 
-TASKS = ("caption", "vqa", "generate")
+TASKS = ("caption", "vqa", "generate", "embed")
 
 
 class LoomShapesModel(nn.Module):
@@ -70,8 +70,74 @@ class LoomShapesModel(nn.Module):
         return out
 
 
+class EmbedHead(nn.Module):
+    """Projection head for ``embed`` / ``loom search`` on the frozen backbone
+    (pipeline/train_embed.py trains it).
+
+    Image vector = [sqrt(w) * unit(sem) ; sqrt(1 - w) * unit(geo)]: ``sem`` attention-pools the
+    fused image tokens (what the caption says), ``geo`` keeps where things are (narrow per-token
+    features flattened in grid order), so a scene moved by a few pixels is a different image.
+    Text vector = [unit(sem_text) ; 0]: a query is ranked by the semantic half only, so the
+    position half never disturbs text-to-image ranking. Small on purpose: it trains on CPU."""
+
+    def __init__(self, d: int = 128, n_tokens: int = 64, half: int = 64, queries: int = 8,
+                 token_dim: int = 8, sem_weight: float = 0.5):
+        super().__init__()
+        self.half, self.sem_weight = half, sem_weight
+        self.img_score = nn.Linear(d, queries)
+        self.img_sem = nn.Sequential(nn.Linear(queries * d, 256), nn.GELU(), nn.Linear(256, half))
+        self.geo_tok = nn.Linear(d, token_dim)
+        self.img_geo = nn.Sequential(nn.Linear(n_tokens * token_dim, 256), nn.GELU(),
+                                     nn.Linear(256, half))
+        self.txt_score = nn.Linear(d, queries)
+        self.txt_sem = nn.Sequential(nn.Linear(queries * d, 256), nn.GELU(), nn.Linear(256, half))
+
+    @staticmethod
+    def _pool(score: nn.Linear, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        # softmax attention pooling, one learned scorer per query: (B, S, d) -> (B, Q * d)
+        s = score(x)
+        if valid is not None:
+            s = s.masked_fill(~valid[..., None], float("-inf"))
+        return torch.einsum("bsq,bsd->bqd", s.softmax(1), x).flatten(1)
+
+    def image_parts(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused image tokens (B, N, d) -> unit sem (B, half), unit geo (B, half)."""
+        x = tokens.float()
+        sem = self.img_sem(self._pool(self.img_score, x))
+        geo = self.img_geo(F.gelu(self.geo_tok(x)).flatten(1))
+        return F.normalize(sem, dim=-1), F.normalize(geo, dim=-1)
+
+    def combine(self, sem: torch.Tensor, geo: torch.Tensor) -> torch.Tensor:
+        return torch.cat([sem * self.sem_weight ** 0.5, geo * (1 - self.sem_weight) ** 0.5], -1)
+
+    def image(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.combine(*self.image_parts(tokens))
+
+    def text_sem(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Text encoder output (B, L, d) + valid mask -> unit sem (B, half)."""
+        pooled = self._pool(self.txt_score, tokens.float(), valid)
+        return F.normalize(self.txt_sem(pooled), dim=-1)
+
+    def text(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        sem = self.text_sem(tokens, valid)
+        return torch.cat([sem, torch.zeros_like(sem)], -1)
+
+
+def load_embed_head(path: str, device: str = "cpu") -> EmbedHead:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    head = EmbedHead(**{k: (float(v) if k == "sem_weight" else int(v)) for k, v in meta.items()
+                        if k in ("d", "n_tokens", "half", "queries", "token_dim", "sem_weight")})
+    head.load_state_dict(load_file(str(path)))
+    return head.to(device).eval()
+
+
 # Keyword parameters each task's method accepts (pipeline.serving checks calls against it).
-PARAMS: dict[str, tuple[str, ...]] = {"caption": ("beams",), "vqa": ("beams",), "generate": ()}
+PARAMS: dict[str, tuple[str, ...]] = {"caption": ("beams",), "vqa": ("beams",), "generate": (),
+                                      "embed": ()}
 
 
 @dataclass(frozen=True)
@@ -130,8 +196,10 @@ class ShapesModel:
     """Serving wrapper: batched, in memory, no I/O. cuda -> bf16 autocast, cpu -> fp32."""
 
     def __init__(self, module: LoomShapesModel, tok: Tokenizer, info: ModelInfo,
-                 temperature: float = 1.0, top_p: float = 0.95):
+                 temperature: float = 1.0, top_p: float = 0.95,
+                 embed_head: EmbedHead | None = None):
         self.module = module.eval()
+        self.embed_head = embed_head
         self.tok = tok
         self.info = info
         self.device = torch.device(info.device)
@@ -199,3 +267,45 @@ class ShapesModel:
         imgs = composite(self.module.renderer, bg, [l[1] for l in lays], self.module.cfg.image_size)
         arr = imgs.round().clamp(0, 255).to(torch.uint8).cpu().numpy()
         return [Image.fromarray(np.ascontiguousarray(a), "RGB") for a in arr]
+
+    # --- embed: fixed-size vectors (image side) and queries in the same space (text side) ---
+
+    def fused_tokens(self, images: list[Image.Image]) -> torch.Tensor:
+        """The fused image tokens (B, N, d) of the caption path: the image part of z."""
+        img = self.module.image_encoder(self._pixels(images))
+        ids = text_batch(self.tok, [""] * len(images), "caption", self.module.cfg.max_text_len,
+                         self.device)
+        z, _ = self.module.context(img, ids, ids != self.tok.pad_id)
+        return z[:, : img.shape[1]]
+
+    def text_tokens(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text encoder output (B, L, d) and its valid mask, read as a generate prompt."""
+        ids = text_batch(self.tok, texts, "generate", self.module.cfg.max_text_len, self.device)
+        valid = ids != self.tok.pad_id
+        return self.module.text_encoder(ids, valid), valid
+
+    def _head(self) -> EmbedHead:
+        if self.embed_head is None:
+            raise RuntimeError(f"{self.info.name} has no embedding head")
+        return self.embed_head
+
+    @torch.inference_mode()
+    def embed(self, images: list[Image.Image]) -> list[np.ndarray]:
+        """One unit-norm float32 vector per image (cosine = dot product)."""
+        head = self._head()
+        if not images:
+            return []
+        with self._ctx():
+            tokens = self.fused_tokens(images)
+        vecs = head.image(tokens.float()).cpu().numpy().astype(np.float32)
+        return list(vecs)
+
+    @torch.inference_mode()
+    def embed_text(self, texts: list[str]) -> list[np.ndarray]:
+        """Query vectors in the image vectors' space (``loom search``)."""
+        head = self._head()
+        if not texts:
+            return []
+        with self._ctx():
+            tokens, valid = self.text_tokens(texts)
+        return list(head.text(tokens.float(), valid).cpu().numpy().astype(np.float32))

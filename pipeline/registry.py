@@ -22,6 +22,9 @@ class ModelEntry:
     path: Path
     sha256: str
     tasks: tuple[str, ...]
+    # the embed task's projection head (pipeline/train_embed.py), pinned like the weights
+    embed_head: Path | None = None
+    embed_head_sha256: str = ""
 
 
 _ENTRIES: tuple[ModelEntry, ...] = (
@@ -30,7 +33,9 @@ _ENTRIES: tuple[ModelEntry, ...] = (
         version="v1",
         path=WEIGHTS_DIR / "loom-shapes-v1.safetensors",
         sha256="0566c5feaf12bb8a0a1ff43f0fb56159b767971bdfc59e8bd139235990613066",
-        tasks=("caption", "vqa", "generate"),
+        tasks=("caption", "vqa", "generate", "embed"),
+        embed_head=WEIGHTS_DIR / "loom-shapes-v1-embed.safetensors",
+        embed_head_sha256="b24f569bc2db2f1c90624eee19d7c3c3245c6efb89d0fc9371687b5a5b261570",
     ),
 )
 
@@ -56,31 +61,36 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def verify(entry: ModelEntry) -> str:
-    """Check the file against the recorded sha256; returns it."""
+def verify(entry: ModelEntry, path: Path | None = None, sha256: str | None = None) -> str:
+    """Check the file (the weights, or ``path``) against the recorded sha256; returns it."""
     from pipeline.checkpoint import sha256_file
 
-    if not entry.path.is_file():
-        raise WeightsMissingError(f"weights for {entry.name}@{entry.version} not found at {entry.path}")
-    got = sha256_file(entry.path)
-    if got != entry.sha256:
-        raise WeightsMismatchError(str(entry.path), entry.sha256, got)
+    path, expected = (entry.path, entry.sha256) if path is None else (path, sha256 or "")
+    if not path.is_file():
+        raise WeightsMissingError(f"weights for {entry.name}@{entry.version} not found at {path}")
+    got = sha256_file(path)
+    if got != expected:
+        raise WeightsMismatchError(str(path), expected, got)
     return got
 
 
-def load_entry(entry: ModelEntry, device: str = "auto") -> Any:
+def load_entry(entry: ModelEntry, device: str = "auto", with_head: bool = True) -> Any:
     """Verify and load one entry into a serving model (pipeline.model.ShapesModel)."""
     import torch
 
     from pipeline import checkpoint
-    from pipeline.model import ModelInfo, ShapesModel
+    from pipeline.model import ModelInfo, ShapesModel, load_embed_head
 
     sha = verify(entry)
     dev = resolve_device(device)
     module, tok, _ = checkpoint.load(entry.path, device=dev)
+    head = None
+    if with_head and entry.embed_head is not None:
+        verify(entry, entry.embed_head, entry.embed_head_sha256)
+        head = load_embed_head(str(entry.embed_head), device=dev)
     info = ModelInfo(name=entry.name, version=entry.version, weights_sha256=sha, tasks=entry.tasks,
                      parameters=sum(p.numel() for p in module.parameters()), device=str(torch.device(dev)))
-    return ShapesModel(module, tok, info)
+    return ShapesModel(module, tok, info, embed_head=head)
 
 
 def load(name: str, device: str = "auto", version: str | None = None) -> Any:

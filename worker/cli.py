@@ -1,6 +1,6 @@
 """The ``loom`` console script: the torch-free ``loom.cli`` app plus the embedded commands that run
-the model in this process (``caption``, ``ask``, ``generate``, ``run``), ``worker``, ``models``
-and ``train``. Heavy imports (torch, the pipeline, the engine) happen inside the commands.
+the model in this process (one per task in the registry: ``caption``, ``ask``, ``generate``,
+``embed``; ``search`` and ``run``), ``worker``, ``models`` and ``train``. Heavy imports (torch, the pipeline, the engine) happen inside the commands.
 
 Embedded mode: SQLite + a local store under LOOM_HOME (default ./.loom); every command records a
 real job, so ``loom jobs``, ``loom status ID`` and ``loom results ID`` work on it afterwards.
@@ -378,6 +378,49 @@ def text_command(spec: tasks.TaskSpec) -> Any:
 
 for _spec in tasks.REGISTRY.values():
     app.command(_spec.command)(command_for(_spec, image_command, image_text_command, text_command))
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help='Text, e.g. "a small red circle above a large '
+                                               'blue square".')],
+    job_id: Annotated[str, typer.Option("--in", help="The embed job to search (local).")],
+    k: Annotated[int, typer.Option("-k", min=1, max=10_000, help="How many to show.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="JSONL rows {rank, score, index, "
+                                                         "file}.")] = False,
+) -> None:
+    """Text-to-image search over an embed job: prints the top k with score and file.
+
+    The query goes through the job model's text encoder into the vectors' space."""
+    import json
+
+    from loom import vectors
+    from loom.errors import LoomError
+
+    local = open_local()
+    try:
+        try:
+            job = local_job(local, job_id)
+            with local.session_factory() as s:
+                table = vectors.job_vectors(s, local.store, job_id=job_id,
+                                            tenant_id=local.tenant_id)
+        except LoomError as exc:
+            raise fail(exc.message) from None
+        from pipeline import registry
+
+        model = registry.load(job["model"], device=local.settings.device)
+        if not hasattr(model, "embed_text"):
+            raise fail(f"model {job['model']!r} cannot embed text queries")
+        hits = vectors.rank(table, model.embed_text([query])[0], k)
+        for n, (row, score) in enumerate(hits, 1):
+            file = table.files[row] or f"#{table.indices[row]}"
+            if as_json:
+                print(json.dumps({"rank": n, "score": round(score, 4),
+                                  "index": table.indices[row], "file": file}))
+            else:
+                console.print(f"{n:>3}  {score:.4f}  {file}")
+    finally:
+        local.close()
 
 
 @app.command("run")

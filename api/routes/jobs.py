@@ -1,4 +1,4 @@
-"""/v1/jobs: submit (JSON or multipart), list, status, items, results, cancel, retry."""
+"""/v1/jobs: submit (JSON or multipart), list, status, items, results, dedupe, cancel, retry."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from pydantic import ValidationError
 from api import service
 from api.deps import CallerDep, RuntimeDep, SessionDep
 from api.schemas import (
+    DedupeGroup,
+    DedupeMember,
+    DedupeOut,
     ErrorResponse,
     ItemList,
     JobList,
@@ -23,7 +26,7 @@ from api.schemas import (
     RetryOut,
     TaskName,
 )
-from loom import datasets, exports
+from loom import datasets, exports, vectors
 from loom import jobs as core
 from loom.errors import InvalidRequest
 from loom.models import ItemStatus, JobStatus
@@ -227,6 +230,30 @@ def results(
         body,
         media_type=media,
         headers={"Content-Disposition": f'attachment; filename="{job.id}.{ext}"'},
+    )
+
+
+@router.post("/{job_id}/dedupe", responses=ERRORS, tags=["results"])
+def dedupe(
+    job_id: JobIdPath,
+    session: SessionDep,
+    rt: RuntimeDep,
+    caller: CallerDep,
+    threshold: Annotated[float, Query(ge=-1.0, le=1.0, description=(
+        "Cosine at or above which two items are near-duplicates."))] = vectors.DEFAULT_THRESHOLD,
+) -> DedupeOut:
+    """Duplicate groups of an embed job: the same input (sha256) or cosine >= threshold.
+    Computed on request from the job's stored vectors (the same code as ``loom dedupe``)."""
+    table = vectors.job_vectors(session, rt.store, job_id=job_id, tenant_id=caller.tenant_id)
+    groups = vectors.group(table, threshold)
+    members: dict[int, list[DedupeMember]] = {}
+    for rec in vectors.group_records(table, groups):
+        members.setdefault(rec.pop("group"), []).append(
+            DedupeMember(**{k: v for k, v in rec.items() if k != "size"}))
+    return DedupeOut(
+        job_id=job_id, threshold=threshold, vectors=len(table),
+        duplicates=sum(len(g.rows) - 1 for g in groups),
+        groups=[DedupeGroup(group=g.id, size=len(g.rows), members=members[g.id]) for g in groups],
     )
 
 

@@ -2,7 +2,8 @@
 
 ``build_app()`` makes the app with the commands that need no model: job queries and control
 (``loom.cli.jobs``: embedded on the local SQLite, or remote with ``--api``), remote submission
-(``loom.cli.submit``, one command per task in the registry) and services (``loom.cli.services``).
+(``loom.cli.submit``, one command per task in the registry), services (``loom.cli.services``)
+and ``dedupe`` (``loom.cli.vectors``).
 The console script (``worker/cli.py``) adds the embedded commands that run the model.
 """
 
@@ -10,18 +11,18 @@ from __future__ import annotations
 
 import typer
 
-from loom.cli import jobs, services, submit
+from loom.cli import jobs, services, submit, vectors
 
 
 def build_app() -> typer.Typer:
     app = typer.Typer(
         name="loom",
-        help="Loom: bulk captioning, visual question answering and text-to-image jobs.",
+        help="Loom: bulk captioning, visual question answering, text-to-image and embedding jobs.",
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
     )
-    for module in (jobs, submit, services):
+    for module in (jobs, submit, services, vectors):
         module.register(app)
     return app
 

@@ -96,6 +96,36 @@ def test_generate_outputs_are_presigned_urls(stack: Stack) -> None:
                 r["output"]["sha256"]
 
 
+def test_embed_job_vectors_and_dedupe(stack: Stack) -> None:
+    """embed over HTTP: float32 .npy outputs in S3, then POST /v1/jobs/{id}/dedupe groups the
+    byte-identical copy (sha256) and leaves distinct scenes alone."""
+    import numpy as np
+
+    pngs = [scene_png(300 + i) for i in range(4)]
+    items = [{"image_base64": b64(p), "metadata": {"file": f"e{i}.png"}}
+             for i, p in enumerate([*pngs, pngs[2]])]
+    with stack.client() as c:
+        job = wait_job(stack, c.submit("embed", items)["id"])
+        assert job["status"] == "succeeded", job
+        rows = list(c.result_rows(job["id"]))
+        out = rows[0]["output"]
+        assert out["kind"] == "vector" and out["content_type"] == "application/x-npy"
+        vec = np.load(io.BytesIO(httpx.get(out["url"], timeout=30).content))
+        assert vec.shape == (128,) and vec.dtype == np.float32
+        answer = c.dedupe(job["id"])
+        assert answer["vectors"] == 5 and answer["duplicates"] == 1 and answer["threshold"] == 0.9
+        [group] = answer["groups"]
+        assert [(m["file"], m["match"], m["keep"]) for m in group["members"]] == [
+            ("e2.png", "first", True), ("e4.png", "exact", False)]
+        captions = c.submit("caption", items[:1])
+        with pytest.raises(ApiError) as ei:
+            c.dedupe(captions["id"])
+        assert ei.value.http_status == 422 and "embed job" in ei.value.message
+    with stack.client("beta") as c, pytest.raises(ApiError) as ei:
+        c.dedupe(job["id"])
+    assert ei.value.http_status == 404
+
+
 def test_concurrent_submissions_with_one_key_make_one_job(stack: Stack) -> None:
     body = {"task": "generate", "items": [{"prompt": "a small red circle", "seed": 5}]}
     headers = {**stack.headers(), "Idempotency-Key": "fifty-at-once"}

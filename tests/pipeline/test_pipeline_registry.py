@@ -17,7 +17,8 @@ def test_list_and_get() -> None:
     names = [(e.name, e.version) for e in registry.list_models()]
     assert ("loom-shapes", "v1") in names
     e = registry.get("loom-shapes")
-    assert e.version == "v1" and e.tasks == ("caption", "vqa", "generate") and len(e.sha256) == 64
+    assert e.version == "v1" and e.tasks == ("caption", "vqa", "generate", "embed")
+    assert len(e.sha256) == 64 and len(e.embed_head_sha256) == 64
     assert registry.get("loom-shapes", "v1") == e
 
 

@@ -25,7 +25,7 @@ def test_info(model) -> None:
     info = model.info
     assert (info.name, info.version) == ("loom-shapes", "v1")
     assert info.weights_sha256 == registry.get("loom-shapes").sha256
-    assert info.tasks == ("caption", "vqa", "generate") and info.device == "cpu"
+    assert info.tasks == ("caption", "vqa", "generate", "embed") and info.device == "cpu"
     assert 1_000_000 <= info.parameters <= 3_000_000
 
 
