@@ -99,7 +99,10 @@ def image_command(spec: tasks.TaskSpec) -> Callable[..., None]:
         found = [Source({"image_url": u}, {"file": u}) for u in urls]
         rest = [s for s in sources if s not in urls]
         if rest:
-            found += image_sources(rest, spec, opts)
+            for src in image_sources(rest, spec, opts):
+                if src.path is not None and src.metadata.get("file") == str(src.path):
+                    src.metadata["file"] = src.path.name  # a file named on its own: its name
+                found.append(src)
         items = _items(limit_sources(found, opts))
         submit_opts = {"model": model, "priority": priority, "idempotency_key": idempotency_key,
                        "cache": cache}
