@@ -20,10 +20,13 @@ from sqlalchemy.orm import Session
 
 from api.deps import Runtime
 from api.schemas import ItemError, ItemIn, ItemOut, JobOut, JobRequest, OutputOut
-from loom import jobs, media, storage, tasks
+from loom import fetch, jobs, media, storage, tasks
 from loom.errors import (
+    BlockedUrl,
+    FetchFailed,
     InputMissing,
     InvalidInput,
+    InvalidKey,
     InvalidRequest,
     LoomError,
     NotFound,
@@ -43,10 +46,25 @@ def _check_url(url: str, where: str) -> None:
         raise InvalidRequest(f"{where}: expected an http(s) URL, got {url[:100]!r}")
 
 
+def check_webhook_url(url: str) -> None:
+    """The webhook's host, resolved now, must pass the SSRF guard that image URLs pass (422 if
+    not); the finaliser checks it again at every hop when it fires (DNS may change meanwhile)."""
+    try:
+        fetch.check_url(url, policy=fetch.WEBHOOK_POLICY)
+    except (BlockedUrl, InvalidInput) as exc:
+        raise InvalidRequest(f"webhook_url: {exc.message}") from None
+    except FetchFailed as exc:  # e.g. the name does not resolve (yet): fire time decides
+        log.info("webhook_url not checked now: %s", exc.message)
+
+
 def check_tenant_key(key: str, tenant_id: str, where: str) -> None:
-    """Storage keys given by callers must lie inside their own tenant prefix (else: not found)."""
-    segments = key.split("/")
-    if not key.startswith(f"{tenant_id}/") or any(s in ("", ".", "..") for s in segments):
+    """Storage keys given by callers must be valid for the store (the store's own check, so a
+    worker never meets a key it refuses: 422) and lie inside their tenant prefix (else: 404)."""
+    try:
+        storage.validate_key(key)
+    except InvalidKey as exc:
+        raise InvalidKey(f"{where}: {exc.message}") from None
+    if not key.startswith(f"{tenant_id}/"):
         raise NotFound(f"{where}: no object {key[:200]!r} in your tenant's storage")
 
 
@@ -157,7 +175,7 @@ def submit(
     tasks.json_safe(req.params, "params")
     tasks.json_safe(req.metadata, "metadata")
     if req.webhook_url:
-        _check_url(req.webhook_url, "webhook_url")
+        check_webhook_url(req.webhook_url)
     if req.parent_job_id:
         try:
             jobs.get_job(session, job_id=req.parent_job_id, tenant_id=tenant_id)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
-from loom.errors import InputMissing, LoomError, StorageError
+from loom.errors import InputMissing, InvalidKey, LoomError, StorageError
 
 if TYPE_CHECKING:
     from loom.config import Settings
@@ -52,19 +52,21 @@ class Store(Protocol):
 
 
 def validate_key(key: str) -> str:
-    """Refuse anything but relative, '/'-separated keys of safe segments (no '..', no '/x')."""
-    if not key or len(key) > 1024 or key.startswith("/") or "\\" in key or "\x00" in key:
-        raise StorageError(f"invalid storage key {key!r}", code="invalid_key")
+    """Refuse anything but relative, '/'-separated keys of safe segments (no '..', no '/x', no
+    percent-escapes). Raises ``InvalidKey`` (permanent). The API checks caller-given keys with
+    this same function at submit, so a key a store would refuse never reaches a worker."""
+    if not isinstance(key, str) or not key or len(key) > 1024 or key.startswith("/"):
+        raise InvalidKey(f"invalid storage key {str(key)[:200]!r}")
     for segment in key.split("/"):
         if segment in ("", ".", "..") or not _SEGMENT_RE.match(segment):
-            raise StorageError(f"invalid storage key {key!r}", code="invalid_key")
+            raise InvalidKey(f"invalid storage key {key[:200]!r}")
     return key
 
 
 def _ext(ext: str) -> str:
     ext = ext.lstrip(".")
     if not _EXT_RE.match(ext):
-        raise StorageError(f"invalid file extension {ext!r}", code="invalid_key")
+        raise InvalidKey(f"invalid file extension {ext!r}")
     return ext.lower()
 
 
@@ -103,7 +105,7 @@ class LocalStore:
         path = (self.root / validate_key(key)).resolve()
         # Defence in depth against symlinks pointing out of the root.
         if not path.is_relative_to(self.root):
-            raise StorageError(f"invalid storage key {key!r}", code="invalid_key")
+            raise InvalidKey(f"invalid storage key {key!r}")
         return path
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
