@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(default=2 * 1024**3, gt=0)
     max_items_per_request: int = Field(default=10_000, ge=1)
     max_text_chars: int = Field(default=500, ge=1)
+    # /metrics counts every tenant's jobs: with auth on it needs this token as a Bearer (unset:
+    # /metrics is off). Prometheus sends it with `authorization: {credentials: ...}`.
+    metrics_token: str | None = None
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> "Settings":

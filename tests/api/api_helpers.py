@@ -12,6 +12,7 @@ from typing import Any
 from fixtures_worker import WorkerProcess
 
 REDIS_TEST_URL = os.environ.get("LOOM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+METRICS_TOKEN = "stack-metrics-token"
 
 
 def scene_png(i: int, size: int = 64) -> bytes:

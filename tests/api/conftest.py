@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from api_helpers import REDIS_TEST_URL, LocalApp, ServedApp, Stack
+from api_helpers import METRICS_TOKEN, REDIS_TEST_URL, LocalApp, ServedApp, Stack
 from fixtures_worker import WorkerProcess, loom_env, missing, require_model, serve
 
 def _redis_ready() -> None:
@@ -55,7 +55,8 @@ def stack(
         task_time_limit_seconds=300,
     )
     settings = Settings(**common, auth="on", max_items_per_request=300,
-                        max_body_bytes=4_000_000, max_text_chars=200)
+                        max_body_bytes=4_000_000, max_text_chars=200,
+                        metrics_token=METRICS_TOKEN)
     engine = make_engine(pg_url_module)
     factory = make_session_factory(engine)
     keys: dict[str, str] = {}
