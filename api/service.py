@@ -247,20 +247,40 @@ def submit_storing_inputs(
     ``blobs``: (item index, bytes, that item's input dict, which gets ``image_key``). The job id
     is chosen here so that the keys exist before any worker can see the items.
     """
+    stored: list[str] = []
+
     def put_one(i: int, data: bytes, inp: dict[str, Any]) -> None:
         ext = media.image_format(data)
         key = storage.input_key(tenant_id, job_id, i, ext)
         store.put(key, data, f"image/{ext}")
+        stored.append(key)
         inp["image_key"] = key
 
-    if len(blobs) <= 2:
-        for blob in blobs:
-            put_one(*blob)
-    else:
-        with ThreadPoolExecutor(max_workers=min(16, len(blobs))) as pool:
-            for future in [pool.submit(put_one, *blob) for blob in blobs]:
-                future.result()  # re-raises the first storage error
-    return jobs.submit_job(session, job_id=job_id, tenant_id=tenant_id, **kwargs)
+    try:
+        if len(blobs) <= 2:
+            for blob in blobs:
+                put_one(*blob)
+        else:
+            with ThreadPoolExecutor(max_workers=min(16, len(blobs))) as pool:
+                for future in [pool.submit(put_one, *blob) for blob in blobs]:
+                    future.result()  # re-raises the first storage error
+        job = jobs.submit_job(session, job_id=job_id, tenant_id=tenant_id, **kwargs)
+    except BaseException:
+        _discard(store, stored)  # no job row will ever point at them
+        raise
+    if job.id != job_id:
+        # A concurrent request with the same Idempotency-Key won: its job has its own inputs.
+        _discard(store, stored)
+    return job
+
+
+def _discard(store: Any, keys: list[str]) -> None:
+    """Best effort: what this fails to delete, the orphan sweep (loom/orphans.py) removes."""
+    for key in keys:
+        try:
+            store.delete(key)
+        except LoomError as exc:
+            log.warning("could not delete unused input %s: %s", key, exc.message)
 
 
 RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock detected, serialization failure

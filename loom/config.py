@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     # Redis' visibility timeout: longer than any chunk; the hard time limit stays below it.
     visibility_timeout_seconds: int = Field(default=4 * 3600, gt=0)
     task_time_limit_seconds: int = Field(default=3 * 3600, gt=0)
+    # The orphan sweep (loom/orphans.py): job folders in the store with no job row, older than
+    # the grace period, are deleted by the workers' reconciler this often (0: never).
+    orphan_sweep_interval_seconds: float = Field(default=3600.0, ge=0)
+    orphan_grace_seconds: float = Field(default=3600.0, gt=0)
 
     # Inputs.
     allow_private_urls: bool = False

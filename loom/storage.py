@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
@@ -45,6 +46,11 @@ class Store(Protocol):
         self, key: str, f: BinaryIO, content_type: str = "application/octet-stream"
     ) -> None: ...
 
+    # Housekeeping (the orphan sweep, loom/orphans.py).
+    def list_dirs(self, prefix: str) -> list[str]: ...
+
+    def list_objects(self, prefix: str) -> Iterator[tuple[str, datetime]]: ...
+
     def delete(self, key: str) -> None: ...
 
 
@@ -61,6 +67,14 @@ def validate_key(key: str) -> str:
         if segment in ("", ".", "..") or not _SEGMENT_RE.match(segment):
             raise InvalidKey(f"invalid storage key {key[:200]!r}")
     return key
+
+
+def _dir_prefix(prefix: str) -> str:
+    """'' (the root) or a valid key prefix ending in '/'."""
+    if prefix:
+        validate_key(prefix.rstrip("/"))
+        return prefix.rstrip("/") + "/"
+    return ""
 
 
 def _ext(ext: str) -> str:
@@ -173,6 +187,31 @@ class LocalStore:
             self._path(key).unlink(missing_ok=True)
         except OSError as exc:
             raise StorageError(f"could not delete {key}: {exc}") from exc
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Names of the 'directories' directly under ``prefix`` ('' or 'a/b/')."""
+        base = self.root / _dir_prefix(prefix)
+        try:
+            return sorted(p.name for p in base.iterdir() if p.is_dir() and _SEGMENT_RE.match(p.name))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StorageError(f"could not list {prefix}: {exc}") from exc
+
+    def list_objects(self, prefix: str) -> Iterator[tuple[str, datetime]]:
+        """(key, last modified, UTC) of every object under ``prefix``; temp files excluded."""
+        base = self.root / _dir_prefix(prefix)
+        for dirpath, _dirs, files in os.walk(base):
+            for name in sorted(files):
+                if name.startswith(".tmp-"):
+                    continue
+                path = Path(dirpath) / name
+                try:
+                    mtime = path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                key = path.relative_to(self.root).as_posix()
+                yield key, datetime.fromtimestamp(mtime, tz=timezone.utc)
 
 
 # --- S3 -----------------------------------------------------------------------------------------
@@ -353,6 +392,40 @@ class S3Store:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"could not delete {key}: {exc}") from exc
+
+    def _strip(self, full: str) -> str:
+        return full[len(self.prefix) + 1:] if self.prefix else full
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Names of the 'directories' directly under ``prefix`` ('' or 'a/b/')."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        rel = _dir_prefix(prefix)
+        full = f"{self.prefix}/{rel}" if self.prefix else rel
+        out: list[str] = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, Delimiter="/")
+            for page in pages:
+                for cp in page.get("CommonPrefixes", []):
+                    out.append(cp["Prefix"][len(full):].rstrip("/"))
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"could not list {prefix}: {exc}") from exc
+        return sorted(out)
+
+    def list_objects(self, prefix: str) -> Iterator[tuple[str, datetime]]:
+        """(key, last modified, UTC) of every object under ``prefix``."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        rel = _dir_prefix(prefix)
+        full = f"{self.prefix}/{rel}" if self.prefix else rel
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    yield self._strip(obj["Key"]), obj["LastModified"]
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"could not list {prefix}: {exc}") from exc
 
 
 def store_from_url(
