@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -139,3 +140,19 @@ def test_store_from_url_and_settings(make_settings: object, tmp_path: Path) -> N
     default = storage.store_from_settings(settings)
     assert isinstance(default, LocalStore)
     assert default.root == (settings.home / "store").resolve()
+
+
+@pytest.mark.parametrize("bad", ["t/%2e%2e/x.png", "t/../x.png", "t//x.png"])
+def test_a_bad_key_that_reaches_a_worker_fails_its_item_for_good(
+    tmp_path: Path, make_settings: Any, bad: str
+) -> None:
+    # Rows written before the submit check existed: invalid_key, not a retried storage_error.
+    from loom.jobs import ClaimedItem
+    from worker.inputs import prepare
+
+    item = ClaimedItem(id=1, job_id="j", tenant_id="t", index=0, task="caption",
+                       model_name="loom-shapes", params={}, input={"image_key": bad},
+                       attempts=1)
+    prep = prepare(item, settings=make_settings(), store=LocalStore(tmp_path / "s"))
+    assert prep.error is not None and prep.error.code == "invalid_key"
+    assert not prep.error.transient
