@@ -16,6 +16,7 @@ from loom.errors import InvalidInput
 from loom.jobs import ItemFailure, ItemResult
 
 MISSING_JOB = "0" * 32
+MISSING_FILE = "file-" + "0" * 32
 MISSING_ROW = 987_654_321
 
 
@@ -46,9 +47,13 @@ def alpha(served_app: ServedApp) -> dict[str, Any]:
         s.commit()
     with served_app.client("alpha") as c:
         items = c.get(f"/v1/jobs/{job['id']}/items").json()["items"]
+        uploaded = c.post("/v1/files", data={"purpose": "image"},
+                          files={"file": ("cat.png", scene_png(4), "image/png")})
+        assert uploaded.status_code == 201, uploaded.text
     output_id = items[0]["output"]["id"]
     return {"job": job["id"], "parent": parent["id"], "item": items[0]["id"],
-            "failed_item": items[1]["id"], "output": output_id, "key": key, "tenant": tenant}
+            "failed_item": items[1]["id"], "output": output_id, "key": key, "tenant": tenant,
+            "file": uploaded.json()["id"], "file_key": uploaded.json()["key"]}
 
 
 def _same_404(a: Any, b: Any, foreign: str, missing: str) -> None:
@@ -60,7 +65,8 @@ def _same_404(a: Any, b: Any, foreign: str, missing: str) -> None:
 
 
 def _leaks(body: str, alpha: dict[str, Any], *, allowed: tuple[str, ...] = ()) -> list[str]:
-    secrets = [alpha["job"], alpha["parent"], alpha["tenant"], alpha["key"]]
+    secrets = [alpha["job"], alpha["parent"], alpha["tenant"], alpha["key"], alpha["file"],
+               alpha["file_key"]]
     return [s for s in secrets if s in body and s not in allowed]
 
 
@@ -73,6 +79,8 @@ ID_ROUTES = [
     ("POST", "/v1/jobs/{job_id}/retry", "job", MISSING_JOB),
     ("GET", "/v1/items/{item_id}/lineage", "item", str(MISSING_ROW)),
     ("GET", "/v1/outputs/{output_id}/content", "output", str(MISSING_ROW)),
+    ("GET", "/v1/files/{file_id}", "file", MISSING_FILE),
+    ("DELETE", "/v1/files/{file_id}", "file", MISSING_FILE),
 ]
 
 
@@ -93,7 +101,9 @@ def test_other_tenants_object_is_a_plain_404(served_app: ServedApp, alpha: dict[
             mine = c.get(path.format(foreign))
             assert mine.status_code == 200, mine.text
         job = c.get(f"/v1/jobs/{alpha['job']}").json()
+        assert c.get(f"/v1/files/{alpha['file']}").status_code == 200  # beta's DELETE did nothing
     assert job["status"] in ("queued", "running") and job["counts"].get("failed") == 1
+    assert served_app.app.state.runtime.store.exists(alpha["file_key"])
 
 
 def test_lineage_of_alpha_item_works_for_alpha(served_app: ServedApp,
@@ -108,6 +118,8 @@ def test_lists_show_only_the_callers_jobs(served_app: ServedApp, alpha: dict[str
         mine = beta.post("/v1/jobs", json={"task": "generate", "items": [{"prompt": "x"}]})
         assert mine.status_code == 201
         listed = beta.get("/v1/jobs")
+        files = beta.get("/v1/files")
+        assert files.status_code == 200 and _leaks(files.text, alpha) == []
         for status in ("queued", "running", "failed"):
             assert _leaks(beta.get("/v1/jobs", params={"status": status}).text, alpha) == []
         models = beta.get("/v1/models")
