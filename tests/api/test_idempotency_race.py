@@ -4,7 +4,6 @@ job, and no input objects left behind by the requests that lost the race."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 from api_helpers import ServedApp, b64, scene_png
 
@@ -31,9 +30,9 @@ def test_concurrent_idempotent_submissions_leave_no_orphan_inputs(
     assert len(answers) == 20 and {s for s, _ in answers} <= {200, 201}, answers
     ids = {job_id for _, job_id in answers}
     assert len(ids) == 1, ids
-    root = Path(served_app.settings.storage_url.removeprefix("file://"))
     tenant = served_app.tenant_ids["alpha"]
-    folders = sorted(p.name for p in (root / tenant / "jobs").iterdir())
-    assert folders == list(ids), f"{len(folders)} job folders for one job"
-    inputs = sorted(p.name for p in (root / tenant / "jobs" / folders[0] / "inputs").iterdir())
-    assert inputs == ["00000000.png", "00000001.png", "00000002.png"]
+    store = served_app.app.state.runtime.store
+    objects = sorted(key for key, _ in store.list_objects(f"{tenant}/jobs/"))
+    [job_id] = ids
+    assert objects == [f"{tenant}/jobs/{job_id}/inputs/0000000{i}.png" for i in range(3)], (
+        f"{len(objects)} input objects for one job of 3 items")
