@@ -22,7 +22,7 @@ from api.deps import Runtime
 from api.metrics import build_registry
 from api.routes import files, health, jobs, models, outputs
 from loom.config import Settings
-from loom.errors import LoomError
+from loom.errors import InternalError, LoomError
 
 log = logging.getLogger("loom.api")
 
@@ -98,6 +98,40 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
+class InternalErrorMiddleware:
+    """Any exception a route did not turn into an error response becomes a JSON 500
+    ``internal_error``, here, without re-raising.
+
+    Starlette's own last-resort handler sends the 500 and then re-raises, and uvicorn answers a
+    re-raised exception by closing the connection: a keep-alive client's next request on it would
+    be reset. A response that had already started (a streamed export) cannot be replaced; that
+    one is re-raised so that the broken stream is closed."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            if started:
+                raise
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            err = InternalError("internal server error")
+            await error_response(err.http_status, err.code, err.message)(scope, receive, send)
+
+
 def _loc(loc: Any) -> str:
     parts = [str(p) for p in loc if p not in ("body",)]
     out = ""
@@ -132,10 +166,6 @@ def install_error_handlers(app: FastAPI) -> None:
         log.error("database error: %s", exc)
         return error_response(503, "service_unavailable", "the database is unavailable")
 
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(500, "internal_error", "internal server error")
 
 
 def create_app(
@@ -185,6 +215,7 @@ def create_app(
         BodyLimitMiddleware, limit=settings.max_body_bytes,
         overrides={"/v1/files": (settings.max_file_bytes + 2**20, "LOOM_MAX_FILE_BYTES")},
     )
+    app.add_middleware(InternalErrorMiddleware)  # outermost of ours: sees every failure
     install_error_handlers(app)
     for module in (jobs, files, outputs, models, health):
         app.include_router(module.router)

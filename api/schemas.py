@@ -6,10 +6,11 @@ are checked in ``api.service`` so that their messages can name the item index.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from loom import tasks
 
@@ -21,6 +22,49 @@ ResultView = Literal["full", "table"]
 TEXT_INPUTS = tuple(dict.fromkeys(t for spec in tasks.REGISTRY.values() for t in spec.texts))
 
 
+def json_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be stored and sent back as strict JSON (UTF-8, RFC 8259), or None.
+
+    Python's json module accepts NaN/Infinity and lone-surrogate escapes ("\\ud800") on input,
+    but PostgreSQL's jsonb and every UTF-8 encoder refuse them later, far from the request."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            shown = "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+            return f"{shown} at {path or 'the value'} is not JSON (no NaN or Infinity)"
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"{path or 'the text'} contains a lone surrogate (not valid Unicode text)"
+        elif isinstance(v, dict):
+            for k, sub in v.items():
+                key = str(k)
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    return f"a key in {path or 'the object'} contains a lone surrogate"
+                stack.append((f"{path}.{key}" if path else key, sub))
+        elif isinstance(v, list | tuple):
+            stack.extend((f"{path}[{i}]", sub) for i, sub in enumerate(v))
+    return None
+
+
+class JsonSafeModel(BaseModel):
+    """Every field of a request model must be strict JSON: checked once, here, for all of them."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _json_safe(cls, value: Any) -> Any:
+        if isinstance(value, BaseModel):  # nested request models check their own fields
+            return value
+        problem = json_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+
 class ErrorBody(BaseModel):
     code: str = Field(description="Stable error code (loom.errors); item rows use the same codes.")
     message: str
@@ -30,9 +74,13 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class _ItemBase(JsonSafeModel):
+    model_config = ConfigDict(extra="forbid")
+
+
 ItemIn = create_model(
     "ItemIn",
-    __config__=ConfigDict(extra="forbid"),
+    __base__=_ItemBase,
     __doc__="One unit of work: an image source (image_url | image_key | image_base64) for the "
     "tasks that take an image, plus the task's text inputs (" + ", ".join(
         f"{s.name}: {', '.join(s.texts) or 'none'}" for s in tasks.REGISTRY.values()) + ").",
@@ -49,7 +97,7 @@ ItemIn = create_model(
 )
 
 
-class JobRequest(BaseModel):
+class JobRequest(JsonSafeModel):
     """A job: inline ``items`` or ``manifest_key`` (a JSONL of items already in storage)."""
 
     model_config = ConfigDict(

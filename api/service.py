@@ -20,10 +20,13 @@ from sqlalchemy.orm import Session
 
 from api.deps import Runtime
 from api.schemas import ItemError, ItemIn, ItemOut, JobOut, JobRequest, OutputOut
-from loom import jobs, media, storage, tasks
+from loom import fetch, jobs, media, storage, tasks
 from loom.errors import (
+    BlockedUrl,
+    FetchFailed,
     InputMissing,
     InvalidInput,
+    InvalidKey,
     InvalidRequest,
     LoomError,
     NotFound,
@@ -43,10 +46,25 @@ def _check_url(url: str, where: str) -> None:
         raise InvalidRequest(f"{where}: expected an http(s) URL, got {url[:100]!r}")
 
 
+def check_webhook_url(url: str) -> None:
+    """The webhook's host, resolved now, must pass the SSRF guard that image URLs pass (422 if
+    not); the finaliser checks it again at every hop when it fires (DNS may change meanwhile)."""
+    try:
+        fetch.check_url(url, policy=fetch.WEBHOOK_POLICY)
+    except (BlockedUrl, InvalidInput) as exc:
+        raise InvalidRequest(f"webhook_url: {exc.message}") from None
+    except FetchFailed as exc:  # e.g. the name does not resolve (yet): fire time decides
+        log.info("webhook_url not checked now: %s", exc.message)
+
+
 def check_tenant_key(key: str, tenant_id: str, where: str) -> None:
-    """Storage keys given by callers must lie inside their own tenant prefix (else: not found)."""
-    segments = key.split("/")
-    if not key.startswith(f"{tenant_id}/") or any(s in ("", ".", "..") for s in segments):
+    """Storage keys given by callers must be valid for the store (the store's own check, so a
+    worker never meets a key it refuses: 422) and lie inside their tenant prefix (else: 404)."""
+    try:
+        storage.validate_key(key)
+    except InvalidKey as exc:
+        raise InvalidKey(f"{where}: {exc.message}") from None
+    if not key.startswith(f"{tenant_id}/"):
         raise NotFound(f"{where}: no object {key[:200]!r} in your tenant's storage")
 
 
@@ -157,7 +175,7 @@ def submit(
     tasks.json_safe(req.params, "params")
     tasks.json_safe(req.metadata, "metadata")
     if req.webhook_url:
-        _check_url(req.webhook_url, "webhook_url")
+        check_webhook_url(req.webhook_url)
     if req.parent_job_id:
         try:
             jobs.get_job(session, job_id=req.parent_job_id, tenant_id=tenant_id)
@@ -229,20 +247,40 @@ def submit_storing_inputs(
     ``blobs``: (item index, bytes, that item's input dict, which gets ``image_key``). The job id
     is chosen here so that the keys exist before any worker can see the items.
     """
+    stored: list[str] = []
+
     def put_one(i: int, data: bytes, inp: dict[str, Any]) -> None:
         ext = media.image_format(data)
         key = storage.input_key(tenant_id, job_id, i, ext)
         store.put(key, data, f"image/{ext}")
+        stored.append(key)
         inp["image_key"] = key
 
-    if len(blobs) <= 2:
-        for blob in blobs:
-            put_one(*blob)
-    else:
-        with ThreadPoolExecutor(max_workers=min(16, len(blobs))) as pool:
-            for future in [pool.submit(put_one, *blob) for blob in blobs]:
-                future.result()  # re-raises the first storage error
-    return jobs.submit_job(session, job_id=job_id, tenant_id=tenant_id, **kwargs)
+    try:
+        if len(blobs) <= 2:
+            for blob in blobs:
+                put_one(*blob)
+        else:
+            with ThreadPoolExecutor(max_workers=min(16, len(blobs))) as pool:
+                for future in [pool.submit(put_one, *blob) for blob in blobs]:
+                    future.result()  # re-raises the first storage error
+        job = jobs.submit_job(session, job_id=job_id, tenant_id=tenant_id, **kwargs)
+    except BaseException:
+        _discard(store, stored)  # no job row will ever point at them
+        raise
+    if job.id != job_id:
+        # A concurrent request with the same Idempotency-Key won: its job has its own inputs.
+        _discard(store, stored)
+    return job
+
+
+def _discard(store: Any, keys: list[str]) -> None:
+    """Best effort: what this fails to delete, the orphan sweep (loom/orphans.py) removes."""
+    for key in keys:
+        try:
+            store.delete(key)
+        except LoomError as exc:
+            log.warning("could not delete unused input %s: %s", key, exc.message)
 
 
 RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock detected, serialization failure

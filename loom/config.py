@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     # Redis' visibility timeout: longer than any chunk; the hard time limit stays below it.
     visibility_timeout_seconds: int = Field(default=4 * 3600, gt=0)
     task_time_limit_seconds: int = Field(default=3 * 3600, gt=0)
+    # The orphan sweep (loom/orphans.py): job folders in the store with no job row, older than
+    # the grace period, are deleted by the workers' reconciler this often (0: never).
+    orphan_sweep_interval_seconds: float = Field(default=3600.0, ge=0)
+    orphan_grace_seconds: float = Field(default=3600.0, gt=0)
 
     # Inputs.
     allow_private_urls: bool = False
@@ -50,6 +54,9 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(default=2 * 1024**3, gt=0)
     max_items_per_request: int = Field(default=10_000, ge=1)
     max_text_chars: int = Field(default=500, ge=1)
+    # /metrics counts every tenant's jobs: with auth on it needs this token as a Bearer (unset:
+    # /metrics is off). Prometheus sends it with `authorization: {credentials: ...}`.
+    metrics_token: str | None = None
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> "Settings":

@@ -39,6 +39,13 @@ class PayloadTooLarge(InvalidRequest):
     http_status = 413
 
 
+class InternalError(LoomError):
+    """An unexpected failure (a bug): the API answers 500 ``internal_error`` and logs the cause."""
+
+    code = "internal_error"
+    http_status = 500
+
+
 class NotFound(LoomError):
     code = "not_found"
     http_status = 404
@@ -81,6 +88,15 @@ class InvalidInput(ItemError):
 
 class InputTooLarge(InvalidInput):
     code = "input_too_large"
+
+
+class InvalidKey(ItemError):
+    """A storage key outside the safe alphabet or shape ('..', '%2e', '//', a leading '/').
+
+    Permanent: the same key is refused on every attempt (a 422 at submit, a failed item in a
+    worker), unlike a store that is down (``StorageError``)."""
+
+    code = "invalid_key"
 
 
 class BlockedUrl(ItemError):
@@ -147,6 +163,7 @@ ITEM_ERROR_CODES: tuple[str, ...] = tuple(
             for cls in (
                 InvalidInput,
                 InputTooLarge,
+                InvalidKey,
                 BlockedUrl,
                 FetchFailed,
                 InputMissing,

@@ -38,11 +38,16 @@ import ipaddress
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
 from loom.errors import BlockedUrl, FetchFailed, InputMissing, InputTooLarge, InvalidInput
+
+if TYPE_CHECKING:
+    import httpx
 
 # --------------------------------------------------------------------------------------------
 # The address policy (SSRF guard)
@@ -263,6 +268,89 @@ def _check_target(url: str, policy: AddressPolicy, resolver: Resolver) -> _Targe
     )
 
 
+def check_url(url: str, *, policy: AddressPolicy, resolver: Resolver | None = None) -> None:
+    """Refuse ``url`` now if its scheme, credentials or resolved addresses fail ``policy``:
+    ``BlockedUrl`` / ``InvalidInput`` / ``FetchFailed`` (name does not resolve). A check at
+    submit time only; requests re-check every hop when they are made."""
+    _check_target(url, policy, resolver or resolve_host)
+
+
+# Webhooks go to the caller's own public endpoint: never loopback, private or metadata addresses,
+# whatever LOOM_ALLOW_PRIVATE_URLS says for inputs (a webhook is a POST the server makes on its own).
+WEBHOOK_POLICY = AddressPolicy(allow_private=False)
+
+
+@contextmanager
+def open_guarded(
+    method: str,
+    url: str,
+    *,
+    policy: AddressPolicy,
+    timeout: float,
+    resolver: Resolver | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    content: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> Iterator[tuple[httpx.Response, str, float]]:
+    """Send ``method url`` through the SSRF guard, following redirects (each hop resolved and
+    checked again, at most ``MAX_REDIRECTS``); yields (response, final URL, deadline) with the
+    body not yet read. 307/308 repeat the method and body; 301/302/303 continue with a GET."""
+    import httpx  # local: keeps `import loom.media` light for code that only decodes
+
+    resolver = resolver or resolve_host
+    deadline = time.monotonic() + timeout
+    verify: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+
+    with httpx.Client(
+        follow_redirects=False,
+        trust_env=False,  # no proxies / netrc: we connect to the address we checked
+        verify=verify,
+        headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
+    ) as client:
+        current = url
+        for _hop in range(MAX_REDIRECTS + 1):
+            target = _check_target(current, policy, resolver)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise FetchFailed(f"timed out after {timeout:g}s fetching {url!r}")
+            try:
+                # Same host (the checked IP) and the same port as the check, whatever httpx's own
+                # URL parser would make of the string.
+                pinned = httpx.URL(current).copy_with(host=target.ip.split("%", 1)[0], port=target.port)
+            except (httpx.InvalidURL, ValueError, TypeError) as exc:
+                raise InvalidInput(f"invalid URL {current!r}: {exc}") from exc
+            extensions: dict[str, object] = {}
+            if target.scheme == "https" and not target.ip_literal:
+                extensions["sni_hostname"] = target.host  # SNI + certificate name check
+            try:
+                with client.stream(
+                    method,
+                    pinned,
+                    headers={**(headers or {}), "Host": target.host_header},
+                    content=content,
+                    extensions=extensions,
+                    timeout=httpx.Timeout(remaining),
+                ) as response:
+                    status = response.status_code
+                    if status in _REDIRECTS:
+                        location = response.headers.get("location")
+                        if not location:
+                            raise InputMissing(f"{current!r} answered {status} without a Location")
+                        current = urljoin(current, location)
+                        if status in (301, 302, 303) and method != "HEAD":
+                            method, content = "GET", None
+                        continue
+                    yield response, current, deadline
+                    return
+            except httpx.TimeoutException as exc:
+                raise FetchFailed(f"timed out after {timeout:g}s fetching {url!r} ({type(exc).__name__})") from exc
+            except httpx.InvalidURL as exc:
+                raise InvalidInput(f"invalid URL {current!r}: {exc}") from exc
+            except httpx.HTTPError as exc:
+                raise FetchFailed(f"could not fetch {current!r}: {type(exc).__name__}: {exc}") from exc
+        raise InputMissing(f"too many redirects (more than {MAX_REDIRECTS}) fetching {url!r}")
+
+
 def fetch_url(
     url: str,
     *,
@@ -279,61 +367,32 @@ def fetch_url(
     may be connected to; ``resolver`` (default ``resolve_host``) and ``ssl_context`` (default: the
     system trust store) exist for tests and special deployments.
     """
-    import httpx  # local: keeps `import loom.media` light for code that only decodes
-
     policy = policy or AddressPolicy(allow_private=allow_private)
-    resolver = resolver or resolve_host
-    deadline = time.monotonic() + timeout
-    verify: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+    with open_guarded("GET", url, policy=policy, timeout=timeout, resolver=resolver,
+                      ssl_context=ssl_context) as (response, current, deadline):
+        status = response.status_code
+        if status >= 400:
+            raise _status_error(status, current)
+        if not 200 <= status < 300:
+            raise InputMissing(f"{current!r} answered {status}, not 200")
+        return _read_capped(response, max_bytes, deadline, timeout, url)
 
-    with httpx.Client(
-        follow_redirects=False,
-        trust_env=False,  # no proxies / netrc: we connect to the address we checked
-        verify=verify,
-        headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
-    ) as client:
-        current = url
-        for hop in range(MAX_REDIRECTS + 1):
-            target = _check_target(current, policy, resolver)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise FetchFailed(f"timed out after {timeout:g}s fetching {url!r}")
-            try:
-                # Same host (the checked IP) and the same port as the check, whatever httpx's own
-                # URL parser would make of the string.
-                pinned = httpx.URL(current).copy_with(host=target.ip.split("%", 1)[0], port=target.port)
-            except (httpx.InvalidURL, ValueError, TypeError) as exc:
-                raise InvalidInput(f"invalid URL {current!r}: {exc}") from exc
-            extensions: dict[str, object] = {}
-            if target.scheme == "https" and not target.ip_literal:
-                extensions["sni_hostname"] = target.host  # SNI + certificate name check
-            try:
-                with client.stream(
-                    "GET",
-                    pinned,
-                    headers={"Host": target.host_header},
-                    extensions=extensions,
-                    timeout=httpx.Timeout(remaining),
-                ) as response:
-                    status = response.status_code
-                    if status in _REDIRECTS:
-                        location = response.headers.get("location")
-                        if not location:
-                            raise InputMissing(f"{current!r} answered {status} without a Location")
-                        current = urljoin(current, location)
-                        continue
-                    if status >= 400:
-                        raise _status_error(status, current)
-                    if not 200 <= status < 300:
-                        raise InputMissing(f"{current!r} answered {status}, not 200")
-                    return _read_capped(response, max_bytes, deadline, timeout, url)
-            except httpx.TimeoutException as exc:
-                raise FetchFailed(f"timed out after {timeout:g}s fetching {url!r} ({type(exc).__name__})") from exc
-            except httpx.InvalidURL as exc:
-                raise InvalidInput(f"invalid URL {current!r}: {exc}") from exc
-            except httpx.HTTPError as exc:
-                raise FetchFailed(f"could not fetch {current!r}: {type(exc).__name__}: {exc}") from exc
-        raise InputMissing(f"too many redirects (more than {MAX_REDIRECTS}) fetching {url!r}")
+
+def post_json(
+    url: str,
+    body: bytes,
+    *,
+    timeout: float,
+    policy: AddressPolicy = WEBHOOK_POLICY,
+    resolver: Resolver | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> int:
+    """POST a JSON body through the SSRF guard (every redirect hop checked); the final status.
+    Raises BlockedUrl / InvalidInput / InputMissing / FetchFailed like ``fetch_url``."""
+    with open_guarded("POST", url, policy=policy, timeout=timeout, resolver=resolver,
+                      ssl_context=ssl_context, content=body,
+                      headers={"Content-Type": "application/json"}) as (response, _, _deadline):
+        return response.status_code
 
 
 def _status_error(status: int, url: str) -> FetchFailed | InputMissing:

@@ -13,11 +13,12 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
-from loom.errors import InputMissing, LoomError, StorageError
+from loom.errors import InputMissing, InvalidKey, LoomError, StorageError
 
 if TYPE_CHECKING:
     from loom.config import Settings
@@ -45,6 +46,11 @@ class Store(Protocol):
         self, key: str, f: BinaryIO, content_type: str = "application/octet-stream"
     ) -> None: ...
 
+    # Housekeeping (the orphan sweep, loom/orphans.py).
+    def list_dirs(self, prefix: str) -> list[str]: ...
+
+    def list_objects(self, prefix: str) -> Iterator[tuple[str, datetime]]: ...
+
     def delete(self, key: str) -> None: ...
 
 
@@ -52,19 +58,29 @@ class Store(Protocol):
 
 
 def validate_key(key: str) -> str:
-    """Refuse anything but relative, '/'-separated keys of safe segments (no '..', no '/x')."""
-    if not key or len(key) > 1024 or key.startswith("/") or "\\" in key or "\x00" in key:
-        raise StorageError(f"invalid storage key {key!r}", code="invalid_key")
+    """Refuse anything but relative, '/'-separated keys of safe segments (no '..', no '/x', no
+    percent-escapes). Raises ``InvalidKey`` (permanent). The API checks caller-given keys with
+    this same function at submit, so a key a store would refuse never reaches a worker."""
+    if not isinstance(key, str) or not key or len(key) > 1024 or key.startswith("/"):
+        raise InvalidKey(f"invalid storage key {str(key)[:200]!r}")
     for segment in key.split("/"):
         if segment in ("", ".", "..") or not _SEGMENT_RE.match(segment):
-            raise StorageError(f"invalid storage key {key!r}", code="invalid_key")
+            raise InvalidKey(f"invalid storage key {key[:200]!r}")
     return key
+
+
+def _dir_prefix(prefix: str) -> str:
+    """'' (the root) or a valid key prefix ending in '/'."""
+    if prefix:
+        validate_key(prefix.rstrip("/"))
+        return prefix.rstrip("/") + "/"
+    return ""
 
 
 def _ext(ext: str) -> str:
     ext = ext.lstrip(".")
     if not _EXT_RE.match(ext):
-        raise StorageError(f"invalid file extension {ext!r}", code="invalid_key")
+        raise InvalidKey(f"invalid file extension {ext!r}")
     return ext.lower()
 
 
@@ -103,7 +119,7 @@ class LocalStore:
         path = (self.root / validate_key(key)).resolve()
         # Defence in depth against symlinks pointing out of the root.
         if not path.is_relative_to(self.root):
-            raise StorageError(f"invalid storage key {key!r}", code="invalid_key")
+            raise InvalidKey(f"invalid storage key {key!r}")
         return path
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
@@ -171,6 +187,31 @@ class LocalStore:
             self._path(key).unlink(missing_ok=True)
         except OSError as exc:
             raise StorageError(f"could not delete {key}: {exc}") from exc
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Names of the 'directories' directly under ``prefix`` ('' or 'a/b/')."""
+        base = self.root / _dir_prefix(prefix)
+        try:
+            return sorted(p.name for p in base.iterdir() if p.is_dir() and _SEGMENT_RE.match(p.name))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StorageError(f"could not list {prefix}: {exc}") from exc
+
+    def list_objects(self, prefix: str) -> Iterator[tuple[str, datetime]]:
+        """(key, last modified, UTC) of every object under ``prefix``; temp files excluded."""
+        base = self.root / _dir_prefix(prefix)
+        for dirpath, _dirs, files in os.walk(base):
+            for name in sorted(files):
+                if name.startswith(".tmp-"):
+                    continue
+                path = Path(dirpath) / name
+                try:
+                    mtime = path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                key = path.relative_to(self.root).as_posix()
+                yield key, datetime.fromtimestamp(mtime, tz=timezone.utc)
 
 
 # --- S3 -----------------------------------------------------------------------------------------
@@ -351,6 +392,40 @@ class S3Store:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"could not delete {key}: {exc}") from exc
+
+    def _strip(self, full: str) -> str:
+        return full[len(self.prefix) + 1:] if self.prefix else full
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Names of the 'directories' directly under ``prefix`` ('' or 'a/b/')."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        rel = _dir_prefix(prefix)
+        full = f"{self.prefix}/{rel}" if self.prefix else rel
+        out: list[str] = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, Delimiter="/")
+            for page in pages:
+                for cp in page.get("CommonPrefixes", []):
+                    out.append(cp["Prefix"][len(full):].rstrip("/"))
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"could not list {prefix}: {exc}") from exc
+        return sorted(out)
+
+    def list_objects(self, prefix: str) -> Iterator[tuple[str, datetime]]:
+        """(key, last modified, UTC) of every object under ``prefix``."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        rel = _dir_prefix(prefix)
+        full = f"{self.prefix}/{rel}" if self.prefix else rel
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    yield self._strip(obj["Key"]), obj["LastModified"]
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"could not list {prefix}: {exc}") from exc
 
 
 def store_from_url(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,8 +29,15 @@ class Reconciler:
         interval_seconds: float,
         stale_after_seconds: float,
         store: Any = None,
+        sweep_interval_seconds: float = 0.0,
+        orphan_grace_seconds: float = 3600.0,
     ) -> None:
         self.store = store  # lets a reconciler-side finalisation write the results manifest
+        # The orphan sweep (loom/orphans.py) lists the store: far less often than reconcile.
+        self.sweep_interval_seconds = sweep_interval_seconds
+        self.orphan_grace_seconds = orphan_grace_seconds
+        self._next_sweep = time.monotonic() + sweep_interval_seconds * random.uniform(0.1, 1.0)
+        self.swept = 0
         self.session_factory = session_factory
         self.publish = publish
         self.interval_seconds = interval_seconds
@@ -49,7 +57,19 @@ class Reconciler:
                 store=self.store,
             )
         self.runs += 1
+        if (self.store is not None and self.sweep_interval_seconds > 0
+                and time.monotonic() >= self._next_sweep):
+            self._next_sweep = time.monotonic() + self.sweep_interval_seconds
+            self.sweep_once()
         return report
+
+    def sweep_once(self) -> int:
+        from loom.orphans import sweep_orphans
+
+        with self.session_factory() as session:
+            n = sweep_orphans(session, self.store, grace_seconds=self.orphan_grace_seconds)
+        self.swept += n
+        return n
 
     def _loop(self) -> None:
         # A little jitter so that the workers of a fleet do not all reconcile in the same instant.

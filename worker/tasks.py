@@ -91,6 +91,8 @@ def start_reconciler() -> Reconciler:
             interval_seconds=engine.settings.reconcile_interval_seconds,
             stale_after_seconds=engine.settings.stale_chunk_seconds,
             store=engine.store,
+            sweep_interval_seconds=engine.settings.orphan_sweep_interval_seconds,
+            orphan_grace_seconds=engine.settings.orphan_grace_seconds,
         )
     _Process.reconciler.start()
     return _Process.reconciler

@@ -46,4 +46,8 @@ def output_content(
 def lineage(item_id: RowId, session: SessionDep, caller: CallerDep) -> dict[str, Any]:
     """Where an output came from: input sha256, model name/version/weights, params and seed,
     attempt, worker, timings, and the chain of parent jobs."""
-    return core.item_lineage(session, item_id=item_id, tenant_id=caller.tenant_id)
+    try:
+        return core.item_lineage(session, item_id=item_id, tenant_id=caller.tenant_id)
+    except NotFound:
+        # One answer for "missing" and "another tenant's": never the other tenant's job id.
+        raise NotFound(f"no item {item_id}") from None

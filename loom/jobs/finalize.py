@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from loom.db import begin_write
 from loom.errors import LoomError
+from loom.fetch import WEBHOOK_POLICY, AddressPolicy, Resolver, post_json
 from loom.jobs.queries import iter_results
 from loom.jobs.types import OPEN_ITEM, OPEN_JOB, JobProgress, add_events
 from loom.jobs.views import job_dict
@@ -177,18 +178,23 @@ def webhook_payload(job: Job, counts: dict[str, int]) -> dict[str, Any]:
 
 
 def fire_webhook(job: Job, counts: dict[str, int],
-                 timeout: float = WEBHOOK_TIMEOUT_SECONDS) -> bool:
-    """POST the job summary to its webhook; best effort (after commit, errors only logged)."""
-    import httpx
+                 timeout: float = WEBHOOK_TIMEOUT_SECONDS, *,
+                 policy: AddressPolicy = WEBHOOK_POLICY,
+                 resolver: Resolver | None = None) -> bool:
+    """POST the job summary to its webhook; best effort (after commit, errors only logged).
 
+    Through the SSRF guard (``loom.fetch``), like image URLs: the host is resolved and checked
+    again now and at every redirect hop, and the connection goes to the checked address, so a
+    URL that passed at submit cannot be re-pointed at loopback or a metadata address later."""
     assert job.webhook_url
+    body = json.dumps(webhook_payload(job, counts), separators=(",", ":")).encode()
     try:
-        with httpx.Client(timeout=timeout, follow_redirects=False) as client:
-            response = client.post(job.webhook_url, json=webhook_payload(job, counts))
-        if response.status_code >= 400:
-            log.warning("job %s: webhook answered %s", job.id, response.status_code)
-            return False
-        return True
-    except httpx.HTTPError as exc:
-        log.warning("job %s: webhook failed: %s", job.id, exc)
+        status = post_json(job.webhook_url, body, timeout=timeout, policy=policy,
+                           resolver=resolver)
+    except LoomError as exc:
+        log.warning("job %s: webhook not sent or failed: %s", job.id, exc.message)
         return False
+    if status >= 400:
+        log.warning("job %s: webhook answered %s", job.id, status)
+        return False
+    return True

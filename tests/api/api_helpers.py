@@ -12,6 +12,7 @@ from typing import Any
 from fixtures_worker import WorkerProcess
 
 REDIS_TEST_URL = os.environ.get("LOOM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+METRICS_TOKEN = "stack-metrics-token"
 
 
 def scene_png(i: int, size: int = 64) -> bytes:
@@ -55,3 +56,23 @@ class LocalApp:
     settings: Any
     published: list[Any]
     session_factory: Any
+
+
+@dataclass
+class ServedApp:
+    """The API behind a real uvicorn (keep-alive connections, real HTTP) on PostgreSQL."""
+
+    url: str
+    app: Any
+    settings: Any
+    published: list[Any]
+    session_factory: Any
+    keys: dict[str, str]  # tenant name -> API key
+    tenant_ids: dict[str, str]
+
+    def client(self, tenant: str = "alpha") -> Any:
+        """One httpx.Client (one keep-alive connection pool) authenticated as ``tenant``."""
+        import httpx
+
+        return httpx.Client(base_url=self.url, timeout=30,
+                            headers={"Authorization": f"Bearer {self.keys[tenant]}"})

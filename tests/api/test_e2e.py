@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from api_helpers import Stack, b64, scene_png
+from api_helpers import METRICS_TOKEN, Stack, b64, scene_png
 from loom.client import ApiError
 
 TIMEOUT = 240.0
@@ -245,7 +245,9 @@ def test_private_url_is_blocked_without_a_request(
 def test_metrics_and_readiness(stack: Stack, caption_job: dict[str, Any]) -> None:
     assert httpx.get(f"{stack.url}/readyz").json()["checks"] == {
         "database": "ok", "broker": "ok", "storage": "ok"}
-    text = httpx.get(f"{stack.url}/metrics").text
+    assert httpx.get(f"{stack.url}/metrics", headers=stack.headers()).status_code == 401
+    text = httpx.get(f"{stack.url}/metrics",
+                     headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
     values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
               for line in text.splitlines() if line and not line.startswith("#")}
     assert values['loom_items{status="succeeded"}'] >= 200

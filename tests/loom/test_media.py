@@ -6,12 +6,15 @@ import io
 import os
 import random
 import struct
+import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageFile
 
+from fixtures_worker import missing
 from loom.errors import InputTooLarge, InvalidInput
 from loom.media import decode_image, encode_png, image_format, sha256_hex
 
@@ -121,6 +124,43 @@ def test_decompression_bomb_png(bomb: bytes) -> None:
     # Pillow itself agrees that this is a bomb (a valid PNG header, not garbage).
     with pytest.raises(Image.DecompressionBombError):
         Image.open(io.BytesIO(bomb))
+
+
+_PEAK_PROBE = """
+import sys
+from loom.errors import InputTooLarge
+from loom.media import decode_image
+
+def peak_kb():  # this process's own high-water RSS (ru_maxrss would include the parent's)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+data = open(sys.argv[1], "rb").read()
+before = peak_kb()
+try:
+    decode_image(data, max_pixels=int(sys.argv[2]))
+except InputTooLarge as exc:
+    print("REFUSED", exc.message)
+print("GROWTH_KB", peak_kb() - before)
+"""
+
+
+def test_bomb_is_refused_before_its_pixels_are_allocated(tmp_path: Path) -> None:
+    # 16000x16000 one-bit pixels: ~100 KB of PNG, 256 MB once decoded (one byte per pixel).
+    # The message alone cannot tell a refusal from the header from one after a full decode;
+    # the peak memory of a fresh process can: VmHWM (its high-water RSS) right before the call
+    # (bytes already loaded) and after it.
+    if not Path("/proc/self/status").is_file():
+        missing("Linux /proc (to read the peak RSS)")  # skips locally, fails under CI=true
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_bomb(16_000, 16_000))
+    proc = subprocess.run([sys.executable, "-c", _PEAK_PROBE, str(path), str(LIMIT)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "REFUSED image is 16000x16000 = 256,000,000 pixels" in proc.stdout, proc.stdout
+    growth_mb = int(proc.stdout.split("GROWTH_KB ")[1]) / 1024
+    assert growth_mb < 40, f"refusing the bomb raised the peak RSS by {growth_mb:.0f} MB"
 
 
 def test_pixel_limit_is_per_call() -> None:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from loom import storage
-from loom.errors import InputMissing, StorageError
+from loom.errors import InputMissing, InvalidKey
 from loom.storage import LocalStore, S3Store, Store
 
 KEY = "t1/jobs/j1/outputs/00000007.png"
-BAD_KEYS = ["", "/etc/passwd", "../x", "a/../../x", "a//b", "a/./b", "a\\b", "a/b\x00", "a/ b"]
+BAD_KEYS = ["", "/etc/passwd", "../x", "a/../../x", "a//b", "a/./b", "a\\b", "a/b\x00", "a/ b",
+            "t/%2e%2e/x", "t/%2E%2E/x", "t/a%2fb", "t/\u00e9"]
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -34,9 +36,9 @@ def test_keys_are_deterministic_and_zero_padded() -> None:
     assert storage.input_key("t", "j", 3, "png") == "t/jobs/j/inputs/00000003.png"
     assert storage.output_key("t", "j", 12, ".JPG") == "t/jobs/j/outputs/00000012.jpg"
     assert storage.results_key("t", "j", "jsonl") == "t/jobs/j/results.jsonl"
-    with pytest.raises(StorageError):
+    with pytest.raises(InvalidKey):
         storage.input_key("t", "j", 0, "png/../x")
-    with pytest.raises(StorageError):
+    with pytest.raises(InvalidKey):
         storage.output_key("../t", "j", 0, "png")
 
 
@@ -74,10 +76,15 @@ def test_missing_key_raises_input_missing(store: Store) -> None:
 
 @pytest.mark.parametrize("bad", BAD_KEYS)
 def test_bad_keys_are_refused(store: Store, bad: str) -> None:
-    with pytest.raises(StorageError):
+    # Permanent, not a store outage: a worker must fail the item, not retry it.
+    with pytest.raises(InvalidKey) as put_exc:
         store.put(bad, b"x", "text/plain")
-    with pytest.raises(StorageError):
+    with pytest.raises(InvalidKey) as get_exc:
         store.get(bad)
+    for exc in (put_exc.value, get_exc.value):
+        assert exc.code == "invalid_key" and not exc.transient
+    with pytest.raises(InvalidKey):
+        storage.validate_key(bad)  # the public check the API runs at submit
 
 
 def test_local_store_writes_atomically_inside_its_root(tmp_path: Path) -> None:
@@ -92,7 +99,7 @@ def test_local_store_writes_atomically_inside_its_root(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     os.symlink(outside, root / "evil")
-    with pytest.raises(StorageError):
+    with pytest.raises(InvalidKey):
         s.put("evil/x.txt", b"x", "text/plain")
     assert not (outside / "x.txt").exists()
 
@@ -133,3 +140,19 @@ def test_store_from_url_and_settings(make_settings: object, tmp_path: Path) -> N
     default = storage.store_from_settings(settings)
     assert isinstance(default, LocalStore)
     assert default.root == (settings.home / "store").resolve()
+
+
+@pytest.mark.parametrize("bad", ["t/%2e%2e/x.png", "t/../x.png", "t//x.png"])
+def test_a_bad_key_that_reaches_a_worker_fails_its_item_for_good(
+    tmp_path: Path, make_settings: Any, bad: str
+) -> None:
+    # Rows written before the submit check existed: invalid_key, not a retried storage_error.
+    from loom.jobs import ClaimedItem
+    from worker.inputs import prepare
+
+    item = ClaimedItem(id=1, job_id="j", tenant_id="t", index=0, task="caption",
+                       model_name="loom-shapes", params={}, input={"image_key": bad},
+                       attempts=1)
+    prep = prepare(item, settings=make_settings(), store=LocalStore(tmp_path / "s"))
+    assert prep.error is not None and prep.error.code == "invalid_key"
+    assert not prep.error.transient
