@@ -116,3 +116,25 @@ def test_planned_processes_bound_the_share_before_siblings_start(tmp_path: Path)
     share.release()
     fixed = sizing.HostShare(cores=8, planned=4, fixed_threads=3, directory=tmp_path / "s")
     assert fixed.fair_threads() == 3
+
+
+def _loom_worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
+    full.update({"PYTHONPATH": str(ROOT), "LOOM_DEVICE": "cpu", **env})
+    loom = Path(sys.executable).parent / "loom"
+    return subprocess.run([str(loom), "worker", *args, "--help"], env=full, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_loom_worker_prints_its_plan_and_honours_the_overrides() -> None:
+    """`loom worker` logs the plan, then hands over to celery (here: its --help)."""
+    plain = _loom_worker()
+    assert plain.returncode == 0, plain.stderr
+    p = sizing.plan(device="cpu")
+    assert f"loom worker: {p.processes} model process(es) x {p.threads} torch thread(s)" \
+        in plain.stderr
+    assert "concurrency" in plain.stdout.lower()  # celery's own help: the exec happened
+    env = _loom_worker(LOOM_WORKER_PROCESSES="3", LOOM_TORCH_THREADS="1")
+    assert "3 model process(es) x 1 torch thread(s)" in env.stderr
+    flag = _loom_worker("-c", "1")
+    assert f"1 model process(es) x {p.cores} torch thread(s)" in flag.stderr
