@@ -154,8 +154,10 @@ def bare(task: str, inputs: list[Any], processes: int, threads: int, batch: int,
                 p.terminate()
             p.join()
     t0, t1 = min(g[0] for g in got), max(g[1] for g in got)
+    note = "model load not timed" + ("; PNG encode + write on the model thread"
+                                     if task == "generate" else "")
     return Result(task, f"bare {processes}x{threads}", sum(g[2] for g in got), t1 - t0,
-                  processes=processes)
+                  processes=processes, note=note)
 
 
 # --- helpers for the Loom modes --------------------------------------------------------------
@@ -208,11 +210,10 @@ def embedded(task: str, n: int, work: Path, batch: int, device: str) -> Result:
     ok = sum(1 for r in rows if r.get("caption" if task == "caption" else "file"))
     if ok != n:
         raise RuntimeError(f"embedded {task}: {ok} of {n} items have an output")
-    summary = next((line for line in proc.stdout.splitlines() if "engine process" in line), "")
     stage_ms, procs = read_stages(stages)
     shutil.rmtree(home / "store", ignore_errors=True)
     return Result(task, "embedded", n, seconds, stages_ms=stage_ms, processes=max(1, procs),
-                  note=summary.split("(")[-1].rstrip(")") if summary else "")
+                  note=f"{procs} engine process(es); start-up and writing results included")
 
 
 # --- distributed ---------------------------------------------------------------------------------
@@ -390,11 +391,13 @@ def store_rate(task: str, paths: list[Path], svc: Services, concurrency: int) ->
         list(pool.map(lambda kb: store.put(kb[0], kb[1]), zip(keys, blobs)))
     put_s = time.perf_counter() - t0
     if task == "generate":
-        return Result(task, f"store put x{concurrency}", len(keys), put_s)
+        return Result(task, f"store put x{concurrency}", len(keys), put_s,
+                      note="the S3 endpoint alone")
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(store.get, keys))
-    return Result(task, f"store get x{concurrency}", len(keys), time.perf_counter() - t0)
+    return Result(task, f"store get x{concurrency}", len(keys), time.perf_counter() - t0,
+                  note="the S3 endpoint alone")
 
 
 # --- Ray Data --------------------------------------------------------------------------------
