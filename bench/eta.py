@@ -458,8 +458,8 @@ def print_report(results: list[Result], limits: dict[str, float]) -> None:
         if not r.stages_ms:
             continue
         wall = r.seconds * r.processes
-        parts = [f"{s} {r.stages_ms.get(s, 0.0) / 1000:.1f}s ({r.stages_ms.get(s, 0.0) / 1000 / wall:.0%})"
-                 for s in STAGES if s in r.stages_ms]
+        secs = {s: r.stages_ms[s] / 1000 for s in STAGES if s in r.stages_ms}
+        parts = [f"{s} {v:.1f}s ({v / wall:.0%})" for s, v in secs.items()]
         print(f"stages {r.task} {r.mode} ({r.processes} proc): " + ", ".join(parts))
 
 

@@ -106,8 +106,8 @@ def size_process(settings: Settings) -> HostShare:
 
     p = sizing.plan(device=settings.device, processes=settings.worker_processes,
                     threads=settings.torch_threads)
-    share = sizing.HostShare(cores=p.cores, planned=p.processes, fixed_threads=settings.torch_threads
-                             or (p.threads if p.device == "cuda" else None))
+    fixed = settings.torch_threads or (p.threads if p.device == "cuda" else None)
+    share = sizing.HostShare(cores=p.cores, planned=p.processes, fixed_threads=fixed)
     threads = share.start()
     if p.device == "cuda" and p.gpus > 0:
         import torch
