@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     default_model: str = "loom-shapes"
     batch_size: int = Field(default=32, ge=1)
     chunk_batches: int = Field(default=4, ge=1)  # chunk size = chunk_batches * batch_size
+    # Host sizing (worker.sizing): None = planned from the usable cores / visible GPUs.
+    worker_processes: int | None = Field(default=None, ge=1)  # model processes per invocation
+    torch_threads: int | None = Field(default=None, ge=1)  # torch threads per model process
+    embedded_processes: int | None = Field(default=None, ge=1)  # engine processes of `loom caption`...
+    stage_log: Path | None = None  # engines write their stage times here (bench/eta.py)
 
     # Leases, retries and the reconciler.
     lease_seconds: float = Field(default=120.0, gt=0)

@@ -1,6 +1,7 @@
 """The Celery app, built from Settings; torch-free so that the API can import it to publish.
 
-``celery -A worker.app worker -Q loom -c 1`` runs one worker process per GPU. The model is loaded
+``loom worker`` (``celery -A worker.app worker -Q loom -c P``) runs the model processes that fill
+the host: one per GPU, or processes x torch threads = cores on CPU (worker.sizing). The model is loaded
 in ``worker_process_init`` (see worker.tasks), i.e. after the fork, never at import.
 
 Redis is only a delivery hint (ARCHITECTURE.md): a message may be lost, duplicated or delayed, and
@@ -31,6 +32,13 @@ def redis_priority(job_priority: int) -> int:
     return 9 - max(0, min(9, int(job_priority)))
 
 
+def planned_processes(settings: Settings) -> int:
+    from worker import sizing
+
+    return sizing.plan(device=settings.device, processes=settings.worker_processes,
+                       threads=settings.torch_threads).processes
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings that go with the item lifecycle (ARCHITECTURE.md)."""
     vt = int(settings.visibility_timeout_seconds)
@@ -53,8 +61,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        # One process per GPU; the engine batches inside the process.
-        "worker_concurrency": 1,
+        # Model processes per invocation: one per GPU, or processes x threads = cores on CPU
+        # (worker.sizing); `loom worker` passes the same number as -c.
+        "worker_concurrency": planned_processes(settings),
         # worker_process_init loads the model (torch import + weights): give it time to finish
         # before the parent gives up on the child (Celery's default is 4 s).
         "worker_proc_alive_timeout": 300.0,

@@ -11,7 +11,6 @@ real job, so ``loom jobs``, ``loom status ID`` and ``loom results ID`` work on i
 
 import logging
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -63,48 +62,59 @@ def _ext_of(data: bytes) -> str:
         return "bin"  # stored anyway: the worker fails this item with the reason
 
 
+def _store_inputs(local: Local, job_id: str, specs: list[dict[str, Any]],
+                  files: list[Path | bytes | None]) -> None:
+    """Copy each item's file (or bytes) into the store under its input key (threads: I/O)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loom import storage
+
+    def one(i: int) -> None:
+        path = files[i]
+        if path is None:
+            return
+        try:
+            data = path if isinstance(path, bytes) else path.read_bytes()
+        except OSError as exc:
+            data = b""
+            specs[i]["metadata"] = {**(specs[i]["metadata"] or {}),
+                                    "read_error": str(exc.strerror)}
+        key = storage.input_key(local.tenant_id, job_id, i, _ext_of(data))
+        local.store.put(key, data, "application/octet-stream")
+        specs[i]["input"]["image_key"] = key
+
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="loom-copy") as pool:
+        list(pool.map(one, range(len(specs))))
+
+
 def run_embedded(
     local: Local, task: str, specs: list[dict[str, Any]], files: list[Path | bytes | None],
     params: dict[str, Any] | None = None, model: str | None = None, use_cache: bool = True,
 ) -> dict[str, Any]:
-    """Record a job (inputs stored under its keys), run it in-process with a progress bar, and
-    print the summary. ``specs``: item dicts {"input", "metadata"}; ``files[i]``: the image of
-    item i (a file or its bytes, stored as its input) or None."""
-    from loom import jobs, storage
+    """Record a job (inputs stored under its keys), run it on this machine's engine processes
+    with a progress bar, and print the summary. ``specs``: item dicts {"input", "metadata"};
+    ``files[i]``: the image of item i (a file or its bytes, stored as its input) or None.
+
+    The engine processes start first (worker.embedded), so their torch import and model load
+    overlap with recording the job. Ctrl-C stops them cleanly and prints how to resume."""
+    from loom import jobs
     from loom.models import new_id
-    from worker.engine import Engine
+    from worker.embedded import EngineProcesses
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     settings = local.settings
-    blobs: list[tuple[int, bytes]] = []
-    for i, (spec, path) in enumerate(zip(specs, files)):
-        if path is None:
-            continue
-        try:
-            blobs.append((i, path if isinstance(path, bytes) else path.read_bytes()))
-        except OSError as exc:
-            blobs.append((i, b""))
-            spec["metadata"] = {**(spec["metadata"] or {}), "read_error": str(exc.strerror)}
-
-    job_id = new_id()
-    for i, data in blobs:
-        key = storage.input_key(local.tenant_id, job_id, i, _ext_of(data))
-        local.store.put(key, data, "application/octet-stream")
-        specs[i]["input"]["image_key"] = key
-    with local.session_factory() as s:
-        job = jobs.submit_job(
-            s, job_id=job_id, tenant_id=local.tenant_id, task=task,
-            model_name=model or settings.default_model, items=specs, params=params or {},
-            use_cache=use_cache,
-            chunk_size=settings.chunk_size, max_attempts=settings.max_attempts,
-        )
-    worker_id = f"cli-{socket.gethostname()}-{os.getpid()}"
     started = time.monotonic()
-    with make_progress() as progress:
-        bar = progress.add_task(f"{task} {job.id[:8]}", total=len(specs))
-        with Engine(settings, session_factory=local.session_factory, store=local.store,
-                    worker_id=worker_id) as engine:
-            engine.run_job(job.id, progress=lambda n: progress.advance(bar, n))
+    with EngineProcesses(settings, items=len(specs), model=model) as engines:
+        job_id = new_id()
+        _store_inputs(local, job_id, specs, files)
+        with local.session_factory() as s:
+            job = jobs.submit_job(
+                s, job_id=job_id, tenant_id=local.tenant_id, task=task,
+                model_name=model or settings.default_model, items=specs, params=params or {},
+                use_cache=use_cache,
+                chunk_size=settings.chunk_size, max_attempts=settings.max_attempts,
+            )
+        _drive(local, engines, job.id, task, len(specs))
     elapsed = time.monotonic() - started
     summary = local_job(local, job.id)
     c = summary["counts"]
@@ -113,6 +123,7 @@ def run_embedded(
         f"{c.get('failed', 0)} failed" + (f", {c['cancelled']} cancelled" if c.get("cancelled")
                                           else "")
         + f" in {elapsed:.1f}s, {len(specs) / max(elapsed, 1e-9):.1f} items/s"
+        + f" ({engines.describe()})"
     )
     print_failures(local_failures(local, job.id))
     return summary
@@ -122,6 +133,24 @@ def run_embedded(
 # command could not start (bad arguments, no such file, unknown model); these two after a run.
 EXIT_SOME_FAILED = 3  # the job finished and some items failed (their rows carry the error)
 EXIT_NOTHING_SUCCEEDED = 4  # no item succeeded
+
+
+def _drive(local: Local, engines: Any, job_id: str, task: str, total: int,
+           completed: int = 0) -> None:
+    """Run ``job_id`` on ``engines`` with a progress bar; Ctrl-C stops cleanly and says where
+    the finished items are and how to resume."""
+    try:
+        with make_progress() as progress:
+            bar = progress.add_task(f"{task} {job_id[:8]}", total=total, completed=completed)
+            engines.run(job_id, progress=lambda n: progress.advance(bar, n))
+    except KeyboardInterrupt:
+        job = local_job(local, job_id)
+        err.print(
+            f"interrupted: {job['done']} of {job['item_count']} items of job {job_id} are done; "
+            f"their leases are released.\n  finished items: loom results {job_id}\n"
+            f"  resume:         loom run {job_id}"
+        )
+        raise typer.Exit(130) from None
 
 
 def _resolved(local: Local, ref: str) -> str:
@@ -425,19 +454,16 @@ def search(
 
 @app.command("run")
 def run_cmd(job_id: str) -> None:
-    """Run a recorded job's open items in this process (e.g. after ``loom retry``)."""
-    from worker.engine import Engine
+    """Run a recorded job's open items on this machine (e.g. after ``loom retry`` or Ctrl-C)."""
+    from worker.embedded import EngineProcesses
 
     local = open_local()
     try:
         job_id = _resolved(local, job_id)
-        with make_progress() as progress:
-            job = local_job(local, job_id)
-            bar = progress.add_task(f"{job['task']} {job_id[:8]}", total=job["item_count"],
-                                    completed=job["done"])
-            with Engine(local.settings, session_factory=local.session_factory,
-                        store=local.store, worker_id=f"cli-{os.getpid()}") as engine:
-                engine.run_job(job_id, progress=lambda n: progress.advance(bar, n))
+        job = local_job(local, job_id)
+        with EngineProcesses(local.settings, items=job["item_count"] - job["done"],
+                             model=job.get("model")) as engines:
+            _drive(local, engines, job_id, job["task"], job["item_count"], job["done"])
         job = local_job(local, job_id)
         console.print(f"job {job_id}: {job['status']}")
         print_failures(local_failures(local, job_id))
@@ -449,10 +475,38 @@ def run_cmd(job_id: str) -> None:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
              add_help_option=False)
 def worker(ctx: typer.Context) -> None:
-    """Run a Celery worker (queue "loom", one process per GPU); extra args go to celery."""
-    argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "loom",
-            "-c", "1", *ctx.args]
-    os.execv(sys.executable, argv)
+    """Run the Celery worker for this host (queue "loom"): one invocation per host starts the
+    model processes that fill it (one per GPU; on CPU processes x torch threads = usable cores).
+    LOOM_WORKER_PROCESSES / -c and LOOM_TORCH_THREADS override; extra args go to celery."""
+    from loom.config import Settings
+    from worker import sizing
+
+    args = list(ctx.args)
+    given: int | None = None
+    for i, a in enumerate(args):  # -c N, -cN, --concurrency N, --concurrency=N
+        value = None
+        if a in ("-c", "--concurrency") and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith("--concurrency="):
+            value = a.split("=", 1)[1]
+        elif a.startswith("-c") and a[2:].isdigit():
+            value = a[2:]
+        if value is not None and value.isdigit() and int(value) > 0:
+            given = int(value)
+    settings = Settings()
+    plan = sizing.plan(device=settings.device, processes=given or settings.worker_processes,
+                       threads=settings.torch_threads)
+    env = dict(os.environ)
+    # The children read these: the planned share (threads = cores / processes on the host)...
+    env["LOOM_WORKER_PROCESSES"] = str(plan.processes)
+    # ...and start their OpenMP pools that wide (torch is imported after the fork).
+    for k, v in sizing.thread_env(plan.threads).items():
+        env.setdefault(k, v)
+    err.print(f"loom worker: {plan.describe()}")
+    argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "loom"]
+    if given is None:
+        argv += ["-c", str(plan.processes)]
+    os.execve(sys.executable, argv + args, env)
 
 
 @app.command()

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -80,8 +81,12 @@ class Engine:
         worker_id: str,
         model_loader: ModelLoader | None = None,
         io_threads: int = 4,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.settings = settings
+        # Polled between batches: a clean stop (Ctrl-C on an embedded run) finishes the batch in
+        # flight, gives the leases of claimed-but-unrun items back, and returns.
+        self.should_stop = should_stop or (lambda: False)
         self.session_factory = session_factory
         self.store = store
         self.worker_id = worker_id
@@ -91,6 +96,9 @@ class Engine:
         self.cache = ResultCache(session_factory, self.models)
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="loom-io")
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loom-finish")
+        self._claimer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loom-claim")
+        self.stages_ms: dict[str, float] = {}  # this process's summed stage times (all chunks)
+        self.items_done = 0
         self.leases = LeaseKeeper(
             session_factory=session_factory,
             worker_id=worker_id,
@@ -115,6 +123,7 @@ class Engine:
         (a crash of the running batch would burn one of its attempts); it waits until nothing
         else is in flight. A suspect's input is read and decoded only once it runs (alone)."""
         def claim(start: int, end: int, limit: int) -> list[ClaimedItem]:
+            t0 = time.perf_counter()
             with self.session_factory() as session:
                 items = jobs.claim_items(
                     session,
@@ -126,11 +135,16 @@ class Engine:
                     lease_seconds=self.settings.lease_seconds,
                 )
             self.leases.add(i.id for i in items)
+            with self._report_lock:
+                report.add_timing("claim", (time.perf_counter() - t0) * 1000.0)
             return items
 
+        t0 = time.perf_counter()
         with self.session_factory() as session:
             suspects = jobs.suspect_indexes(session, chunk=chunk,
                                             limit=self.settings.batch_size)
+        with self._report_lock:
+            report.add_timing("claim", (time.perf_counter() - t0) * 1000.0)
         if suspects and prefetch:
             return []
         batches: list[_Batch] = []
@@ -214,6 +228,7 @@ class Engine:
         permanent = sum(
             1 for f in failures if not f.error.transient or attempts.get(f.item_id, cap) >= cap
         )
+        t_complete = time.perf_counter()
         with self.session_factory() as session:
             if results:
                 won = jobs.complete_items(
@@ -227,8 +242,10 @@ class Engine:
                     backoff_seconds=self.settings.retry_backoff_seconds,
                     store=self.store,
                 )
+        complete_ms = (time.perf_counter() - t_complete) * 1000.0
         self.leases.discard(i.id for i in batch.items)
         with self._report_lock:
+            report.add_timing("complete", complete_ms)
             report.batches += 1
             report.succeeded += won
             report.cached += sum(1 for r in results if r.cached_from is not None)
@@ -240,6 +257,7 @@ class Engine:
                 for name in ("fetch_ms", "decode_ms"):
                     report.add_timing(name[:-3], prep.timings.get(name, 0.0))
             for r in results:
+                report.add_timing("encode", r.timings.get("encode_ms", 0.0))
                 report.add_timing("upload", r.timings.get("upload_ms", 0.0))
         if progress is not None:
             progress(len(batch.items))
@@ -287,11 +305,17 @@ class Engine:
                         ]
                     else:
                         prepared = [f.result() for f in batch.prepared]
-                        if not queue:  # overlap: claim + decode the next batch during the model
-                            queue.extend(self._claim(chunk, report, prefetch=True))
-                    served, prepared = self.cache.split(prepared, settle=drain)
-                    outputs, bad, info, infer_ms = infer(self.models, prepared)
-                    outputs += served
+                    next_claim: Future[list[_Batch]] | None = None
+                    if not batch.careful and not queue:
+                        # Overlap: claim + decode the next batch beside the model, off its thread.
+                        next_claim = self._claimer.submit(self._claim, chunk, report, prefetch=True)
+                    try:
+                        served, prepared = self.cache.split(prepared, settle=drain)
+                        outputs, bad, info, infer_ms = infer(self.models, prepared)
+                        outputs += served
+                    finally:
+                        if next_claim is not None:
+                            queue.extend(next_claim.result())
                     pending.append(
                         self._finisher.submit(
                             self._finish, batch, outputs, bad, info, infer_ms, report, progress
@@ -312,10 +336,16 @@ class Engine:
                             )
                         queue.clear()
                         break
+                    if self.should_stop():
+                        drain()
+                        break
                     if not queue:
                         drain()
                         queue.extend(self._claim(chunk, report))
                 drain()
+                if queue and self.should_stop():
+                    self._release(queue)
+                    queue.clear()
         finally:
             # On an error, let in-flight work settle before the leases stop being extended.
             for fut in pending:
@@ -327,7 +357,20 @@ class Engine:
                 for fut in batch.prepared:
                     fut.cancel()
             report.seconds = time.perf_counter() - t_start
+            self._record_stages(report)
         return report
+
+    def _release(self, batches: deque[_Batch]) -> None:
+        """Give back the leases of claimed batches that will not run (a clean stop)."""
+        from loom import jobs
+
+        ids = [i.id for b in batches for i in b.items]
+        for b in batches:
+            for fut in b.prepared:
+                fut.cancel()
+        with self.session_factory() as session:
+            jobs.release_leases(session, worker_id=self.worker_id, item_ids=ids)
+        self.leases.discard(ids)
 
     def run_job(
         self, job_id: str, progress: Progress | None = None, *, poll_seconds: float = 0.5
@@ -344,10 +387,17 @@ class Engine:
         with self.session_factory() as session:
             jobs.publish_pending(session, publish=lambda _chunk: None, job_id=job_id)
             chunks = jobs.job_chunks(session, job_id=job_id)
-        while True:
+        # One range over the whole job: no pipeline drain at every chunk boundary (the broker's
+        # chunks exist to spread work over workers; here every engine claims from all of it).
+        if chunks:
+            chunks = [jobs.Chunk(job_id, min(c.start for c in chunks),
+                                 max(c.end for c in chunks), max(c.priority for c in chunks))]
+        while not self.should_stop():
             claimed = 0
             for chunk in chunks:
                 claimed += self.run_chunk(chunk, progress=progress).claimed
+            if self.should_stop():
+                break
             status = self._job_status(job_id)
             if status is None or status in terminal:
                 break
@@ -364,7 +414,28 @@ class Engine:
         with self.session_factory() as session:
             return jobs.get_job(session, job_id=job_id)
 
+    def _record_stages(self, report: ChunkReport) -> None:
+        """Add a chunk's stage times to the process totals; with LOOM_STAGE_LOG set, write them
+        to ``{stage_log}/{worker_id}.json`` (what bench/eta.py reads for its breakdown)."""
+        with self._report_lock:
+            for k, v in report.timings_ms.items():
+                self.stages_ms[k] = self.stages_ms.get(k, 0.0) + v
+            self.items_done += report.succeeded + report.failed
+            snapshot = {"worker_id": self.worker_id, "items": self.items_done,
+                        "stages_ms": dict(self.stages_ms)}
+        if self.settings.stage_log is not None:
+            import json
+            import os
+
+            path = Path(self.settings.stage_log)
+            path.mkdir(parents=True, exist_ok=True)
+            name = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.worker_id)
+            tmp = path / f".{name}.tmp"
+            tmp.write_text(json.dumps(snapshot))
+            os.replace(tmp, path / f"{name}.json")
+
     def close(self) -> None:
+        self._claimer.shutdown(wait=True, cancel_futures=True)
         self._io.shutdown(wait=True, cancel_futures=True)
         self._finisher.shutdown(wait=True, cancel_futures=True)
 

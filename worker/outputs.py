@@ -69,6 +69,7 @@ def image_result(
     from loom.storage import output_key
 
     item = prep.item
+    t_encode = time.perf_counter()
     data = media.encode_png(image)
     key = output_key(item.tenant_id, item.job_id, item.index, "png")
     t0 = time.perf_counter()
@@ -78,7 +79,8 @@ def image_result(
         raise
     except Exception as exc:  # boto/network errors that the store did not wrap
         raise StorageError(f"upload of {key} failed: {type(exc).__name__}: {exc}") from exc
-    timings = {**timings, "upload_ms": (time.perf_counter() - t0) * 1000.0}
+    timings = {**timings, "encode_ms": (t0 - t_encode) * 1000.0,
+               "upload_ms": (time.perf_counter() - t0) * 1000.0}
     return ItemResult(
         kind="image",
         text=None,

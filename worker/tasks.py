@@ -23,6 +23,7 @@ from worker.app import app, make_publisher
 if TYPE_CHECKING:  # pragma: no cover
     from worker.engine import Engine
     from worker.reconciler import Reconciler
+    from worker.sizing import HostShare
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class _Process:
     db_engine: Any = None
     engine: Engine | None = None
     reconciler: Reconciler | None = None
+    share: HostShare | None = None  # this process's slot among the host's model processes
     pid: int | None = None  # the process that built the above (a fork must not inherit them)
 
 
@@ -98,6 +100,27 @@ def start_reconciler() -> Reconciler:
     return _Process.reconciler
 
 
+def size_process(settings: Settings) -> HostShare:
+    """Take this process's host slot and size torch before the model loads (worker.sizing):
+    threads = usable cores / model processes on the host, unless LOOM_TORCH_THREADS says; on
+    CUDA the process with slot k uses GPU k."""
+    from worker import sizing
+
+    p = sizing.plan(device=settings.device, processes=settings.worker_processes,
+                    threads=settings.torch_threads)
+    fixed = settings.torch_threads or (p.threads if p.device == "cuda" else None)
+    share = sizing.HostShare(cores=p.cores, planned=p.processes, fixed_threads=fixed)
+    threads = share.start()
+    if p.device == "cuda" and p.gpus > 0:
+        import torch
+
+        torch.cuda.set_device((share.slot or 0) % p.gpus)
+    log.info("loom worker process %d: slot %s, %d torch thread(s), %s", os.getpid(), share.slot,
+                threads, p.describe())
+    _Process.share = share
+    return share
+
+
 def shutdown_process() -> None:
     if _Process.reconciler is not None:
         _Process.reconciler.stop()
@@ -108,12 +131,19 @@ def shutdown_process() -> None:
     if _Process.db_engine is not None:
         _Process.db_engine.dispose()
         _Process.db_engine = None
+    if _Process.share is not None:
+        _Process.share.release()
+        _Process.share = None
 
 
 @worker_process_init.connect
 def _on_process_init(sender: Any = None, **_: Any) -> None:
     """After the fork (prefork and solo pools both send it): connect, load the default model,
     start reconciling."""
+    try:
+        size_process(get_settings())
+    except Exception:  # sizing is an optimisation: never keep the worker from starting
+        log.exception("could not size this worker process to the host")
     engine = get_engine(sender if isinstance(sender, str) else None)
     try:
         engine.model(engine.settings.default_model)
@@ -160,6 +190,8 @@ def run_chunk(self: Any, job_id: str, start: int, end: int) -> dict[str, Any]:
     """Run items [start, end) of ``job_id``; safe to deliver twice (claims are fenced)."""
     from loom.jobs import Chunk
 
+    if _Process.share is not None and _Process.pid == os.getpid():
+        _Process.share.rebalance()  # another invocation started or stopped on this host
     try:
         report = get_engine().run_chunk(Chunk(job_id, int(start), int(end)))
     except _infrastructure_errors() as exc:

@@ -27,6 +27,7 @@ from loom.jobs.finalize import (
     webhook_payload,
     write_manifest,
 )
+from loom.jobs.leases import release_leases
 from loom.jobs.queries import (
     get_job,
     get_output,
@@ -108,6 +109,7 @@ __all__ = [
     "publish_pending",
     "reconcile",
     "record_model_version",
+    "release_leases",
     "request_fingerprint",
     "request_hash",
     "resolve_job_id",

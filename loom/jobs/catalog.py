@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from loom.db import begin_write
 from loom.models import ModelVersion
 
 
@@ -16,6 +17,9 @@ def record_model_version(
     session: Session, *, name: str, version: str, weights_sha256: str, tasks: Sequence[str]
 ) -> None:
     """Insert the version unless it is known; a concurrent insert by another process is fine."""
+    # A write transaction from the start: on SQLite a read-then-write transaction fails at once
+    # ("database is locked", no busy wait) while another thread or process holds the write lock.
+    begin_write(session)
     exists = session.scalar(
         select(ModelVersion.id).where(
             ModelVersion.name == name,

@@ -21,7 +21,13 @@ def test_celery_settings_follow_the_item_lifecycle(make_settings: Any) -> None:
     conf = make_celery(settings).conf
     assert conf.broker_url == "redis://example:6379/3"
     assert conf.task_acks_late is True and conf.task_reject_on_worker_lost is True
-    assert conf.worker_prefetch_multiplier == 1 and conf.worker_concurrency == 1
+    assert conf.worker_prefetch_multiplier == 1
+    # Model processes per invocation come from the host plan (worker.sizing) or the override.
+    from worker import sizing
+
+    plan = sizing.plan(device=settings.device)
+    assert conf.worker_concurrency == plan.processes >= 1
+    assert make_celery(make_settings(worker_processes=3)).conf.worker_concurrency == 3
     assert conf.task_ignore_result is True and not conf.result_backend
     # The visibility timeout in all three places the Celery Redis docs name.
     assert conf.broker_transport_options["visibility_timeout"] == 7200

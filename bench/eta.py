@@ -1,0 +1,552 @@
+"""How close Loom gets to the bare model loop: one command, one run, the same inputs for every mode.
+
+Renders N shapes-world scenes (half PNG, half JPEG) and, for caption and generate, measures:
+
+  bare        the model loop alone (read file, decode, model call, batch B; generate also encodes
+              and writes the PNG), as 1 process x all threads and as P processes x 1 thread; the
+              best is the LIMIT the other modes are judged against (model load not timed)
+  embedded    `loom caption DIR --out F` / `loom generate --prompts F --out DIR`, the real CLI in
+              a subprocess, wall clock from start to exit (start-up and writing results included)
+  local       distributed: `loom worker` (the README's one command per host) on PostgreSQL + Redis
+              with a local file store; from submit to the job's final status
+  s3          the same with an S3 endpoint (a moto_server this script starts)
+  store       that endpoint's own get/put rate at the worker's I/O concurrency; the s3 mode is
+              judged against min(limit, store rate)
+  ray         Ray Data with the same model (map_batches over an actor pool), when ray is installed
+              (pip install 'loom[bench]')
+
+For the Loom modes it prints a stage breakdown (claim, fetch, decode, infer, encode, upload,
+complete): each stage's summed seconds over all engine processes, and that as a share of the
+processes' wall time (the stages overlap, so infer's share is how busy the model was).
+
+    python bench/eta.py                          # 5000 scenes, every mode (minutes)
+    python bench/eta.py --n 500 --modes bare,embedded --tasks caption   # a quick look
+
+Distributed modes need PostgreSQL (--pg, an admin URL; a fresh database is created and dropped)
+and Redis (--redis, a DB number of its own; nothing is flushed). Numbers are ratios measured side
+by side in one run on this machine, not targets checked by tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ALL_MODES = ("bare", "embedded", "local", "s3", "store", "ray")
+STAGES = ("claim", "fetch", "decode", "infer", "encode", "upload", "complete")
+MAX_PIXELS = 40_000_000  # Settings.max_image_pixels
+IO_THREADS = 4  # worker.engine.Engine's default I/O pool per process
+
+
+@dataclass
+class Result:
+    task: str
+    mode: str
+    items: int
+    seconds: float
+    note: str = ""
+    stages_ms: dict[str, float] = field(default_factory=dict)
+    processes: int = 1
+    against: float | None = None  # the rate this mode is judged against (default: the limit)
+
+    @property
+    def rate(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else 0.0
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def render_inputs(work: Path, n: int, seed: int = 0) -> tuple[list[Path], list[str]]:
+    from pipeline import data
+
+    rng = random.Random(seed)
+    images = work / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    paths, prompts = [], []
+    for i in range(n):
+        scene = data.sample_scene(rng)
+        path = images / (f"{i:05d}.png" if i % 2 == 0 else f"{i:05d}.jpg")
+        if not path.exists():
+            img = data.render(scene)
+            if path.suffix == ".png":
+                img.save(path)
+            else:
+                img.save(path, quality=90)
+        paths.append(path)
+        prompts.append(data.caption(scene))
+    (work / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    return paths, prompts
+
+
+# --- bare loop ---------------------------------------------------------------------------------
+
+
+def _bare_child(task: str, work: list[Any], threads: int, batch: int, device: str,
+                out_dir: str, barrier: Any, results: Any) -> None:
+    import torch
+
+    from loom import media
+    from pipeline import registry
+
+    torch.set_num_threads(threads)
+    model = registry.load("loom-shapes", device=device)
+
+    def run(chunk: list[Any]) -> None:
+        if task == "caption":
+            images = [media.decode_image(Path(p).read_bytes(), max_pixels=MAX_PIXELS)
+                      for p in chunk]
+            model.caption(images)
+        else:
+            prompts = [p for _, p in chunk]
+            for (i, _), img in zip(chunk, model.generate(prompts, [i for i, _ in chunk])):
+                (Path(out_dir) / f"{i:05d}.png").write_bytes(media.encode_png(img))
+
+    run(work[:batch])  # warm-up, not timed
+    barrier.wait()
+    t0 = time.perf_counter()
+    for k in range(0, len(work), batch):
+        run(work[k:k + batch])
+    results.put((t0, time.perf_counter(), len(work)))
+
+
+def bare(task: str, inputs: list[Any], processes: int, threads: int, batch: int, device: str,
+         work: Path) -> Result:
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    out = work / f"bare-{task}-{processes}x{threads}"
+    out.mkdir(exist_ok=True)
+    shares = [inputs[k::processes] for k in range(processes)]
+    procs = [ctx.Process(target=_bare_child, args=(task, share, threads, batch, device, str(out),
+                                                   barrier, results)) for share in shares]
+    for p in procs:
+        p.start()
+    got: list[tuple[float, float, int]] = []
+    try:
+        while len(got) < len(procs):
+            try:
+                got.append(results.get(timeout=1.0))
+            except queue_mod.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"bare {task} {processes}x{threads}: a process failed "
+                                       f"(exit {dead[0]})") from None
+    finally:
+        for p in procs:
+            if p.exitcode is None and len(got) < len(procs):
+                p.terminate()
+            p.join()
+    t0, t1 = min(g[0] for g in got), max(g[1] for g in got)
+    note = "model load not timed" + ("; PNG encode + write on the model thread"
+                                     if task == "generate" else "")
+    return Result(task, f"bare {processes}x{threads}", sum(g[2] for g in got), t1 - t0,
+                  processes=processes, note=note)
+
+
+# --- helpers for the Loom modes --------------------------------------------------------------
+
+
+def _env(**loom: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env.update({f"LOOM_{k.upper()}": str(v) for k, v in loom.items() if v is not None})
+    return env
+
+
+def _loom_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "loom"
+    return [str(script)] if script.exists() else [sys.executable, "-c",
+                                                  "from worker.cli import app; app()"]
+
+
+def read_stages(directory: Path) -> tuple[dict[str, float], int]:
+    total: dict[str, float] = {}
+    files = 0
+    for f in directory.glob("*.json"):
+        try:
+            snap = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        files += 1
+        for k, v in snap.get("stages_ms", {}).items():
+            total[k] = total.get(k, 0.0) + float(v)
+    return total, files
+
+
+def embedded(task: str, n: int, work: Path, batch: int, device: str) -> Result:
+    home = work / f"embedded-{task}-{secrets.token_hex(3)}"
+    stages = home / "stages"
+    env = _env(home=home, device=device, batch_size=batch, stage_log=stages)
+    if task == "caption":
+        args = ["caption", str(work / "images"), "--out", str(home / "captions.jsonl")]
+    else:
+        args = ["generate", "--prompts", str(work / "prompts.txt"), "--out", str(home / "gen"),
+                "--seed", "0"]
+    t0 = time.perf_counter()
+    proc = subprocess.run([*_loom_cmd(), *args], env=env, capture_output=True, text=True,
+                          cwd=str(work))
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"loom {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    out = home / ("captions.jsonl" if task == "caption" else "gen/index.jsonl")
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    ok = sum(1 for r in rows if r.get("caption" if task == "caption" else "file"))
+    if ok != n:
+        raise RuntimeError(f"embedded {task}: {ok} of {n} items have an output")
+    stage_ms, procs = read_stages(stages)
+    shutil.rmtree(home / "store", ignore_errors=True)
+    return Result(task, "embedded", n, seconds, stages_ms=stage_ms, processes=max(1, procs),
+                  note=f"{procs} engine process(es); start-up and writing results included")
+
+
+# --- distributed ---------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Services:
+    """A fresh PostgreSQL database, the Redis DB given, and (for s3) a moto_server of our own."""
+
+    def __init__(self, pg_admin: str, redis_url: str) -> None:
+        import psycopg
+
+        self.pg_admin = pg_admin
+        self.db = f"loom_eta_{secrets.token_hex(4)}"
+        with psycopg.connect(pg_admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.db}"')
+            user = conn.info.user
+            host, port = conn.info.host, conn.info.port
+        self.database_url = f"postgresql+psycopg://{user}@{host}:{port}/{self.db}"
+        from loom.db import upgrade
+
+        upgrade(self.database_url)
+        self.redis_url = redis_url
+        self.moto: subprocess.Popen[bytes] | None = None
+        self.s3_endpoint: str | None = None
+
+    def start_moto(self) -> str:
+        if self.s3_endpoint:
+            return self.s3_endpoint
+        import httpx
+
+        binary = Path(sys.executable).parent / "moto_server"
+        exe = str(binary) if binary.exists() else shutil.which("moto_server")
+        if not exe:
+            raise RuntimeError("moto_server is not installed (pip install 'moto[server]')")
+        port = _free_port()
+        self.moto = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/moto-api/", timeout=1.0)
+                break
+            except httpx.HTTPError:
+                if self.moto.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.2)
+        for k, v in {"AWS_ACCESS_KEY_ID": "eta", "AWS_SECRET_ACCESS_KEY": "eta",
+                     "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            os.environ.setdefault(k, v)
+        import boto3
+
+        boto3.client("s3", endpoint_url=url).create_bucket(Bucket="eta")
+        self.s3_endpoint = url
+        return url
+
+    def close(self) -> None:
+        if self.moto is not None:
+            self.moto.terminate()
+            try:
+                self.moto.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.moto.kill()
+                self.moto.wait()
+        import psycopg
+
+        with psycopg.connect(self.pg_admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
+
+
+def distributed(task: str, paths: list[Path], prompts: list[str], svc: Services, work: Path,
+                batch: int, device: str, s3: bool) -> Result:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loom import jobs
+    from loom.config import Settings
+    from loom.db import make_engine, make_session_factory
+    from loom.storage import input_key, store_from_settings
+    from loom.tenants import ensure_tenant
+    from worker.app import make_celery, make_publisher
+
+    mode = "s3" if s3 else "local"
+    stages = work / f"stages-{mode}-{task}-{secrets.token_hex(3)}"
+    loom_env: dict[str, Any] = dict(
+        home=work / "dist-home", database_url=svc.database_url, broker_url=svc.redis_url,
+        storage_url=("s3://eta/loom" if s3 else f"file://{work / 'dist-store'}"),
+        s3_endpoint_url=svc.start_moto() if s3 else None, auth="off", device=device,
+        batch_size=batch, stage_log=stages)
+    settings = Settings(**{k: v for k, v in loom_env.items() if v is not None})
+    store = store_from_settings(settings)
+    db = make_engine(svc.database_url)
+    sf = make_session_factory(db)
+    celery_app = make_celery(settings)
+    publish = make_publisher(celery_app)
+    with sf() as s:
+        tenant = ensure_tenant(s, name="local").id
+    upload = secrets.token_hex(6)
+    if task == "caption":
+        def put(i: int) -> dict[str, Any]:
+            key = input_key(tenant, upload, i, paths[i].suffix.lstrip("."))
+            store.put(key, paths[i].read_bytes())
+            return {"input": {"image_key": key}}
+
+        with ThreadPoolExecutor(16) as pool:
+            items = list(pool.map(put, range(len(paths))))
+    else:
+        items = [{"input": {"prompt": p, "seed": i}} for i, p in enumerate(prompts)]
+
+    def run(some: list[dict[str, Any]]) -> tuple[str, float, float]:
+        t0 = time.perf_counter()
+        with sf() as s:
+            job = jobs.submit_job(s, tenant_id=tenant, task=task, model_name=settings.default_model,
+                                  items=some, chunk_size=settings.chunk_size,
+                                  max_attempts=settings.max_attempts)
+            jobs.publish_pending(s, publish=publish, job_id=job.id)
+        submitted = time.perf_counter() - t0
+        while True:
+            with sf() as s:
+                status = jobs.get_job(s, job_id=job.id).status
+            if status in ("succeeded", "completed_with_errors", "failed", "cancelled"):
+                break
+            if worker.poll() is not None:
+                raise RuntimeError(f"loom worker exited ({worker.returncode}); see {log_path}")
+            time.sleep(0.05)
+        if status != "succeeded":
+            raise RuntimeError(f"{mode} {task} job ended {status}")
+        return job.id, time.perf_counter() - t0, submitted
+
+    log_path = work / f"worker-{mode}-{task}.log"
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen(
+            [*_loom_cmd(), "worker", "-n", f"eta-{secrets.token_hex(3)}@%h", "-l", "warning"],
+            env=_env(**loom_env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        run(items[: batch * 2])  # warm-up: the processes are up and the model loaded
+        before, _ = read_stages(stages)
+        _, seconds, submitted = run(items)
+        after, procs = read_stages(stages)
+    finally:
+        try:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(worker.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            worker.wait()
+        celery_app.close()
+        db.dispose()
+    diff = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    return Result(task, mode, len(items), seconds, stages_ms=diff, processes=max(1, procs),
+                  note=f"submit {submitted:.2f}s")
+
+
+def store_rate(task: str, paths: list[Path], svc: Services, concurrency: int) -> Result:
+    """The S3 endpoint alone: caption reads one object per item, generate writes one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loom.config import Settings
+    from loom.storage import store_from_settings
+
+    store = store_from_settings(Settings(storage_url="s3://eta/rate",
+                                         s3_endpoint_url=svc.start_moto()))
+    blobs = [p.read_bytes() for p in paths]
+    keys = [f"rate/{task}/{i}" for i in range(len(blobs))]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda kb: store.put(kb[0], kb[1]), zip(keys, blobs)))
+    put_s = time.perf_counter() - t0
+    if task == "generate":
+        return Result(task, f"store put x{concurrency}", len(keys), put_s,
+                      note="the S3 endpoint alone")
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(store.get, keys))
+    return Result(task, f"store get x{concurrency}", len(keys), time.perf_counter() - t0,
+                  note="the S3 endpoint alone")
+
+
+# --- Ray Data --------------------------------------------------------------------------------
+
+
+def ray_data(task: str, paths: list[Path], prompts: list[str], processes: int, threads: int,
+             batch: int, device: str) -> Result:
+    import ray
+
+    ray.init(num_cpus=processes * threads, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+
+    class Model:
+        def __init__(self) -> None:
+            import torch
+
+            from pipeline import registry
+
+            torch.set_num_threads(threads)
+            self.model = registry.load("loom-shapes", device=device)
+
+        def __call__(self, rows: dict[str, Any]) -> dict[str, Any]:
+            from loom import media
+
+            if task == "caption":
+                images = [media.decode_image(Path(p).read_bytes(), max_pixels=MAX_PIXELS)
+                          for p in rows["path"]]
+                return {"out": self.model.caption(images)}
+            imgs = self.model.generate(list(rows["prompt"]), [int(s) for s in rows["seed"]])
+            return {"out": [len(media.encode_png(i)) for i in imgs]}
+
+    rows = ([{"path": str(p)} for p in paths] if task == "caption"
+            else [{"prompt": p, "seed": i} for i, p in enumerate(prompts)])
+    try:
+        t0 = time.perf_counter()
+        ds = ray.data.from_items(rows).map_batches(Model, batch_size=batch, concurrency=processes,
+                                                   num_cpus=threads)
+        n = sum(len(b["out"]) for b in ds.iter_batches(batch_size=batch))
+        seconds = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    return Result(task, f"ray data {processes}x{threads}", n, seconds, note="model load included")
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def print_report(results: list[Result], limits: dict[str, float]) -> None:
+    print()
+    print(f"{'task':<9}{'mode':<22}{'items':>7}{'seconds':>9}{'items/s':>10}{'ratio':>8}  note")
+    print("-" * 90)
+    for r in results:
+        ref = r.against or limits.get(r.task)
+        ratio = f"{r.rate / ref:.2f}" if ref else "-"
+        print(f"{r.task:<9}{r.mode:<22}{r.items:>7}{r.seconds:>9.2f}{r.rate:>10.1f}{ratio:>8}  "
+              f"{r.note}")
+    for r in results:
+        if not r.stages_ms:
+            continue
+        wall = r.seconds * r.processes
+        secs = {s: r.stages_ms[s] / 1000 for s in STAGES if s in r.stages_ms}
+        parts = [f"{s} {v:.1f}s ({v / wall:.0%})" for s, v in secs.items()]
+        print(f"stages {r.task} {r.mode} ({r.processes} proc): " + ", ".join(parts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=5000, help="scenes (items per job)")
+    ap.add_argument("--modes", default=",".join(ALL_MODES), help=",".join(ALL_MODES))
+    ap.add_argument("--tasks", default="caption,generate")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bare", choices=("all", "plan"), default="all",
+                    help="bare configurations: 1 x all threads, P x 1 and the host plan (all), "
+                         "or only the host plan (plan, quicker)")
+    ap.add_argument("--work", type=Path, default=None, help="working directory (default: temp)")
+    ap.add_argument("--pg", default=os.environ.get("LOOM_BENCH_PG",
+                                                    "postgresql://127.0.0.1:5432/postgres"),
+                    help="PostgreSQL admin URL (a database is created and dropped)")
+    ap.add_argument("--redis", default=os.environ.get("LOOM_BENCH_REDIS",
+                                                       "redis://127.0.0.1:6379/13"))
+    a = ap.parse_args(argv)
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    unknown = set(modes) - set(ALL_MODES)
+    if unknown:
+        ap.error(f"unknown modes: {', '.join(sorted(unknown))}")
+
+    from worker import sizing
+
+    plan = sizing.plan(device=a.device)
+    work = a.work or Path(tempfile.mkdtemp(prefix="loom-eta-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    paths, prompts = render_inputs(work, a.n)
+    print(f"{a.n} scenes in {work} ({time.perf_counter() - t0:.1f}s); host plan: {plan.describe()}")
+
+    results: list[Result] = []
+    limits: dict[str, float] = {}
+    svc: Services | None = None
+    try:
+        for task in tasks:
+            inputs: list[Any] = ([str(p) for p in paths] if task == "caption"
+                                 else list(enumerate(prompts)))
+            if "bare" in modes:
+                configs = {(1, plan.cores), (plan.cores, 1), (plan.processes, plan.threads)}
+                if plan.device == "cuda" or a.bare == "plan":
+                    configs = {(plan.processes, plan.threads)}
+                bares = [bare(task, inputs, p, t, a.batch, a.device, work)
+                         for p, t in sorted(configs)]
+                best = max(bares, key=lambda r: r.rate)
+                limits[task] = best.rate
+                results += bares
+                print(f"{task} limit: {best.rate:.1f} items/s ({best.mode})", flush=True)
+            if "embedded" in modes:
+                results.append(embedded(task, a.n, work, a.batch, a.device))
+                print(f"{task} embedded: {results[-1].rate:.1f} items/s", flush=True)
+            for mode in ("local", "s3"):
+                if mode in modes:
+                    svc = svc or Services(a.pg, a.redis)
+                    r = distributed(task, paths, prompts, svc, work, a.batch, a.device,
+                                    s3=mode == "s3")
+                    results.append(r)
+                    print(f"{task} {mode}: {r.rate:.1f} items/s", flush=True)
+            if "store" in modes or "s3" in modes:
+                svc = svc or Services(a.pg, a.redis)
+                s = store_rate(task, paths, svc, plan.processes * IO_THREADS)
+                results.append(s)
+                for r in results:
+                    if r.task == task and r.mode == "s3" and task in limits:
+                        r.against = min(limits[task], s.rate)
+                        r.note += f"; vs min(limit, store) = {r.against:.0f}/s"
+            if "ray" in modes:
+                try:
+                    import ray  # noqa: F401
+                except ImportError:
+                    print("ray: skipped (not installed; pip install 'loom[bench]')")
+                else:
+                    best_p, best_t = (plan.processes, plan.threads)
+                    results.append(ray_data(task, paths, prompts, best_p, best_t, a.batch,
+                                            a.device))
+    finally:
+        if svc is not None:
+            svc.close()
+        if a.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print_report(results, limits)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
