@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import Runtime
 from api.metrics import build_registry
-from api.routes import files, health, jobs, models, outputs
+from api.routes import events, files, health, jobs, models, outputs, ui
 from loom.config import Settings
 from loom.errors import LoomError
 
@@ -186,8 +186,12 @@ def create_app(
         overrides={"/v1/files": (settings.max_file_bytes + 2**20, "LOOM_MAX_FILE_BYTES")},
     )
     install_error_handlers(app)
-    for module in (jobs, files, outputs, models, health):
+    for module in (jobs, files, events, outputs, models, health, ui):
         app.include_router(module.router)
+    app.include_router(events.secret_router)
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/ui/static", StaticFiles(directory=str(ui.HERE / "static")), name="ui-static")
     return app
 
 

@@ -39,7 +39,7 @@ class Reconciler:
         self.runs = 0
 
     def run_once(self) -> Any:
-        from loom import jobs
+        from loom import jobs, webhooks
 
         with self.session_factory() as session:
             report = jobs.reconcile(
@@ -48,6 +48,10 @@ class Reconciler:
                 stale_after_seconds=self.stale_after_seconds,
                 store=self.store,
             )
+            try:  # webhooks: enqueue started/progress, send due deliveries (with backoff)
+                webhooks.tick(session)
+            except Exception:
+                log.exception("webhook delivery failed")
         self.runs += 1
         return report
 
