@@ -217,3 +217,24 @@ def test_job_page_in_a_real_browser(site: Site, tmp_path: Path) -> None:
             "const i = document.querySelector('img.big'); return i.complete && i.naturalWidth")
     finally:
         driver.quit()
+
+
+def test_sdk_events_and_loom_watch_follow_the_stream(site: Site) -> None:
+    from typer.testing import CliRunner
+
+    from loom.client import ApiError, Client
+    from worker.cli import app
+
+    job = submit(site, 8)
+    worker = run_worker(site, job["id"], pause=0.1)
+    with Client(site.url, site.keys["acme"]) as c:
+        events = list(c.events(job["id"]))
+        worker.join(60)
+        assert events[-1]["event"] == "finished" and events[-1]["data"]["done"] == 8
+        with pytest.raises(ApiError) as err:
+            list(c.events("0" * 32))
+        assert err.value.http_status == 404
+    result = CliRunner().invoke(app, ["watch", job["id"], "--api", site.url,
+                                      "--api-key", site.keys["acme"]])
+    assert result.exit_code == 0, result.output
+    assert "succeeded" in result.output
