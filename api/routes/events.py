@@ -34,11 +34,13 @@ async def events(
     job_id: Annotated[str, Path(max_length=64)],
     request: Request,
     rt: RuntimeDep,
+    session: SessionDep,
     caller: ViewerDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=100)] = None,
 ) -> StreamingResponse:
     """Live events of a job; reconnect with ``Last-Event-ID`` to resume after the last one seen
     (item failures are replayed from the database)."""
+    session.close()  # authentication is done: give its connection back for the stream's length
     state = stream.StreamState.resume(last_event_id)
 
     def poll() -> list[dict]:
