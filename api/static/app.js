@@ -2,6 +2,11 @@
 // failures, samples and webhook deliveries. Plain JS, no build step.
 (function () {
   "use strict";
+  for (const el of document.querySelectorAll(".age[data-ts]")) {  // jobs list: "3 min ago"
+    const s = (Date.now() - Date.parse(el.dataset.ts)) / 1000;
+    el.textContent = s < 90 ? `${Math.round(s)} s ago` : s < 5400 ? `${Math.round(s / 60)} min ago`
+      : s < 172800 ? `${Math.round(s / 3600)} h ago` : `${Math.round(s / 86400)} days ago`;
+  }
   const root = document.getElementById("job");
   if (!root) return;
   const jobId = root.dataset.jobId;

@@ -239,3 +239,50 @@ def test_sdk_events_and_loom_watch_follow_the_stream(site: Site) -> None:
                                       "--api-key", site.keys["acme"]])
     assert result.exit_code == 0, result.output
     assert "succeeded" in result.output
+
+
+def test_loom_ui_serves_the_embedded_database_on_loopback(tmp_path: Path) -> None:
+    """`loom ui`: the same pages over LOOM_HOME's SQLite and store, auth off, 127.0.0.1 only."""
+    import socket
+    import subprocess
+    import sys
+
+    from fixtures_worker import free_port
+    from loom import db, jobs, tenants
+
+    home = tmp_path / "home"
+    home.mkdir()
+    url = f"sqlite:///{home}/loom.db"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    with db.make_session_factory(engine)() as s:
+        tenant = tenants.ensure_tenant(s, name=tenants.DEFAULT_TENANT)
+        s.commit()
+        job = jobs.submit_job(s, tenant_id=tenant.id, task="generate", model_name="loom-shapes",
+                              items=[{"input": {"prompt": "a red circle", "seed": 1}}],
+                              chunk_size=8, max_attempts=3)
+    engine.dispose()
+    port = free_port()
+    env = {**os.environ, "LOOM_HOME": str(home), "LOOM_DATABASE_URL": url, "LOOM_AUTH": "on"}
+    proc = subprocess.Popen([sys.executable, "-c", "from worker.cli import app; app()", "ui",
+                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/ui/jobs", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        assert r.status_code == 200 and job.id[:12] in r.text  # auth off for the local tenant
+        assert httpx.get(f"http://127.0.0.1:{port}/ui/jobs/{job.id}").status_code == 200
+        # Bound to loopback only: another local address of this machine is not served.
+        other = socket.gethostbyname(socket.gethostname())
+        if not other.startswith("127."):
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"http://{other}:{port}/ui/jobs", timeout=2)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
