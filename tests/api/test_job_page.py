@@ -134,7 +134,7 @@ def test_cross_tenant_page_item_and_thumbnail_are_404(site: Site) -> None:
     run_worker(site, job["id"]).join(60)
     items = httpx.get(f"{site.url}/v1/jobs/{job['id']}/items",
                       headers={"Authorization": f"Bearer {site.keys['acme']}"}).json()["items"]
-    item_id = items[0]["item_id"] if "item_id" in items[0] else items[0]["id"]
+    item_id = items[0]["id"]
     paths = [f"/ui/jobs/{job['id']}", f"/ui/items/{item_id}", f"/ui/items/{item_id}/thumb",
              f"/ui/jobs/{job['id']}/data", f"/v1/jobs/{job['id']}/events"]
     for name, expected in (("acme", 200), ("other", 404)):
