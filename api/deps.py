@@ -91,7 +91,26 @@ def get_caller(
     return Caller(tenant_id=tenant.id)
 
 
+UI_COOKIE = "loom_key"
+
+
+def get_viewer(
+    request: Request,
+    runtime: Annotated[Runtime, Depends(get_runtime)],
+    session: Annotated[Session, Depends(get_session)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Caller:
+    """Like ``get_caller``, but also takes the page's login cookie (an HttpOnly, SameSite=Strict
+    cookie holding the API key): the job page and its event stream (EventSource cannot send an
+    Authorization header). Only GET routes and the page's own forms use it."""
+    cookie = request.cookies.get(UI_COOKIE)
+    if credentials is None and cookie and runtime.settings.auth_enabled:
+        credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=cookie)
+    return get_caller(runtime, session, credentials)
+
+
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SessionDep = Annotated[Session, Depends(get_session)]
 CallerDep = Annotated[Caller, Depends(get_caller)]
+ViewerDep = Annotated[Caller, Depends(get_viewer)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

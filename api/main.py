@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import Runtime
 from api.metrics import build_registry
-from api.routes import files, health, jobs, models, outputs
+from api.routes import events, files, health, jobs, models, outputs, ui
 from loom.config import Settings
 from loom.errors import InternalError, LoomError
 
@@ -217,8 +217,12 @@ def create_app(
     )
     app.add_middleware(InternalErrorMiddleware)  # outermost of ours: sees every failure
     install_error_handlers(app)
-    for module in (jobs, files, outputs, models, health):
+    for module in (jobs, files, events, outputs, models, health, ui):
         app.include_router(module.router)
+    app.include_router(events.secret_router)
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/ui/static", StaticFiles(directory=str(ui.HERE / "static")), name="ui-static")
     return app
 
 

@@ -125,6 +125,9 @@ class JobRequest(JsonSafeModel):
     manifest_key: str | None = Field(None, min_length=1, max_length=1024)
     priority: int = Field(0, ge=0, le=9, description="0 (default) .. 9 (most urgent).")
     webhook_url: str | None = Field(None, max_length=2048)
+    webhook_events: list[Literal["started", "progress", "completed"]] | None = Field(
+        None, max_length=3,
+        description="Webhook events to send (default ['completed']); signed, see README.")
     parent_job_id: str | None = Field(None, max_length=64)
     metadata: dict[str, Any] | None = None
     cache: bool = Field(

@@ -230,6 +230,7 @@ def submit(
         blobs=[(i, data, inp) for i, data, inp in blobs],
         task=req.task, model_name=model, items=items, params=params,
         priority=req.priority, webhook_url=req.webhook_url, parent_job_id=req.parent_job_id,
+        webhook_events=req.webhook_events,
         metadata=req.metadata, idempotency_key=idempotency_key, request_hash=body_hash,
         use_cache=req.cache,
         chunk_size=settings.chunk_size, max_attempts=settings.max_attempts,

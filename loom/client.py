@@ -196,6 +196,42 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
             time.sleep(poll_seconds)
 
+    def events(self, job_id: str, *, reconnect_seconds: float = 1.0,
+               max_reconnects: int = 20) -> Iterator[dict[str, Any]]:
+        """The job's live events (Server-Sent Events), as ``{"id", "event", "data"}`` dicts:
+        started, progress, item_failed, cancelled, finished (the last one). A dropped
+        connection is resumed with ``Last-Event-ID``; ApiError for an unknown job."""
+        last_id: str | None = None
+        failures = 0
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last_id:
+                headers["Last-Event-ID"] = last_id
+            try:
+                with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
+                                       timeout=httpx.Timeout(10.0, read=60.0)) as response:
+                    _raise_for(response)
+                    event: dict[str, Any] = {}
+                    for line in response.iter_lines():
+                        if line.startswith("id:"):
+                            event["id"] = line[3:].strip()
+                        elif line.startswith("event:"):
+                            event["event"] = line[6:].strip()
+                        elif line.startswith("data:"):
+                            event["data"] = json.loads(line[5:])
+                        elif not line and "event" in event:
+                            last_id = event.get("id", last_id)
+                            failures = 0
+                            yield event
+                            if event["event"] == "finished":
+                                return
+                            event = {}
+            except (httpx.TransportError, httpx.RemoteProtocolError):
+                failures += 1
+                if failures > max_reconnects:
+                    raise
+            time.sleep(reconnect_seconds)
+
     def results(self, job_id: str, *, format: str = "jsonl",  # noqa: A002
                 view: str = "full") -> Iterator[bytes]:
         """Stream the results export as byte chunks (``view`` "table": the task's columns)."""

@@ -85,6 +85,8 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # Standard Webhooks signing secret ("whsec_" + base64), made on first use (loom.webhooks).
+    webhook_secret: Mapped[str | None] = mapped_column(String(100))
 
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant")
 
@@ -132,6 +134,8 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(24), default=JobStatus.queued.value, index=True)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     webhook_url: Mapped[str | None] = mapped_column(Text)
+    # Which webhook events to send: a subset of loom.webhooks.EVENTS (None = ["completed"]).
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSON)
     parent_job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), index=True)
     job_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
@@ -268,3 +272,25 @@ class File(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     content_type: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Delivery(Base):
+    """One webhook message and its delivery state (retried with backoff by the reconciler)."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (Index("ix_deliveries_status_due", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    msg_id: Mapped[str] = mapped_column(String(64), unique=True)  # the webhook-id header
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(32))  # job.started | job.progress | job.completed
+    url: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)  # the exact JSON bytes that are signed and sent
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|delivered|failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)

@@ -147,3 +147,14 @@ def test_readme_documents_every_setting_and_the_demo_command() -> None:
         demo = makefile.read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0]
         command = demo.strip().splitlines()[-1].strip().replace("$(BIN)", ".venv/bin")
         assert command in readme, command
+
+
+def test_flower_requires_basic_auth_and_is_not_published_openly(compose: dict[str, Any]) -> None:
+    flower = compose["services"]["flower"]
+    auth = flower["environment"]["FLOWER_BASIC_AUTH"]
+    # ${VAR:?message}: compose refuses to start without it (no default credentials).
+    assert auth.startswith("${FLOWER_BASIC_AUTH:?")
+    for port in flower.get("ports", []):
+        assert str(port).startswith("127.0.0.1:"), port
+    env_example = (ROOT / ".env.example").read_text()
+    assert re.search(r"^FLOWER_BASIC_AUTH=\S+:\S+$", env_example, re.M)

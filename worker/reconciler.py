@@ -47,7 +47,7 @@ class Reconciler:
         self.runs = 0
 
     def run_once(self) -> Any:
-        from loom import jobs
+        from loom import jobs, webhooks
 
         with self.session_factory() as session:
             report = jobs.reconcile(
@@ -56,6 +56,10 @@ class Reconciler:
                 stale_after_seconds=self.stale_after_seconds,
                 store=self.store,
             )
+            try:  # webhooks: enqueue started/progress, send due deliveries (with backoff)
+                webhooks.tick(session)
+            except Exception:
+                log.exception("webhook delivery failed")
         self.runs += 1
         if (self.store is not None and self.sweep_interval_seconds > 0
                 and time.monotonic() >= self._next_sweep):

@@ -204,4 +204,19 @@ def run_chunk(self: Any, job_id: str, start: int, end: int) -> dict[str, Any]:
         job_id, start, end, report.claimed, report.succeeded, report.failed, report.retried,
         report.seconds,
     )
-    return {"claimed": report.claimed, "succeeded": report.succeeded}
+    # What Flower shows as the task's result: the chunk's items, and "all_failed" when every item
+    # it finished failed. The task itself still succeeds: the items' failures are recorded on
+    # their rows, and raising (Reject/failure state) would only make Celery redeliver or log a
+    # chunk whose work is done; ignore_result keeps this out of the result backend.
+    return chunk_summary(report)
+
+
+def chunk_summary(report: Any) -> dict[str, Any]:
+    finished = report.succeeded + report.failed + report.cancelled
+    state = "empty" if not report.claimed else (
+        "all_failed" if report.failed and report.failed == finished and not report.retried
+        else "some_failed" if report.failed else "ok")
+    return {"state": state, "claimed": report.claimed, "succeeded": report.succeeded,
+            "failed": report.failed, "retried": report.retried, "cancelled": report.cancelled,
+            "fenced": report.fenced, "cached": getattr(report, "cached", 0),
+            "seconds": round(report.seconds, 3)}

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from api import service
-from api.deps import CallerDep, RuntimeDep, SessionDep
+from api.deps import CallerDep, RuntimeDep, SessionDep, ViewerDep
 from api.schemas import (
     DedupeGroup,
     DedupeMember,
@@ -205,7 +205,7 @@ def results(
     request: Request,
     session: SessionDep,
     rt: RuntimeDep,
-    caller: CallerDep,
+    caller: ViewerDep,  # the job page's download links send the login cookie
     format: ResultFormat = "jsonl",  # noqa: A002 - the query parameter's name
     view: Annotated[ResultView, Query(description="full rows, or the task's own columns")] = "full",
 ) -> StreamingResponse:

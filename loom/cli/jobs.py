@@ -27,6 +27,7 @@ from loom.cli.common import (
     local_failures,
     local_job,
     local_rows,
+    make_progress,
     open_local,
     print_failures,
     print_job,
@@ -99,7 +100,7 @@ def watch(
     """Follow a job's progress live until it finishes."""
     if api:
         with client(api, api_key) as c:
-            job = follow(c.status, job_id, interval)
+            job = follow_events(c, job_id) or follow(c.status, job_id, interval)
     else:
         local = open_local()
         try:
@@ -107,6 +108,30 @@ def watch(
         finally:
             local.close()
     print_job(job)
+
+
+def follow_events(c: Any, job_id: str) -> dict[str, Any] | None:
+    """Follow the job over its event stream; None when the server has none (older servers:
+    the caller polls instead)."""
+    from loom.client import ApiError
+
+    job = c.status(job_id)  # an unknown job fails here, not as "no stream"
+    try:
+        with make_progress() as progress:
+            bar = progress.add_task(job["task"], total=job["item_count"], rate=None)
+            progress.update(bar, completed=job["done"], rate=job.get("items_per_second"))
+            for event in c.events(job["id"]):
+                data = event["data"]
+                if event["event"] == "progress":
+                    progress.update(bar, completed=data["done"], rate=data["items_per_second"])
+                elif event["event"] == "finished":
+                    progress.update(bar, completed=data["done"])
+                    return c.status(job["id"])  # type: ignore[no-any-return]
+    except ApiError as exc:
+        if exc.http_status in (404, 405):
+            return None
+        raise
+    return None
 
 
 def results(

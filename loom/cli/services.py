@@ -1,4 +1,5 @@
-"""Service commands of the ``loom`` CLI: ``api`` (uvicorn), ``db upgrade``, ``keys create``."""
+"""Service commands of the ``loom`` CLI: ``api`` (uvicorn), ``ui`` (the job page, embedded),
+``db upgrade``, ``keys create``, ``keys webhook-secret``."""
 
 from __future__ import annotations
 
@@ -58,12 +59,53 @@ def api_cmd(
                 proxy_headers=True)
 
 
+def ui_cmd(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8765,
+) -> None:
+    """Serve the job page (/ui) over the local database and store (LOOM_HOME), auth off for the
+    local tenant, bound to 127.0.0.1 only."""
+    import uvicorn
+
+    from api.main import create_app
+
+    settings = Settings().model_copy(update={"auth": "off"})
+    if settings.database_url.startswith("sqlite"):
+        settings.home.mkdir(parents=True, exist_ok=True)
+    migrate(settings)
+    # No broker in embedded mode: "retry failed" requeues items for the next `loom run`.
+    app = create_app(settings, publish=lambda chunk: None)
+    err.print(f"the job page: http://127.0.0.1:{port}/ui")
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def keys_webhook_secret(
+    tenant: Annotated[str, typer.Option(help="Tenant name.")],
+) -> None:
+    """Print the tenant's webhook signing secret (Standard Webhooks ``whsec_...``)."""
+    from loom import db, tenants, webhooks
+    from loom.errors import LoomError
+
+    settings = Settings()
+    migrate(settings)
+    engine = db.make_engine(settings.database_url)
+    try:
+        with db.make_session_factory(engine)() as s:
+            secret = webhooks.tenant_secret(s, tenant_id=tenants.get_tenant(s, name=tenant).id)
+    except LoomError as exc:
+        raise fail(exc.message) from None
+    finally:
+        engine.dispose()
+    print(secret)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``api``, ``db upgrade`` and ``keys create`` to ``app``."""
     db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
     db_app.command("upgrade")(db_upgrade)
     keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
     keys_app.command("create")(keys_create)
+    keys_app.command("webhook-secret")(keys_webhook_secret)
     app.add_typer(db_app, name="db")
     app.add_typer(keys_app, name="keys")
     app.command("api")(api_cmd)
+    app.command("ui")(ui_cmd)

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
+from loom import webhooks
 from loom.db import begin_write
 from loom.errors import LoomError
 from loom.fetch import WEBHOOK_POLICY, AddressPolicy, Resolver, post_json
@@ -151,11 +152,18 @@ def complete_finalization(
         return False
     add_events(session, [{"job_id": job_id, "kind": "finalized", "message": final,
                           "created_at": now}])
-    session.commit()
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
-    if job.webhook_url:
-        fire_webhook(job, counts)
+    # The webhook is a delivery row written with the terminal status (never lost), sent once now
+    # and retried by the reconciler (loom.webhooks: signed, SSRF-guarded at every hop).
+    queued = webhooks.enqueue(session, job=job, event="completed",
+                              payload=webhook_payload(job, counts), now=now)
+    session.commit()
+    if queued:
+        try:
+            webhooks.deliver_due(session, job_id=job_id)
+        except Exception:  # best effort here; the reconciler retries
+            log.exception("job %s: webhook delivery failed", job_id)
     if on_finalized is not None:
         try:
             on_finalized(job)

@@ -293,3 +293,29 @@ def test_remote_cli_commands(stack: Stack, tmp_path: Any) -> None:
     assert [r["lineage"]["seed"] for r in rows] == [3, 4]
     out = loom("submit", "ask", "--questions", str(examples / "expected.jsonl"), "--wait")
     assert "24 items" in out
+
+
+def test_job_page_events_and_thumbnails_on_postgresql_and_s3(
+    stack: Stack, caption_job: dict[str, Any]
+) -> None:
+    """The job page's reads on PostgreSQL, thumbnails read from S3 through the API, tenant-scoped
+    (tests/api/test_job_page.py drives the page in a browser on SQLite)."""
+    job_id = caption_job["id"]
+    with stack.client() as c:
+        events = list(c.events(job_id))
+        item_id = c.items(job_id, limit=1)["items"][0]["id"]
+    assert events[-1]["event"] == "finished" and events[-1]["data"]["done"] == 200
+    for name, expected in (("alpha", 200), ("beta", 404)):
+        with httpx.Client(base_url=stack.url, cookies={"loom_key": stack.keys[name]},
+                          timeout=30) as web:
+            page = web.get(f"/ui/jobs/{job_id}")
+            thumb = web.get(f"/ui/items/{item_id}/thumb")
+            data = web.get(f"/ui/jobs/{job_id}/data")
+            stream = web.get(f"/v1/jobs/{job_id}/events")
+        assert (page.status_code, thumb.status_code, data.status_code,
+                stream.status_code) == (expected,) * 4, name
+        if expected == 200:
+            assert thumb.headers["content-type"] == "image/png"
+            assert thumb.content.startswith(b"\x89PNG")
+            assert "infer" in data.json()["stages"] and data.json()["throughput"]
+            assert len(data.json()["samples"]) == 12

@@ -13,7 +13,7 @@ import pytest
 from jobs_helpers import claim, events, ok, statuses
 from sqlalchemy.orm import Session, sessionmaker
 
-from loom import jobs
+from loom import jobs, webhooks
 from loom.errors import (
     InvalidInput,
     InvalidState,
@@ -64,9 +64,12 @@ def test_finalize_writes_manifest_and_never_posts_a_webhook_to_loopback(
         (0, "succeeded", "one", None), (1, "failed", None, "invalid_input"),
         (2, "succeeded", "three", None)]
     assert rows[1]["error_message"] == "broken png" and rows[0]["metadata"] == {"file": "0.png"}
-    # The webhook fires through the SSRF guard: a loopback URL is refused at fire time, even if
-    # it got into the row (tests/loom/test_webhooks.py covers delivery and redirect hops).
+    # A loopback webhook is refused by the SSRF guard at send time (tests/loom/
+    # test_webhook_delivery.py delivers to an allow-listed receiver and checks the body).
     assert received == []
+    [delivery] = webhooks.deliveries_for_job(session, job_id=job.id)
+    assert delivery["event"] == "job.completed" and delivery["status"] == "failed"
+    assert "loopback" in (delivery["last_error"] or "")
     assert events(session, job, "finalized") == 1
 
 
