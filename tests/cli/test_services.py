@@ -46,7 +46,13 @@ def test_command_tree() -> None:
     assert {"caption", "ask", "generate", "run", "jobs", "status", "watch", "results", "cancel",
             "retry", "submit", "api", "worker", "db", "keys", "models", "train"} <= set(
         root.commands)
-    assert set(root.commands["submit"].commands) == {"caption", "ask", "generate"}
+    # One `loom submit` command and one embedded command per task in the registry.
+    from loom import tasks
+
+    commands = {spec.command for spec in tasks.REGISTRY.values()}
+    assert {"caption", "ask", "generate", "embed"} <= commands
+    assert set(root.commands["submit"].commands) == commands
+    assert commands <= set(root.commands)
     assert "upgrade" in root.commands["db"].commands
     assert "create" in root.commands["keys"].commands
 
