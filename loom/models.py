@@ -168,7 +168,10 @@ class Item(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    # No foreign key to jobs (migration 0002): PostgreSQL checks one per inserted row, which
+    # was most of the cost of submitting a large job. Items are written only by submit_job,
+    # in the same transaction as their job row.
+    job_id: Mapped[str] = mapped_column(String(32))
     index: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default=ItemStatus.queued.value)
     # What the item asks for: {"image_key"|"image_url", "question", "prompt", "seed", ...}.

@@ -121,8 +121,8 @@ SELECT id, job_id FROM won
 # Run after the completion committed, on the same connection: the last completer of a job sees
 # no open items here. An index probe on the partial index ix_items_open.
 _OPEN_JOBS = text("""
-SELECT DISTINCT job_id FROM items
-WHERE job_id = ANY(CAST(:job_ids AS text[])) AND status IN ('queued', 'running')
+SELECT j.id FROM unnest(CAST(:job_ids AS text[])) AS j(id)
+WHERE EXISTS (SELECT 1 FROM items WHERE items.job_id = j.id AND status IN ('queued', 'running'))
 """)
 
 
