@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -76,11 +76,19 @@ def _final_status(counts: dict[str, int], *, cancel_requested: bool) -> str:
     return JobStatus.completed_with_errors.value
 
 
-def write_manifest(session: Session, *, job: Job, store: Store) -> str:
-    """results.jsonl: one line per item in index order. Returns its storage key."""
-    lines: list[str] = []
-    for item, output in iter_results(session, job_id=job.id):
-        lines.append(json.dumps({
+# Bytes per chunk handed to the store while streaming the manifest.
+_MANIFEST_CHUNK = 256 * 1024
+
+
+def manifest_chunks(session: Session, *, job_id: str) -> Iterator[bytes]:
+    """results.jsonl as byte chunks: one line per item in index order, read one page of items at
+    a time, so a 1,000,000-item manifest never sits in memory."""
+    buf: list[str] = []
+    size = 0
+    succeeded = ItemStatus.succeeded.value
+    for item, output in iter_results(session, job_id=job_id):
+        failed = item.status != succeeded
+        line = _manifest_dumps({
             "index": item.index,
             "item_id": item.id,
             "status": item.status,
@@ -88,14 +96,28 @@ def write_manifest(session: Session, *, job: Job, store: Store) -> str:
             "output_key": output.storage_key if output else None,
             "content_type": output.content_type if output else None,
             "sha256": output.sha256 if output else None,
-            "error_code": item.error_code if item.status != ItemStatus.succeeded.value else None,
-            "error_message": (
-                item.error_message if item.status != ItemStatus.succeeded.value else None
-            ),
+            "error_code": item.error_code if failed else None,
+            "error_message": item.error_message if failed else None,
             "metadata": item.item_metadata,
-        }, separators=(",", ":")))
+        }) + "\n"
+        buf.append(line)
+        size += len(line)
+        if size >= _MANIFEST_CHUNK:
+            yield "".join(buf).encode()
+            buf.clear()
+            size = 0
+    if buf:
+        yield "".join(buf).encode()
+
+
+_manifest_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def write_manifest(session: Session, *, job: Job, store: Store) -> str:
+    """Stream results.jsonl into the store (multipart on S3, temp file + rename locally).
+    Returns its storage key."""
     key = results_key(job.tenant_id, job.id, "jsonl")
-    store.put(key, ("\n".join(lines) + "\n").encode(), "application/x-ndjson")
+    store.put_chunks(key, manifest_chunks(session, job_id=job.id), "application/x-ndjson")
     return key
 
 
