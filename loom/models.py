@@ -201,10 +201,10 @@ class Output(Base):
     item_id: Mapped[int] = mapped_column(
         ForeignKey("items.id", ondelete="CASCADE"), unique=True
     )
-    # No foreign key to jobs (migration 0002): every completion's FK check took a KEY SHARE
-    # lock on the one job row, so all workers of a job contended on it (MultiXacts). The row
-    # is reached through item_id, whose FK stays; loom.jobs copies job_id from that item.
-    job_id: Mapped[str] = mapped_column(String(32), index=True)
+    # No foreign key to jobs and no index (migration 0002): every completion's FK check took a
+    # KEY SHARE lock on the one job row, so all workers of a job contended on it (MultiXacts),
+    # and nothing looks outputs up by job. loom.jobs copies job_id from the item (whose FK stays).
+    job_id: Mapped[str] = mapped_column(String(32))
     kind: Mapped[str] = mapped_column(String(16))  # "text" | "image"
     text: Mapped[str | None] = mapped_column(Text)
     storage_key: Mapped[str | None] = mapped_column(Text)
@@ -235,11 +235,18 @@ class Event(Base):
     """Append-only history of attempts and state changes, for lineage and debugging."""
 
     __tablename__ = "events"
+    __table_args__ = (
+        # Job-level events only (cancel requested, finalized; migration 0002): item events are
+        # two rows per item and are looked up by item_id, so indexing them by job cost two
+        # index entries per item for no query.
+        Index("ix_events_job_level", "job_id",
+              postgresql_where=text("item_id IS NULL"), sqlite_where=text("item_id IS NULL")),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     # No foreign key (migration 0002), like item_id: an append-only log written twice per item;
     # the FK check locked the hot job row on every claim and completion.
-    job_id: Mapped[str] = mapped_column(String(32), index=True)
+    job_id: Mapped[str] = mapped_column(String(32))
     item_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     kind: Mapped[str] = mapped_column(String(32))
     attempt: Mapped[int | None] = mapped_column(Integer)
