@@ -90,10 +90,10 @@ won AS (
         status = 'succeeded', lease_owner = NULL, lease_expires_at = NULL, error_code = NULL,
         error_message = NULL, finished_at = :now, updated_at = :now
     FROM v
-    -- Fetch the rows by primary key ("= ANY(ids)"). The status test is written so that no
-    -- index can serve it: otherwise the planner, which cannot estimate the unnest join, may
-    -- scan every running item of every worker through ix_items_status_lease instead.
-    WHERE items.id = ANY(CAST(:ids AS bigint[])) AND items.id = v.item_id
+    -- One primary-key probe per row of v. The status test is written so that no index can
+    -- serve it: otherwise the planner, which cannot estimate the recordset, may scan every
+    -- running item of every worker through an index on status instead.
+    WHERE items.id = v.item_id
       AND (items.status = 'running') IS TRUE AND items.lease_owner = :worker_id
       AND (v.attempt IS NULL OR items.attempts = v.attempt)
     RETURNING items.id, items.job_id, items.attempts, v.*
@@ -183,8 +183,7 @@ def complete(
          "duration_ms": sum(r.timings.values()) * 1000.0 if r.timings else None}
         for r in results
     ]
-    params = {"rows": _dumps(rows), "ids": [r.item_id for r in results],
-              "worker_id": worker_id, "now": now}
+    params = {"rows": _dumps(rows), "worker_id": worker_id, "now": now}
     conn = _autocommit(session)
     try:
         won = [r.job_id for r in conn.execute(_COMPLETE, params)]
