@@ -30,10 +30,18 @@ from loom.jobs.types import ClaimedItem, ItemResult
 # The claim for a job that is already running (the common case). ``j`` yields the job row when
 # it is claimable at all; items are only picked when it is 'running' (a 'queued' job must first
 # move to running, which the portable path does with the job row locked first).
+#
+# The claim commits without waiting for its WAL flush (synchronous_commit off for this one
+# statement's transaction; the completion's commit still waits and flushes everything before
+# it). Losing a claim in a database crash is harmless: its items are claimable again, and the
+# worker's completion no longer matches the fence (lease_owner), so nothing finishes twice.
 _CLAIM = text("""
-WITH j AS (
+WITH cfg AS (
+    SELECT set_config('synchronous_commit', 'off', true)
+),
+j AS (
     SELECT status, max_attempts, tenant_id, task, model_name, params
-    FROM jobs WHERE id = :job_id AND status IN ('queued', 'running')
+    FROM jobs, cfg WHERE id = :job_id AND status IN ('queued', 'running')
 ),
 picked AS MATERIALIZED (
     SELECT i.id, i.status AS old_status
