@@ -46,7 +46,8 @@ def test_completion_records_the_full_lineage(
                    content_type="image/png", sha256="c" * 64, size_bytes=1234,
                    input_sha256="d" * 64, model_version="7", weights_sha256="e" * 64, seed=99,
                    timings={"infer_ms": 0.5, "upload_ms": 0.25}, attempt=a.attempts),
-        ItemResult(b.id, "text", text="two", model_name="other-model", attempt=b.attempts),
+        ItemResult(b.id, "text", text="two", model_name="other-model", cache_key="k" * 64,
+                   attempt=b.attempts),
     ]
     assert jobs.complete_items(session, worker_id="w1", results=results) == 2
     session.commit()
@@ -64,6 +65,7 @@ def test_completion_records_the_full_lineage(
     assert out_a.timings == {"infer_ms": 0.5, "upload_ms": 0.25}
     assert (out_b.kind, out_b.text, out_b.model_name, out_b.timings) == (
         "text", "two", "other-model", {})
+    assert (out_a.cache_key, out_b.cache_key, out_b.cached_from) == (None, "k" * 64, None)
     succeeded = {e.item_id: e for e in session.scalars(
         select(Event).where(Event.job_id == job.id, Event.kind == "succeeded"))}
     assert succeeded[a.id].duration_ms == 750.0 and succeeded[b.id].duration_ms is None
