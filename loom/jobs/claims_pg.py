@@ -4,7 +4,7 @@ Why a separate path: on PostgreSQL a batch used to cost ~16 round trips and ~100
 statements (executemany of Output and Event rows), which capped the control plane near 1,200
 items/s per process. Here each of claim and complete is ONE statement, run as its own
 transaction (autocommit, so no BEGIN/COMMIT round trips): data-modifying CTEs update the items
-and insert the event (and output) rows set-based, from arrays bound as ``unnest(...)``.
+and insert the event (and output) rows set-based; a batch travels as one JSON array of rows.
 
 The guarantees are those of the portable path in ``claims.py``:
 - claim: one conditional ``UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED LIMIT n)``
@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
