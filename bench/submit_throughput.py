@@ -1,9 +1,15 @@
-"""Submit one 100,000-item job on SQLite and on PostgreSQL; print seconds and rows/s side by side.
+"""Submit one 100,000-item job on SQLite and on PostgreSQL; print seconds and rows/s side by side,
+next to the naive alternative: one Celery message per item (``send_task`` in a loop, which is
+what ``.delay()`` does) to a real Redis broker.
 
     .venv/bin/python bench/submit_throughput.py [--items 100000] [--chunk-size 128]
+        [--broker redis://127.0.0.1:6379/12] [--celery-items N]
 
 PostgreSQL: LOOM_BENCH_PG_URL (default postgresql+psycopg://root@127.0.0.1:5432/postgres is used
-only to CREATE/DROP a scratch database). A missing PostgreSQL is reported, not fatal.
+only to CREATE/DROP a scratch database). A missing PostgreSQL or Redis is reported, not fatal.
+The Celery messages go to a queue of their own (``loom_bench_<random>``) that nothing consumes;
+the bench deletes exactly that queue afterwards. ``--celery-items`` sends only the first N
+items and scales the time up (printed as an estimate); the default sends all of them.
 """
 
 from __future__ import annotations
@@ -51,6 +57,41 @@ def run(url: str, n_items: int, chunk_size: int) -> tuple[float, int]:
         engine.dispose()
 
 
+def celery_per_item(broker: str, n_items: int, sample: int) -> tuple[float, int] | None:
+    """Publish one task per item, the naive way. Returns (seconds for all items, items sent)."""
+    import redis
+    from celery import Celery
+
+    queue = f"loom_bench_{secrets.token_hex(4)}"
+    try:
+        redis.Redis.from_url(broker, socket_connect_timeout=3).ping()
+    except redis.RedisError as exc:
+        print(f"redis: unavailable ({exc.__class__.__name__})", file=sys.stderr)
+        return None
+    app = Celery("loom_bench", broker=broker, set_as_current=False)
+    app.conf.update(task_serializer="json", broker_connection_retry_on_startup=False)
+    n = min(sample, n_items)
+    try:
+        with app.producer_or_acquire() as producer:
+            # Warm the connection (and declare the queue) outside the timed loop.
+            app.send_task("loom.bench_item", args=["warm", -1, {}], queue=queue,
+                          producer=producer)
+            t0 = time.perf_counter()
+            for i in range(n):
+                app.send_task("loom.bench_item",
+                              args=["job", i, {"image_key": f"t/jobs/x/inputs/{i:08d}.png"}],
+                              queue=queue, producer=producer)
+            elapsed = time.perf_counter() - t0
+        sent = int(redis.Redis.from_url(broker).llen(queue))
+        assert sent == n + 1, (sent, n + 1)
+    finally:
+        # Purge only what this run sent: its own queue (and kombu's binding set for it).
+        r = redis.Redis.from_url(broker)
+        r.delete(queue, f"_kombu.binding.{queue}")
+        app.close()
+    return elapsed * n_items / n, n
+
+
 def pg_scratch(admin_url: str) -> tuple[str, str] | None:
     import psycopg
 
@@ -77,6 +118,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--chunk-size", type=int, default=128)
+    parser.add_argument("--broker", default=os.environ.get("LOOM_BENCH_BROKER_URL",
+                                                           "redis://127.0.0.1:6379/12"))
+    parser.add_argument("--celery-items", type=int, default=None,
+                        help="send only this many per-item messages and scale up")
     args = parser.parse_args()
 
     results: dict[str, tuple[float, int]] = {}
@@ -91,14 +136,23 @@ def main() -> None:
         finally:
             pg_drop(admin, name)
 
+    naive = celery_per_item(args.broker, args.items, args.celery_items or args.items)
+
     print(f"submit of one {args.items:,}-item job (chunk size {args.chunk_size}; job + items + "
           f"outbox in one transaction)")
-    print(f"{'database':<12}{'seconds':>10}{'rows/s':>14}")
+    print(f"{'mode':<34}{'seconds':>10}{'items/s':>14}")
     for db, (seconds, n) in results.items():
-        print(f"{db:<12}{seconds:>10.2f}{n / seconds:>14,.0f}")
+        print(f"{'loom submit_job, ' + db:<34}{seconds:>10.2f}{n / seconds:>14,.0f}")
+    if naive is not None:
+        seconds, sent = naive
+        label = "celery send_task per item" + ("" if sent == args.items else " (est.)")
+        print(f"{label:<34}{seconds:>10.2f}{args.items / seconds:>14,.0f}")
     if len(results) == 2:
         ratio = results["postgresql"][0] / results["sqlite"][0]
         print(f"postgresql / sqlite time ratio: {ratio:.2f}")
+    if naive is not None:
+        for db, (seconds, _) in results.items():
+            print(f"per-item celery / loom submit on {db}: {naive[0] / seconds:.1f}x")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
     true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -159,11 +160,22 @@ class Item(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "index"),
         Index("ix_items_job_status", "job_id", "status"),
-        Index("ix_items_status_lease", "status", "lease_expires_at"),
+        # Partial indexes (migration 0002): entries exist only while an item is open, so a
+        # completion adds none, and they stay as small as the work in flight.
+        # Expired-lease scans (reconcile): running items by lease expiry.
+        Index("ix_items_running_lease", "lease_expires_at",
+              postgresql_where=text("status = 'running'"), sqlite_where=text("status = 'running'")),
+        # "Does this job have open items?" after every completed batch (maybe_finalize).
+        Index("ix_items_open", "job_id",
+              postgresql_where=text("status IN ('queued', 'running')"),
+              sqlite_where=text("status IN ('queued', 'running')")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    # No foreign key to jobs (migration 0002): PostgreSQL checks one per inserted row, which
+    # was most of the cost of submitting a large job. Items are written only by submit_job,
+    # in the same transaction as their job row.
+    job_id: Mapped[str] = mapped_column(String(32))
     index: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default=ItemStatus.queued.value)
     # What the item asks for: {"image_key"|"image_url", "question", "prompt", "seed", ...}.
@@ -193,7 +205,10 @@ class Output(Base):
     item_id: Mapped[int] = mapped_column(
         ForeignKey("items.id", ondelete="CASCADE"), unique=True
     )
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # No foreign key to jobs and no index (migration 0002): every completion's FK check took a
+    # KEY SHARE lock on the one job row, so all workers of a job contended on it (MultiXacts),
+    # and nothing looks outputs up by job. loom.jobs copies job_id from the item (whose FK stays).
+    job_id: Mapped[str] = mapped_column(String(32))
     kind: Mapped[str] = mapped_column(String(16))  # "text" | "image"
     text: Mapped[str | None] = mapped_column(Text)
     storage_key: Mapped[str | None] = mapped_column(Text)
@@ -224,9 +239,18 @@ class Event(Base):
     """Append-only history of attempts and state changes, for lineage and debugging."""
 
     __tablename__ = "events"
+    __table_args__ = (
+        # Job-level events only (cancel requested, finalized; migration 0002): item events are
+        # two rows per item and are looked up by item_id, so indexing them by job cost two
+        # index entries per item for no query.
+        Index("ix_events_job_level", "job_id",
+              postgresql_where=text("item_id IS NULL"), sqlite_where=text("item_id IS NULL")),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # No foreign key (migration 0002), like item_id: an append-only log written twice per item;
+    # the FK check locked the hot job row on every claim and completion.
+    job_id: Mapped[str] = mapped_column(String(32))
     item_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     kind: Mapped[str] = mapped_column(String(32))
     attempt: Mapped[int | None] = mapped_column(Integer)

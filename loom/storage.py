@@ -12,7 +12,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 _EXT_RE = re.compile(r"^[A-Za-z0-9]{1,10}$")
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9._=-]+$")
 _STREAM_CHUNK = 1024 * 1024
+# S3's minimum size of every multipart part but the last.
+MIN_PART_SIZE = 5 * 1024 * 1024
 
 
 @runtime_checkable
@@ -52,6 +54,13 @@ class Store(Protocol):
     def list_objects(self, prefix: str) -> Iterator[tuple[str, datetime]]: ...
 
     def delete(self, key: str) -> None: ...
+
+    def put_chunks(
+        self, key: str, chunks: Iterable[bytes], content_type: str = "application/octet-stream"
+    ) -> int:
+        """Write an object from an iterable of byte chunks (a generator: nothing else holds the
+        whole object), atomically like ``put``. Returns its size."""
+        ...
 
 
 # --- keys ---------------------------------------------------------------------------------------
@@ -181,6 +190,28 @@ class LocalStore:
         except OSError as exc:
             raise StorageError(f"could not write {key}: {exc}") from exc
 
+    def put_chunks(
+        self, key: str, chunks: Iterable[bytes], content_type: str = "application/octet-stream"
+    ) -> int:
+        """Temp file in the target directory, then os.replace: readers never see half of it."""
+        path = self._path(key)
+        size = 0
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    for chunk in chunks:
+                        f.write(chunk)
+                        size += len(chunk)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise StorageError(f"could not write {key}: {exc}") from exc
+        return size
+
     def delete(self, key: str) -> None:
         """Remove the object; a missing one is not an error (deletes are idempotent)."""
         try:
@@ -282,7 +313,11 @@ class S3Store:
         endpoint_url: str | None = None,
         region: str | None = None,
         max_pool_connections: int = 32,
+        part_size: int = 8 * 1024 * 1024,
     ) -> None:
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"S3 multipart parts must be at least {MIN_PART_SIZE} bytes")
+        self.part_size = part_size
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
@@ -384,6 +419,61 @@ class S3Store:
             )
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"could not write {key}: {exc}") from exc
+
+    def put_chunks(
+        self, key: str, chunks: Iterable[bytes], content_type: str = "application/octet-stream"
+    ) -> int:
+        """A multipart upload, one part per ``part_size`` bytes, sent from this thread: memory
+        stays at about one part however large the object (upload_fileobj would keep up to ten
+        8 MiB parts in flight). An object smaller than one part is a single PUT. The object
+        appears only when the upload completes; a failure aborts it (no orphaned parts)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        s3_key = self._key(key)
+        client = self.client
+        buf = bytearray()
+        size = 0
+        upload_id: str | None = None
+        parts: list[dict[str, Any]] = []
+
+        def send_part() -> None:
+            nonlocal upload_id
+            if upload_id is None:
+                upload_id = client.create_multipart_upload(
+                    Bucket=self.bucket, Key=s3_key, ContentType=content_type
+                )["UploadId"]
+            number = len(parts) + 1
+            # The bytearray itself, not a bytes() copy: upload_part is synchronous.
+            etag = client.upload_part(Bucket=self.bucket, Key=s3_key, UploadId=upload_id,
+                                      PartNumber=number, Body=buf)["ETag"]
+            parts.append({"ETag": etag, "PartNumber": number})
+            buf.clear()
+
+        try:
+            for chunk in chunks:
+                buf += chunk
+                size += len(chunk)
+                if len(buf) >= self.part_size:
+                    send_part()
+            if upload_id is None:  # it all fitted in one part
+                client.put_object(Bucket=self.bucket, Key=s3_key, Body=bytes(buf),
+                                  ContentType=content_type)
+                return size
+            if buf:
+                send_part()
+            client.complete_multipart_upload(Bucket=self.bucket, Key=s3_key, UploadId=upload_id,
+                                             MultipartUpload={"Parts": parts})
+            return size
+        except BaseException as exc:
+            if upload_id is not None:
+                try:
+                    client.abort_multipart_upload(Bucket=self.bucket, Key=s3_key,
+                                                  UploadId=upload_id)
+                except (BotoCoreError, ClientError):
+                    pass  # a bucket lifecycle rule is the backstop for orphaned parts
+            if isinstance(exc, (BotoCoreError, ClientError)):
+                raise StorageError(f"could not write {key}: {exc}") from exc
+            raise
 
     def delete(self, key: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -15,6 +15,7 @@ from sqlalchemy import and_, bindparam, case, false, insert, or_, select, tuple_
 from sqlalchemy.orm import Session, aliased
 
 from loom.db import begin_write
+from loom.jobs import claims_pg
 from loom.jobs.finalize import maybe_finalize
 from loom.jobs.types import (
     CLAIMABLE_JOB,
@@ -29,6 +30,10 @@ from loom.storage import Store
 
 RUNNING = ItemStatus.running.value
 QUEUED = ItemStatus.queued.value
+
+
+def _is_postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
 
 
 def claim_items(
@@ -49,6 +54,15 @@ def claim_items(
     UPDATE ... WHERE id IN (SELECT ... LIMIT n) is atomic.
     """
     now = now or utcnow()
+    if limit < 1:
+        return []
+    if _is_postgresql(session):
+        fast = claims_pg.claim(session, job_id=job_id, start=start, end=end,
+                               worker_id=worker_id, limit=limit, lease_seconds=lease_seconds,
+                               now=now)
+        if fast is not None:
+            return fast
+        # The job is still 'queued': the portable path below moves it to running first.
     begin_write(session)
     job = session.execute(
         select(Job.status, Job.max_attempts, Job.tenant_id, Job.task, Job.model_name, Job.params)
@@ -198,6 +212,13 @@ def complete_items(
     if not results:
         return 0
     now = now or utcnow()
+    if _is_postgresql(session):
+        won_jobs, drained = claims_pg.complete(session, worker_id=worker_id, results=results,
+                                               now=now)
+        # maybe_finalize checks again under the job row lock; this only skips the calls that
+        # would find open items anyway (nearly every batch).
+        _finalize_all(session, drained, store, on_finalized, now)
+        return len(won_jobs)
     begin_write(session)
     won = session.execute(
         update(Item)

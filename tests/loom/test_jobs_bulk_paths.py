@@ -1,0 +1,104 @@
+"""The bulk paths behave like the row-by-row ones, on SQLite and PostgreSQL (db_url): COPY-built
+submissions keep every input byte; set-based claim and completion record the same lineage."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from jobs_helpers import claim, events, ok
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from loom import jobs
+from loom.jobs import ItemResult
+from loom.models import Event, Job, Output
+
+AWKWARD: list[dict[str, Any]] = [
+    {"input": {"prompt": "back\\slash \\N and \\t literally"}, "metadata": {"file": "a\\b.png"}},
+    {"input": {"prompt": "tab\there, newline\nthere, cr\rhere"}, "metadata": None},
+    {"input": {"prompt": 'quotes " and \' and {braces} [x]'}, "metadata": {"n": [1, 2.5, None]}},
+    {"input": {"prompt": "unicode é ß 日本 🙂", "seed": 2**40}, "metadata": {"k": {"nested": True}}},
+    {"input": {}, "metadata": {}},
+]
+
+
+def test_submit_keeps_awkward_inputs_and_metadata_exactly(
+    session: Session, make_job: Callable[..., Job]
+) -> None:
+    job = make_job(len(AWKWARD), task="generate", items=AWKWARD)
+    page = jobs.list_items(session, job_id=job.id)
+    assert [(i.index, i.input, i.item_metadata) for i in page.items] == [
+        (n, spec["input"], spec["metadata"]) for n, spec in enumerate(AWKWARD)
+    ]
+    claimed = claim(session, job, "w")
+    assert [c.input for c in claimed] == [spec["input"] for spec in AWKWARD]
+
+
+def test_completion_records_the_full_lineage(
+    session: Session, make_job: Callable[..., Job]
+) -> None:
+    job = make_job(2, params={"beam": 3, "note": "x\\y"})
+    a, b = claim(session, job, "w1")
+    assert a.params == {"beam": 3, "note": "x\\y"} and a.tenant_id == job.tenant_id
+    results = [
+        ItemResult(a.id, "image", storage_key="t/jobs/j/outputs/00000000.png",
+                   content_type="image/png", sha256="c" * 64, size_bytes=1234,
+                   input_sha256="d" * 64, model_version="7", weights_sha256="e" * 64, seed=99,
+                   timings={"infer_ms": 0.5, "upload_ms": 0.25}, attempt=a.attempts),
+        ItemResult(b.id, "text", text="two", model_name="other-model", cache_key="k" * 64,
+                   attempt=b.attempts),
+    ]
+    assert jobs.complete_items(session, worker_id="w1", results=results) == 2
+    session.commit()
+    out_a = session.scalar(select(Output).where(Output.item_id == a.id))
+    out_b = session.scalar(select(Output).where(Output.item_id == b.id))
+    assert out_a is not None and out_b is not None
+    assert (out_a.kind, out_a.text, out_a.storage_key, out_a.content_type) == (
+        "image", None, "t/jobs/j/outputs/00000000.png", "image/png")
+    assert (out_a.sha256, out_a.size_bytes, out_a.input_sha256, out_a.seed) == (
+        "c" * 64, 1234, "d" * 64, 99)
+    assert (out_a.model_name, out_a.model_version, out_a.weights_sha256) == (
+        "loom-shapes", "7", "e" * 64)  # model_name None -> the job's
+    assert (out_a.task, out_a.params, out_a.attempt, out_a.worker_id, out_a.job_id) == (
+        "caption", {"beam": 3, "note": "x\\y"}, 1, "w1", job.id)
+    assert out_a.timings == {"infer_ms": 0.5, "upload_ms": 0.25}
+    assert (out_b.kind, out_b.text, out_b.model_name, out_b.timings) == (
+        "text", "two", "other-model", {})
+    assert (out_a.cache_key, out_b.cache_key, out_b.cached_from) == (None, "k" * 64, None)
+    succeeded = {e.item_id: e for e in session.scalars(
+        select(Event).where(Event.job_id == job.id, Event.kind == "succeeded"))}
+    assert succeeded[a.id].duration_ms == 750.0 and succeeded[b.id].duration_ms is None
+    assert (succeeded[a.id].attempt, succeeded[a.id].worker_id) == (1, "w1")
+    claimed = session.scalars(select(Event).where(Event.job_id == job.id,
+                                                  Event.kind == "claimed")).all()
+    assert sorted((e.item_id, e.attempt, e.worker_id) for e in claimed) == [
+        (a.id, 1, "w1"), (b.id, 1, "w1")]
+    assert jobs.get_job(session, job_id=job.id).status == "succeeded"
+
+
+def test_one_completion_spanning_two_jobs_finalises_both(
+    session: Session, make_job: Callable[..., Job]
+) -> None:
+    first, second = make_job(2), make_job(3)
+    batch = claim(session, first, "w") + claim(session, second, "w")
+    assert jobs.complete_items(session, worker_id="w", results=[ok(c) for c in batch]) == 5
+    assert jobs.get_job(session, job_id=first.id).status == "succeeded"
+    assert jobs.get_job(session, job_id=second.id).status == "succeeded"
+    assert events(session, first, "finalized") == 1 and events(session, second, "finalized") == 1
+
+
+def test_partial_fence_in_one_batch(session: Session, make_job: Callable[..., Job]) -> None:
+    """One statement decides per row: rows still leased to the caller win, others are skipped
+    and get neither an output nor an event."""
+    job = make_job(3)
+    mine = claim(session, job, "w1")
+    stale = ok(mine[1])
+    stale.attempt = mine[1].attempts + 1  # a claim this worker never made
+    results = [ok(mine[0]), stale, ok(mine[2])]
+    assert jobs.complete_items(session, worker_id="w1", results=results) == 2
+    session.commit()
+    have = set(session.scalars(select(Output.item_id).where(Output.job_id == job.id)))
+    assert have == {mine[0].id, mine[2].id}
+    assert events(session, job, "succeeded") == 2
+    assert jobs.get_job(session, job_id=job.id).status == "running"
