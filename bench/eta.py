@@ -194,11 +194,13 @@ def embedded(task: str, n: int, work: Path, batch: int, device: str) -> Result:
     home = work / f"embedded-{task}-{secrets.token_hex(3)}"
     stages = home / "stages"
     env = _env(home=home, device=device, batch_size=batch, stage_log=stages)
+    # --no-cache: every mode must run the model (the same inputs go through each mode).
     if task == "caption":
-        args = ["caption", str(work / "images"), "--out", str(home / "captions.jsonl")]
+        args = ["caption", str(work / "images"), "--out", str(home / "captions.jsonl"),
+                "--no-cache"]
     else:
         args = ["generate", "--prompts", str(work / "prompts.txt"), "--out", str(home / "gen"),
-                "--seed", "0"]
+                "--seed", "0", "--no-cache"]
     t0 = time.perf_counter()
     proc = subprocess.run([*_loom_cmd(), *args], env=env, capture_output=True, text=True,
                           cwd=str(work))
@@ -333,7 +335,8 @@ def distributed(task: str, paths: list[Path], prompts: list[str], svc: Services,
         with sf() as s:
             job = jobs.submit_job(s, tenant_id=tenant, task=task, model_name=settings.default_model,
                                   items=some, chunk_size=settings.chunk_size,
-                                  max_attempts=settings.max_attempts)
+                                  max_attempts=settings.max_attempts,
+                                  use_cache=False)  # measure the model, not the result cache
             jobs.publish_pending(s, publish=publish, job_id=job.id)
         submitted = time.perf_counter() - t0
         while True:
