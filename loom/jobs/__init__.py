@@ -28,6 +28,7 @@ from loom.jobs.finalize import (
     write_manifest,
 )
 from loom.jobs.leases import release_leases
+from loom.jobs.outage import ping, release_items
 from loom.jobs.queries import (
     get_job,
     get_output,
@@ -106,10 +107,12 @@ __all__ = [
     "model_versions",
     "outputs_for_items",
     "outputs_per_worker",
+    "ping",
     "publish_pending",
     "reconcile",
     "record_model_version",
     "release_leases",
+    "release_items",
     "request_fingerprint",
     "request_hash",
     "resolve_job_id",
