@@ -63,6 +63,7 @@ from loom.jobs.types import (
     Page,
     ReconcileReport,
 )
+from loom.jobs.verify import OutputProblem, VerifyReport, requeue_lost, verify_job
 from loom.jobs.views import job_dict, job_ref, lineage_dict, result_row
 
 __all__ = [
@@ -71,9 +72,11 @@ __all__ = [
     "ItemFailure",
     "ItemResult",
     "JobProgress",
+    "OutputProblem",
     "Page",
     "ReconcileReport",
     "SUSPECT_CODES",
+    "VerifyReport",
     "cache_key",
     "cached_outputs",
     "cancel_job",
@@ -115,12 +118,14 @@ __all__ = [
     "release_items",
     "request_fingerprint",
     "request_hash",
+    "requeue_lost",
     "resolve_job_id",
     "result_row",
     "retry_failed",
     "submit_job",
     "suspect_ids",
     "suspect_indexes",
+    "verify_job",
     "webhook_payload",
     "worker_lost_message",
     "write_manifest",
