@@ -38,7 +38,7 @@ def _wait_busy(stack: Stack, job_id: str, timeout: float = 60) -> Worker:
 
 def test_two_workers_sigkilled_mid_chunk(scenario: Stack) -> None:
     stack = scenario
-    job_id = stack.caption_job(320)
+    job_id = stack.caption_job(240)
     stack.wait_succeeded(job_id, 10)
     first = _wait_busy(stack, job_id)
     first.kill()
@@ -48,7 +48,7 @@ def test_two_workers_sigkilled_mid_chunk(scenario: Stack) -> None:
     stack.restart_worker(first)
     stack.restart_worker(second)
     counts = check_invariants(stack, job_id)
-    assert counts == {"succeeded": 320}
+    assert counts == {"succeeded": 240}
 
 
 def test_sigstopped_worker_past_its_lease_is_fenced(scenario: Stack) -> None:
@@ -70,7 +70,7 @@ def test_short_soak_with_kills_aimed_at_busy_workers(scenario: Stack) -> None:
     """Two jobs at once for ~60 s, a busy worker SIGKILLed every ~12 s and restarted."""
     stack = scenario
     rng = random.Random(13)
-    jobs = [stack.caption_job(400), stack.generate_job(400)]
+    jobs = [stack.caption_job(300), stack.generate_job(300)]
     deadline = time.monotonic() + 60
     kills = 0
     while time.monotonic() < deadline and any(
