@@ -528,6 +528,10 @@ class Engine:
                     # at the attempt cap end failed here, the others become claimable again.
                     jobs.free_expired_leases(session, now=utcnow())
                     jobs.maybe_finalize(session, job_id=job_id, store=self.store)
+                    if self._job_status(job_id) == JobStatus.finalizing.value:
+                        # The manifest write failed (store down): finish it, as the reconciler
+                        # does in distributed mode; until the store is back, poll.
+                        jobs.complete_finalization(session, job_id=job_id, store=self.store)
                 status = self._job_status(job_id)
                 if status is None or status in terminal:
                     break
