@@ -53,6 +53,16 @@ class OutageStore:
         self._check(key)
         return self.inner.open_stream(key)
 
+    def __getattr__(self, name: str) -> Any:
+        """Every other store method (put_chunks, put_stream, delete, ...) fails the same way."""
+        method = getattr(self.inner, name)
+
+        def guarded(key: str, *args: Any, **kwargs: Any) -> Any:
+            self._check(key)
+            return method(key, *args, **kwargs)
+
+        return guarded
+
 
 def _run(embedded: Any, task: str, inputs: list[dict[str, Any]], store: OutageStore) -> Any:
     from worker.engine import Engine
