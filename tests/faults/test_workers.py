@@ -70,10 +70,13 @@ def test_short_soak_with_kills_aimed_at_busy_workers(scenario: Stack) -> None:
     """Two jobs at once for up to ~60 s, a busy worker SIGKILLed every 4-8 s and restarted."""
     stack = scenario
     rng = random.Random(13)
-    jobs = [stack.caption_job(400), stack.generate_job(400)]
+    jobs = [stack.caption_job(1500), stack.generate_job(1500)]
     deadline = time.monotonic() + 60
-    kills = 0
-    time.sleep(2)
+    first = _wait_busy(stack, jobs[1])  # the first kill as soon as a worker is busy
+    first.kill()
+    kills = 1
+    time.sleep(1)
+    stack.restart_worker(first)
     while time.monotonic() < deadline and any(
             stack.job_status(j) not in ("succeeded", "completed_with_errors", "failed")
             for j in jobs):
