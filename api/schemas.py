@@ -233,6 +233,30 @@ class DedupeOut(BaseModel):
     groups: list[DedupeGroup]
 
 
+class OutputProblemOut(BaseModel):
+    item_id: int
+    index: int
+    problem: str  # "missing" | "corrupt"
+    storage_key: str | None
+    expected_sha256: str | None
+    actual_sha256: str | None
+
+
+class VerifyReportOut(BaseModel):
+    job_id: str
+    checked: int
+    ok: bool
+    missing: int
+    corrupt: int
+    requeued: int
+    problems: list[OutputProblemOut]
+
+
+class VerifyOut(BaseModel):
+    job: JobOut
+    report: VerifyReportOut
+
+
 class ModelOut(BaseModel):
     name: str
     versions: list[dict[str, Any]] = Field(

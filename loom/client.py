@@ -273,6 +273,12 @@ class Client:
         return self._call("POST", f"/v1/jobs/{job_id}/dedupe",  # type: ignore[no-any-return]
                           params=params)
 
+    def verify(self, job_id: str, *, repair: bool = False) -> dict[str, Any]:
+        """Check every output object's existence and sha256; ``repair`` requeues the broken."""
+        return self._call(  # type: ignore[no-any-return]
+            "POST", f"/v1/jobs/{job_id}/verify", params={"repair": str(repair).lower()}
+        )
+
     def lineage(self, item_id: int) -> dict[str, Any]:
         return self._call("GET", f"/v1/items/{item_id}/lineage")  # type: ignore[no-any-return]
 

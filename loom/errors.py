@@ -116,6 +116,12 @@ class InputMissing(ItemError):
     code = "input_missing"
 
 
+class InputMismatch(InvalidInput):
+    """The input read has another sha256 than the one the item expects (changed or corrupt)."""
+
+    code = "input_mismatch"
+
+
 class UnsupportedTask(ItemError):
     code = "unsupported_task"
 
@@ -149,6 +155,27 @@ class Cancelled(ItemError):
     code = "cancelled"
 
 
+# --- infrastructure errors (an outage: never a property of an item) -------------------------
+
+
+class InfrastructureError(LoomError):
+    """A dependency (object store, database) is down or unreachable.
+
+    Not an item error: the worker gives the batch's leases back without spending the items'
+    attempts, waits for the dependency, and carries on. Never written to an item row."""
+
+    code = "service_unavailable"
+    http_status = 503
+    transient = True
+
+
+class StoreUnavailable(InfrastructureError):
+    """A read or write on the object store failed for a reason other than a missing object or a
+    bad key (connection refused, timeouts, 5xx, throttling)."""
+
+    code = "store_unavailable"
+
+
 class ServiceUnavailable(LoomError):
     code = "service_unavailable"
     http_status = 503
@@ -167,6 +194,7 @@ ITEM_ERROR_CODES: tuple[str, ...] = tuple(
                 BlockedUrl,
                 FetchFailed,
                 InputMissing,
+                InputMismatch,
                 UnsupportedTask,
                 ModelError,
                 StorageError,

@@ -181,7 +181,13 @@ class Item(Base):
     # What the item asks for: {"image_key"|"image_url", "question", "prompt", "seed", ...}.
     input: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     item_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    # The number of the latest attempt: never decreases, so a result pinned to an attempt
+    # (the completion fence, lineage) can never be confused with a later one.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts that do not count against the job's max_attempts: given back after an outage
+    # (the store was down, not the item's fault) or forgiven by retry_failed. Attempts spent
+    # = attempts - attempts_excused.
+    attempts_excused: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
     # Backoff: a transiently failed item is not claimable before this time.

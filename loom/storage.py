@@ -63,6 +63,22 @@ class Store(Protocol):
         ...
 
 
+# --- health -------------------------------------------------------------------------------------
+
+PROBE_KEY = "_loom/readyz"
+
+
+def probe(store: Store) -> None:
+    """Write a tiny object, as ``/readyz`` does; raises StorageError while the store is down."""
+    store.put(PROBE_KEY, b"ok", "text/plain")
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether a store error means the store is down (retry later), not that the key is bad:
+    InputMissing (no object) and ``invalid_key`` are about the item, anything else is an outage."""
+    return isinstance(exc, StorageError) and exc.code != "invalid_key"
+
+
 # --- keys ---------------------------------------------------------------------------------------
 
 

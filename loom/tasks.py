@@ -76,8 +76,10 @@ class TaskSpec:
 
     @property
     def input_fields(self) -> tuple[str, ...]:
-        return (*(IMAGE_SOURCES if self.image else ()), *self.texts,
-                *(("seed",) if self.seeded else ()))
+        # sha256 (image tasks, optional): the input's expected content hash; the worker fails
+        # the item input_mismatch when the bytes it reads hash differently.
+        return (*(IMAGE_SOURCES if self.image else ()), *(("sha256",) if self.image else ()),
+                *self.texts, *(("seed",) if self.seeded else ()))
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -125,6 +127,12 @@ class TaskSpec:
             if not isinstance(value, str) or len(value) > 2048:
                 raise error(f"{where}.{sources[0]}: expected a string of at most 2048 characters")
             out[sources[0]] = value
+            digest = inp.get("sha256")
+            if digest is not None:
+                if not (isinstance(digest, str) and len(digest) == 64
+                        and all(c in "0123456789abcdefABCDEF" for c in digest)):
+                    raise error(f"{where}.sha256: expected 64 hex digits")
+                out["sha256"] = digest.lower()
         for name in self.texts:
             value = inp.get(name)
             if not isinstance(value, str) or not value.strip():

@@ -6,9 +6,17 @@ leases from a background thread, and overlaps the three stages: while the model 
 the calling thread, batch N+1 is claimed and its inputs are read and decoded in an I/O thread pool,
 and batch N-1's outputs are uploaded and completed by a finisher thread.
 
-Poison inputs: an item whose previous attempt died with its worker (claimable with attempts >= 1)
-is claimed and run ALONE, with nothing else in flight, so an input that kills the process burns
-only its own attempts; the attempt cap then ends it ``failed`` (worker_lost) via the reconciler.
+Poison inputs: an item whose previous attempt died with its worker (claimable with an attempt
+spent) is claimed and run ALONE, with nothing else in flight, so an input that kills the process
+burns only its own attempts; the attempt cap then ends it ``failed`` (worker_lost) via the
+reconciler.
+
+Outages are no item's fault: a store read or write that fails because the store is down
+(``StoreUnavailable``) gives the item's lease back without spending its attempt
+(``jobs.release_items``), and the engine claims nothing until the store answers a probe again (the
+same write ``/readyz`` makes), backing off meanwhile. A database error ends ``run_chunk``: the
+engine waits until the database answers, gives back the leases it still holds, and raises, so the
+task retries the chunk.
 """
 
 from __future__ import annotations
@@ -23,11 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import InterfaceError
+from sqlalchemy.exc import OperationalError as DBOperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from loom import jobs, tasks
 from loom.config import Settings
-from loom.errors import LoomError, ModelError
+from loom.errors import InfrastructureError, LoomError, ModelError
 from loom.models import Job, JobStatus, utcnow
 from worker.cache import ResultCache
 from worker.inference import ModelCache, ModelLoader, infer
@@ -43,6 +53,19 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]  # called with the number of items a batch finished
 
+# Probing a dependency that is down: first retry after OUTAGE_BACKOFF_MIN s, doubling up to MAX.
+OUTAGE_BACKOFF_MIN_SECONDS = 0.5
+OUTAGE_BACKOFF_MAX_SECONDS = 5.0
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A dependency is down (store or database): not a property of the items in flight."""
+    from loom.storage import is_outage as store_outage
+
+    return isinstance(exc, (InfrastructureError, DBOperationalError, InterfaceError)) or (
+        store_outage(exc)
+    )
+
 
 @dataclass
 class ChunkReport:
@@ -56,6 +79,7 @@ class ChunkReport:
     fenced: int = 0  # results this worker produced but lost to a newer lease holder
     cached: int = 0  # items answered by an earlier output, with no inference
     cancelled: int = 0
+    released: int = 0  # leases given back after an outage, attempts not spent
     batches: int = 0
     seconds: float = 0.0
     timings_ms: dict[str, float] = field(default_factory=dict)  # summed stage times
@@ -107,6 +131,8 @@ class Engine:
         )
         self._report_lock = threading.Lock()
         self._max_attempts_cache: dict[str, int] = {}
+        # Set by the finisher when a store call failed for want of a store; claims wait on it.
+        self._store_down = threading.Event()
 
     # --- models ------------------------------------------------------------------------------
 
@@ -122,6 +148,11 @@ class Engine:
         ``prefetch``: claiming while another batch is in flight. A suspect is then not claimed
         (a crash of the running batch would burn one of its attempts); it waits until nothing
         else is in flight. A suspect's input is read and decoded only once it runs (alone)."""
+        if self._store_down.is_set():
+            if prefetch:
+                return []  # claim again once the batch in flight is done and the store is back
+            self._await_store()
+
         def claim(start: int, end: int, limit: int) -> list[ClaimedItem]:
             t0 = time.perf_counter()
             with self.session_factory() as session:
@@ -205,14 +236,19 @@ class Engine:
                     done.set_exception(exc)
                 futures.append(done)
         results: list[ItemResult] = []
+        # Outages (the store is down) are not the items' fault: their leases go back unspent.
+        outage = [p for p in bad if isinstance(p.error, InfrastructureError)]
         failures: list[ItemFailure] = [
             jobs.ItemFailure(item_id=p.item.id, error=p.error, attempt=p.item.attempts)
             for p in bad
-            if p.error is not None
+            if p.error is not None and not isinstance(p.error, InfrastructureError)
         ]
         for (prep, _), fut in zip(outputs, futures, strict=True):
             try:
                 results.append(fut.result())
+            except InfrastructureError as exc:
+                prep.error = exc
+                outage.append(prep)
             except LoomError as exc:
                 failures.append(
                     jobs.ItemFailure(item_id=prep.item.id, error=exc, attempt=prep.item.attempts)
@@ -229,7 +265,20 @@ class Engine:
             1 for f in failures if not f.error.transient or attempts.get(f.item_id, cap) >= cap
         )
         t_complete = time.perf_counter()
+        released = 0
+        if outage:
+            # Before the release: a claim racing it must wait for the store, not spin.
+            self._store_down.set()
         with self.session_factory() as session:
+            if outage:
+                reason = str(outage[0].error)
+                log.warning("store unavailable; giving back %d leases: %s", len(outage), reason)
+                released = jobs.release_items(
+                    session,
+                    worker_id=self.worker_id,
+                    leases=[(p.item.id, p.item.attempts) for p in outage],
+                    reason=reason,
+                )
             if results:
                 won = jobs.complete_items(
                     session, worker_id=self.worker_id, results=results, store=self.store
@@ -252,6 +301,7 @@ class Engine:
             report.fenced += len(results) - won
             report.failed += permanent
             report.retried += len(failures) - permanent
+            report.released += released
             report.add_timing("infer", infer_ms)
             for prep in [p for p, _ in outputs] + bad:
                 for name in ("fetch_ms", "decode_ms"):
@@ -261,6 +311,54 @@ class Engine:
                 report.add_timing("upload", r.timings.get("upload_ms", 0.0))
         if progress is not None:
             progress(len(batch.items))
+
+    # --- outages ------------------------------------------------------------------------------
+
+    def _await(self, what: str, probe: Callable[[], object]) -> None:
+        """Call ``probe`` until it succeeds, backing off between tries (no attempt is spent
+        meanwhile: the leases of the items in flight were given back or are heartbeated)."""
+        delay, waited = OUTAGE_BACKOFF_MIN_SECONDS, 0.0
+        while True:
+            try:
+                probe()
+            except Exception as exc:  # any failure of the probe means "still down"
+                log.warning("%s unavailable (%s); probing again in %.1fs", what, exc, delay)
+                time.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, OUTAGE_BACKOFF_MAX_SECONDS)
+                continue
+            if waited:
+                log.warning("%s is back after %.1fs", what, waited)
+            return
+
+    def _await_store(self) -> None:
+        from loom.storage import probe
+
+        self._await("object store", lambda: probe(self.store))
+        self._store_down.clear()
+
+    def _await_database(self) -> None:
+        def ping() -> None:
+            with self.session_factory() as session:
+                jobs.ping(session)
+
+        self._await("database", ping)
+
+    def _give_back_held(self, exc: BaseException) -> None:
+        """After an outage ended the chunk: once the database answers, the leases this worker
+        still holds go back to the queue with their attempts excused (not spent)."""
+        self._await_database()
+        held = self.leases.held()
+        if held:
+            with self.session_factory() as session:
+                n = jobs.release_items(
+                    session,
+                    worker_id=self.worker_id,
+                    leases=[(i, None) for i in held],
+                    reason=f"outage: {type(exc).__name__}: {exc}"[:500],
+                )
+            self.leases.discard(held)
+            log.warning("gave back %d leases after %s", n, type(exc).__name__)
 
     def _max_attempts(self, job_id: str) -> int:
         if job_id not in self._max_attempts_cache:
@@ -274,6 +372,76 @@ class Engine:
         with self.session_factory() as session:
             return jobs.job_status(session, job_id=job_id)
 
+    def _run_batches(
+        self,
+        chunk: Chunk,
+        report: ChunkReport,
+        progress: Progress | None,
+        pending: deque[Future[None]],
+        queue: deque[_Batch],
+    ) -> None:
+        """The loop of ``run_chunk``: claim, prepare, infer, hand to the finisher, repeat."""
+
+        def drain(keep: int = 0) -> None:
+            while len(pending) > keep:
+                pending.popleft().result()  # re-raises a finisher failure (DB down, ...)
+
+        if self._job_status(chunk.job_id) == JobStatus.cancelling.value:
+            queue.clear()
+        else:
+            queue.extend(self._claim(chunk, report))
+        while queue:
+            batch = queue.popleft()
+            if batch.careful:
+                drain()  # nothing else in flight while a possible poison runs
+                prepared = [
+                    prepare(item, settings=self.settings, store=self.store)
+                    for item in batch.items
+                ]
+            else:
+                prepared = [f.result() for f in batch.prepared]
+            next_claim: Future[list[_Batch]] | None = None
+            if not batch.careful and not queue:
+                # Overlap: claim + decode the next batch beside the model, off its thread.
+                next_claim = self._claimer.submit(self._claim, chunk, report, prefetch=True)
+            try:
+                served, prepared = self.cache.split(prepared, settle=drain)
+                outputs, bad, info, infer_ms = infer(self.models, prepared)
+                outputs += served
+            finally:
+                if next_claim is not None:
+                    queue.extend(next_claim.result())
+            pending.append(
+                self._finisher.submit(
+                    self._finish, batch, outputs, bad, info, infer_ms, report, progress
+                )
+            )
+            drain(keep=0 if batch.careful else 1)
+            if queue and queue[0].careful:
+                drain()
+            # Between batches: a cancel request stops the chunk.
+            if self._job_status(chunk.job_id) == JobStatus.cancelling.value:
+                drain()
+                with self.session_factory() as session:
+                    report.cancelled += jobs.cancel_remaining(
+                        session,
+                        job_id=chunk.job_id,
+                        worker_id=self.worker_id,
+                        store=self.store,
+                    )
+                queue.clear()
+                break
+            if self.should_stop():
+                drain()
+                break
+            if not queue:
+                drain()
+                queue.extend(self._claim(chunk, report))
+        drain()
+        if queue and self.should_stop():
+            self._release(queue)
+            queue.clear()
+
     def run_chunk(self, chunk: Chunk, progress: Progress | None = None) -> ChunkReport:
         """Process every claimable item of ``chunk``; returns what this worker did with them.
 
@@ -283,69 +451,22 @@ class Engine:
         report = ChunkReport(job_id=chunk.job_id, start=chunk.start, end=chunk.end)
         t_start = time.perf_counter()
         pending: deque[Future[None]] = deque()
-
-        def drain(keep: int = 0) -> None:
-            while len(pending) > keep:
-                pending.popleft().result()  # re-raises a finisher failure (DB down, ...)
-
         queue: deque[_Batch] = deque()
         try:
             with self.leases.heartbeating():
-                if self._job_status(chunk.job_id) == JobStatus.cancelling.value:
-                    queue.clear()
-                else:
-                    queue.extend(self._claim(chunk, report))
-                while queue:
-                    batch = queue.popleft()
-                    if batch.careful:
-                        drain()  # nothing else in flight while a possible poison runs
-                        prepared = [
-                            prepare(item, settings=self.settings, store=self.store)
-                            for item in batch.items
-                        ]
-                    else:
-                        prepared = [f.result() for f in batch.prepared]
-                    next_claim: Future[list[_Batch]] | None = None
-                    if not batch.careful and not queue:
-                        # Overlap: claim + decode the next batch beside the model, off its thread.
-                        next_claim = self._claimer.submit(self._claim, chunk, report, prefetch=True)
-                    try:
-                        served, prepared = self.cache.split(prepared, settle=drain)
-                        outputs, bad, info, infer_ms = infer(self.models, prepared)
-                        outputs += served
-                    finally:
-                        if next_claim is not None:
-                            queue.extend(next_claim.result())
-                    pending.append(
-                        self._finisher.submit(
-                            self._finish, batch, outputs, bad, info, infer_ms, report, progress
-                        )
-                    )
-                    drain(keep=0 if batch.careful else 1)
-                    if queue and queue[0].careful:
-                        drain()
-                    # Between batches: a cancel request stops the chunk.
-                    if self._job_status(chunk.job_id) == JobStatus.cancelling.value:
-                        drain()
-                        with self.session_factory() as session:
-                            report.cancelled += jobs.cancel_remaining(
-                                session,
-                                job_id=chunk.job_id,
-                                worker_id=self.worker_id,
-                                store=self.store,
-                            )
-                        queue.clear()
-                        break
-                    if self.should_stop():
-                        drain()
-                        break
-                    if not queue:
-                        drain()
-                        queue.extend(self._claim(chunk, report))
-                drain()
-                if queue and self.should_stop():
-                    self._release(queue)
-                    queue.clear()
+                try:
+                    self._run_batches(chunk, report, progress, pending, queue)
+                except Exception as exc:
+                    if not is_outage(exc):
+                        raise
+                    # Let the batches in flight settle, then give back what is still held.
+                    while pending:
+                        try:
+                            pending.popleft().result()
+                        except Exception:
+                            log.exception("finishing a batch failed during an outage")
+                    self._give_back_held(exc)
+                    raise
         finally:
             # On an error, let in-flight work settle before the leases stop being extended.
             for fut in pending:
@@ -407,6 +528,10 @@ class Engine:
                     # at the attempt cap end failed here, the others become claimable again.
                     jobs.free_expired_leases(session, now=utcnow())
                     jobs.maybe_finalize(session, job_id=job_id, store=self.store)
+                    if self._job_status(job_id) == JobStatus.finalizing.value:
+                        # The manifest write failed (store down): finish it, as the reconciler
+                        # does in distributed mode; until the store is back, poll.
+                        jobs.complete_finalization(session, job_id=job_id, store=self.store)
                 status = self._job_status(job_id)
                 if status is None or status in terminal:
                     break

@@ -1,7 +1,9 @@
 """Reading and decoding one item's input, ready for the model (the engine's first stage).
 
 Runs in the engine's I/O thread pool. Every problem with one input becomes a ``LoomError`` on that
-item (``Prepared.error``): the batch, the chunk and the worker carry on.
+item (``Prepared.error``): the batch, the chunk and the worker carry on. A store that is down is
+no problem of the input: it becomes ``StoreUnavailable``, which the engine never writes to the
+item (it gives the lease back, waits for the store and claims the item again).
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 from loom import tasks
 from loom.config import Settings
-from loom.errors import InputTooLarge, InvalidInput, LoomError, UnsupportedTask
+from loom.errors import (
+    InputMismatch,
+    InputTooLarge,
+    InvalidInput,
+    LoomError,
+    StorageError,
+    StoreUnavailable,
+    UnsupportedTask,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
@@ -46,9 +56,17 @@ def read_bytes(item: ClaimedItem, *, settings: Settings, store: Store) -> bytes:
     """The input image's bytes: from the object store (``image_key``) or a URL (``image_url``)."""
     from loom import media
 
+    from loom.storage import is_outage
+
     inp = item.input
     if inp.get("image_key"):
-        data = store.get(str(inp["image_key"]))
+        key = str(inp["image_key"])
+        try:
+            data = store.get(key)
+        except StorageError as exc:
+            if is_outage(exc):
+                raise StoreUnavailable(f"cannot read {key}: {exc.message}") from exc
+            raise
     elif inp.get("image_url"):
         data = media.fetch_url(
             str(inp["image_url"]),
@@ -102,6 +120,12 @@ def prepare(item: ClaimedItem, *, settings: Settings, store: Store) -> Prepared:
         data = read_bytes(item, settings=settings, store=store)
         t1 = time.perf_counter()
         prep.input_sha256 = hashlib.sha256(data).hexdigest()
+        expected = item.input.get("sha256")
+        if expected and str(expected).lower() != prep.input_sha256:
+            # What was read vs what the item expects: the object changed after submission.
+            raise InputMismatch(
+                f"input sha256 is {prep.input_sha256}; the item expects {expected}"
+            )
         prep.image = decode(data, settings=settings)
         t2 = time.perf_counter()
         prep.timings = {"fetch_ms": (t1 - t0) * 1000.0, "decode_ms": (t2 - t1) * 1000.0}

@@ -11,7 +11,7 @@ import hashlib
 import time
 from typing import TYPE_CHECKING, Any
 
-from loom.errors import LoomError, StorageError
+from loom.errors import LoomError, StorageError, StoreUnavailable
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
@@ -22,6 +22,23 @@ if TYPE_CHECKING:  # pragma: no cover
 
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 PNG_CONTENT_TYPE = "image/png"
+
+
+def upload(store: Store, key: str, data: bytes, content_type: str) -> None:
+    """Put one output object. The store being down is an outage (StoreUnavailable: the engine
+    gives the item back unspent and waits), not a failure of the item."""
+    from loom.storage import is_outage
+
+    try:
+        store.put(key, data, content_type)
+    except StorageError as exc:
+        if is_outage(exc):
+            raise StoreUnavailable(f"upload of {key} failed: {exc.message}") from exc
+        raise
+    except LoomError:
+        raise
+    except Exception as exc:  # boto/network errors that the store did not wrap
+        raise StoreUnavailable(f"upload of {key} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def info_field(info: Any, name: str, default: Any = None) -> Any:
@@ -73,12 +90,7 @@ def image_result(
     data = media.encode_png(image)
     key = output_key(item.tenant_id, item.job_id, item.index, "png")
     t0 = time.perf_counter()
-    try:
-        store.put(key, data, PNG_CONTENT_TYPE)
-    except LoomError:
-        raise
-    except Exception as exc:  # boto/network errors that the store did not wrap
-        raise StorageError(f"upload of {key} failed: {type(exc).__name__}: {exc}") from exc
+    upload(store, key, data, PNG_CONTENT_TYPE)
     timings = {**timings, "encode_ms": (t0 - t_encode) * 1000.0,
                "upload_ms": (time.perf_counter() - t0) * 1000.0}
     return ItemResult(
@@ -113,12 +125,7 @@ def vector_result(
     data = buf.getvalue()
     key = output_key(item.tenant_id, item.job_id, item.index, "npy")
     t0 = time.perf_counter()
-    try:
-        store.put(key, data, NPY_CONTENT_TYPE)
-    except LoomError:
-        raise
-    except Exception as exc:
-        raise StorageError(f"upload of {key} failed: {type(exc).__name__}: {exc}") from exc
+    upload(store, key, data, NPY_CONTENT_TYPE)
     timings = {**timings, "upload_ms": (time.perf_counter() - t0) * 1000.0}
     return ItemResult(
         kind="vector",

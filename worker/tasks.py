@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from loom.config import Settings
-from loom.errors import ServiceUnavailable, StorageError
+from loom.errors import InfrastructureError, ServiceUnavailable, StorageError
 from worker.app import app, make_publisher
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -169,6 +169,7 @@ def _infrastructure_errors() -> tuple[type[BaseException], ...]:
         DBOperationalError,
         InterfaceError,
         StorageError,
+        InfrastructureError,
         ServiceUnavailable,
         KombuOperationalError,
         RedisConnectionError,

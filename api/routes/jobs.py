@@ -25,6 +25,8 @@ from api.schemas import (
     ResultView,
     RetryOut,
     TaskName,
+    VerifyOut,
+    VerifyReportOut,
 )
 from loom import datasets, exports, vectors
 from loom import jobs as core
@@ -274,3 +276,25 @@ def retry(job_id: JobIdPath, session: SessionDep, rt: RuntimeDep, caller: Caller
         service.publish(session, rt, job_id)
     job = core.get_job(session, job_id=job_id, tenant_id=caller.tenant_id)
     return RetryOut(job=service.job_out(session, job), requeued=n)
+
+
+@router.post(
+    "/{job_id}/verify",
+    responses={**ERRORS, 409: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+def verify(
+    job_id: JobIdPath,
+    session: SessionDep,
+    rt: RuntimeDep,
+    caller: CallerDep,
+    repair: Annotated[bool, Query(description="Requeue the items whose output is lost.")] = False,
+) -> VerifyOut:
+    """Check every output object's existence and sha256; ``repair`` requeues exactly the items
+    whose output is missing or corrupt (a new attempt; the old lineage is kept as an event)."""
+    report = core.verify_job(session, job_id=job_id, store=rt.store, tenant_id=caller.tenant_id,
+                             repair=repair)
+    if report.requeued:
+        service.publish(session, rt, job_id)
+    job = core.get_job(session, job_id=job_id, tenant_id=caller.tenant_id)
+    return VerifyOut(job=service.job_out(session, job),
+                     report=VerifyReportOut.model_validate(report.to_dict()))

@@ -3,7 +3,7 @@
 ``build_app()`` makes the app with the commands that need no model: job queries and control
 (``loom.cli.jobs``: embedded on the local SQLite, or remote with ``--api``), remote submission
 (``loom.cli.submit``, one command per task in the registry), services (``loom.cli.services``)
-and ``dedupe`` (``loom.cli.vectors``).
+and ``dedupe`` (``loom.cli.vectors``), and ``loom verify`` (``loom.cli.verify``).
 The console script (``worker/cli.py``) adds the embedded commands that run the model.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typer
 
-from loom.cli import jobs, services, submit, vectors
+from loom.cli import jobs, services, submit, vectors, verify
 
 
 def build_app() -> typer.Typer:
@@ -22,7 +22,7 @@ def build_app() -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
     )
-    for module in (jobs, submit, services, vectors):
+    for module in (jobs, submit, services, vectors, verify):
         module.register(app)
     return app
 

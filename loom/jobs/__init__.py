@@ -28,6 +28,7 @@ from loom.jobs.finalize import (
     write_manifest,
 )
 from loom.jobs.leases import release_leases
+from loom.jobs.outage import ping, release_items
 from loom.jobs.queries import (
     get_job,
     get_output,
@@ -62,6 +63,7 @@ from loom.jobs.types import (
     Page,
     ReconcileReport,
 )
+from loom.jobs.verify import OutputProblem, VerifyReport, requeue_lost, verify_job
 from loom.jobs.views import job_dict, job_ref, lineage_dict, result_row
 
 __all__ = [
@@ -70,9 +72,11 @@ __all__ = [
     "ItemFailure",
     "ItemResult",
     "JobProgress",
+    "OutputProblem",
     "Page",
     "ReconcileReport",
     "SUSPECT_CODES",
+    "VerifyReport",
     "cache_key",
     "cached_outputs",
     "cancel_job",
@@ -106,18 +110,22 @@ __all__ = [
     "model_versions",
     "outputs_for_items",
     "outputs_per_worker",
+    "ping",
     "publish_pending",
     "reconcile",
     "record_model_version",
     "release_leases",
+    "release_items",
     "request_fingerprint",
     "request_hash",
+    "requeue_lost",
     "resolve_job_id",
     "result_row",
     "retry_failed",
     "submit_job",
     "suspect_ids",
     "suspect_indexes",
+    "verify_job",
     "webhook_payload",
     "worker_lost_message",
     "write_manifest",

@@ -48,7 +48,7 @@ def suspect_indexes(
             Item.job_id == chunk.job_id,
             Item.index >= chunk.start,
             Item.index < chunk.end,
-            Item.attempts >= 1,
+            Item.attempts > Item.attempts_excused,  # an attempt was spent (not excused)
             (
                 (Item.status == ItemStatus.queued.value)
                 & ((Item.available_at.is_(None)) | (Item.available_at <= now))
@@ -69,5 +69,11 @@ def suspect_ids(session: Session, *, item_ids: Iterable[int]) -> set[int]:
     ids: Sequence[int] = list(item_ids)
     if not ids:
         return set()
-    rows = session.execute(select(Item.id, Item.error_code).where(Item.id.in_(ids))).all()
+    rows = session.execute(
+        select(Item.id, Item.error_code).where(
+            Item.id.in_(ids),
+            # An attempt before this claim was spent (outage releases are excused).
+            Item.attempts - Item.attempts_excused > 1,
+        )
+    ).all()
     return {r.id for r in rows if r.error_code is None or r.error_code in SUSPECT_CODES}

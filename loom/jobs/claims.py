@@ -77,8 +77,8 @@ def claim_items(
             it.job_id == job_id,
             it.index >= start,
             it.index < end,
-            # An item whose attempts reached the cap is never claimed again (poison input).
-            it.attempts < job.max_attempts,
+            # An item whose spent attempts reached the cap is never claimed again (poison input).
+            it.attempts - it.attempts_excused < job.max_attempts,
             or_(
                 and_(it.status == QUEUED, or_(it.available_at.is_(None), it.available_at <= now)),
                 and_(it.status == RUNNING, it.lease_expires_at < now),
@@ -282,7 +282,8 @@ def fail_items(
     now = now or utcnow()
     begin_write(session)
     owned = session.execute(
-        select(Item.id, Item.job_id, Item.attempts, Job.max_attempts, Job.status)
+        select(Item.id, Item.job_id, Item.attempts, Item.attempts_excused, Job.max_attempts,
+               Job.status)
         .join(Job, Job.id == Item.job_id)
         .where(_fence(worker_id, failures))
         .with_for_update(of=Item)  # PostgreSQL: hold the rows until we have updated them
@@ -297,15 +298,16 @@ def fail_items(
         if row.status == JobStatus.cancelling.value and err.transient:
             # No point retrying work nobody wants any more.
             status, available_at, message, kind = "cancelled", None, err.message, "cancelled"
-        elif err.transient and row.attempts < row.max_attempts:
-            delay = min(backoff_seconds * 2 ** max(row.attempts - 1, 0), MAX_BACKOFF_SECONDS)
+        elif err.transient and (spent := row.attempts - row.attempts_excused) < row.max_attempts:
+            delay = min(backoff_seconds * 2 ** max(spent - 1, 0), MAX_BACKOFF_SECONDS)
             status, available_at, kind = QUEUED, now + timedelta(seconds=delay), "retry_scheduled"
             message = err.message
         else:
             status, available_at, kind = ItemStatus.failed.value, None, "failed"
             message = err.message
             if err.transient:
-                message = f"{err.message} (gave up after {row.attempts} attempts)"
+                spent = row.attempts - row.attempts_excused
+                message = f"{err.message} (gave up after {spent} attempts)"
         updates.append({"b_id": row.id, "b_status": status, "b_available": available_at,
                         "b_code": err.code, "b_message": message,
                         "b_finished": None if status == QUEUED else now})

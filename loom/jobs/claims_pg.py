@@ -47,7 +47,7 @@ picked AS MATERIALIZED (
     FROM items AS i, j
     WHERE j.status = 'running'
       AND i.job_id = :job_id AND i.index >= :start AND i.index < :end
-      AND i.attempts < j.max_attempts
+      AND i.attempts - i.attempts_excused < j.max_attempts
       AND ((i.status = 'queued' AND (i.available_at IS NULL OR i.available_at <= :now))
            OR (i.status = 'running' AND i.lease_expires_at < :now))
     ORDER BY i.index

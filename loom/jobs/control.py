@@ -93,7 +93,10 @@ def retry_failed(
         indexes = list(session.scalars(
             update(Item)
             .where(Item.job_id == job_id, Item.status == ItemStatus.failed.value)
-            .values(status=ItemStatus.queued.value, attempts=0, error_code=None,
+            # Fresh attempts, but attempt NUMBERS go on: the spent ones are excused, so a stale
+            # result pinned to an old attempt number can never match the new attempt.
+            .values(status=ItemStatus.queued.value, attempts_excused=Item.attempts,
+                    error_code=None,
                     error_message=None, available_at=None, lease_owner=None,
                     lease_expires_at=None, started_at=None, finished_at=None, updated_at=now)
             .returning(Item.index)

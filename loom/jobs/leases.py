@@ -44,7 +44,8 @@ def release_leases(
             lease_owner=None,
             lease_expires_at=None,
             available_at=None,
-            attempts=Item.attempts - 1,
+            # Not spent, but the attempt NUMBER stays used: numbers never repeat (the fence).
+            attempts_excused=Item.attempts_excused + 1,
             started_at=None,
             updated_at=now,
         ).execution_options(synchronize_session=False)

@@ -34,7 +34,8 @@ def free_expired_leases(
     report = ReconcileReport()
     begin_write(session)
     rows = session.execute(
-        select(Item.id, Item.job_id, Item.index, Item.attempts, Item.lease_owner,
+        select(Item.id, Item.job_id, Item.index, Item.attempts, Item.attempts_excused,
+               Item.lease_owner,
                Job.max_attempts, Job.status, Job.chunk_size)
         .join(Job, Job.id == Item.job_id)
         .where(Item.status == ItemStatus.running.value, Item.lease_expires_at < now)
@@ -58,9 +59,9 @@ def free_expired_leases(
             status, code, message = ItemStatus.cancelled.value, "cancelled", "job cancelled"
             report.cancelled += 1
             events.append({**base, "kind": "cancelled"})
-        elif r.attempts >= r.max_attempts:
+        elif r.attempts - r.attempts_excused >= r.max_attempts:
             status, code, message = (ItemStatus.failed.value, "worker_lost",
-                                     worker_lost_message(r.attempts))
+                                     worker_lost_message(r.attempts - r.attempts_excused))
             report.failed += 1
             events.append({**base, "kind": "failed", "error_code": code, "message": message})
         else:

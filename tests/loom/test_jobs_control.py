@@ -156,7 +156,9 @@ def test_retry_failed_requeues_and_republishes_only_affected_chunks(
     assert again.status == "running" and again.finished_at is None
     item = session.get(Item, cs[5].id, populate_existing=True)
     assert item is not None
-    assert (item.status, item.attempts, item.error_code) == ("queued", 0, None)
+    # Fresh attempts (none spent), but the attempt number goes on (monotonic for the fence).
+    assert (item.status, item.attempts, item.attempts_excused, item.error_code) == (
+        "queued", 1, 1, None)
     sent: list[Chunk] = []
     assert jobs.publish_pending(session, publish=sent.append) == 1
     assert sent == [Chunk(job.id, 4, 8, 0)]

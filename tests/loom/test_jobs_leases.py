@@ -30,12 +30,13 @@ def test_release_returns_unrun_items_fresh_and_is_fenced(
     released = session.scalars(select(Item).where(Item.id.in_([c.id for c in mine[1:]]))).all()
     for item in released:
         assert item.lease_owner is None and item.lease_expires_at is None
-        assert item.attempts == 0  # the unrun attempt is refunded: not a suspect on resume
+        # The unrun attempt is refunded (excused: not a suspect on resume); its number stays used.
+        assert item.attempts - item.attempts_excused == 0
     assert jobs.release_leases(session, worker_id="w1", item_ids=[]) == 0
 
     # Claimable again at once, by anyone; then all of w2's go back without naming them.
     again = claim(session, job, "w3", limit=10)
     assert sorted(c.index for c in again) == [1, 2, 3]
-    assert all(c.attempts == 1 for c in again)
+    assert all(c.attempts == 2 for c in again)  # attempt numbers never repeat
     assert jobs.release_leases(session, worker_id="w2") == 2
     assert statuses(session, job)[4:] == ["queued", "queued"]
