@@ -1,9 +1,6 @@
 """A hostile or careless client against the full stack: loopback and metadata URLs, bombs and
 truncated files, odd JSON, bad keys, another tenant's ids, concurrent idempotent submissions and
-webhooks aimed at loopback. The fixture checks 0 unexpected 5xx and 0 hits on the trap server.
-
-Tests marked xfail assert issue 13 fixes made on the ``hardening`` branch (items 3-8); they pass
-once it is merged, and the marks go then."""
+webhooks aimed at loopback. The fixture checks 0 unexpected 5xx and 0 hits on the trap server."""
 
 from __future__ import annotations
 
@@ -15,9 +12,6 @@ import pytest
 from sqlalchemy import select
 
 from faults_checks import Stack, b64, check_invariants, png_bomb, scene_png, truncated_jpeg
-
-HARDENING = pytest.mark.xfail(strict=False, reason="fixed by the hardening branch")
-
 
 def loopback_urls(port: int) -> list[str]:
     """17 spellings of loopback, link-local metadata and private addresses."""
@@ -91,7 +85,6 @@ def _post_raw(stack: Stack, body: str) -> Any:
                       headers={"Content-Type": "application/json"})
 
 
-@HARDENING
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_nan_and_infinity_are_422_naming_the_field(scenario: Stack, literal: str) -> None:
     for where in ("params", "metadata"):
@@ -104,7 +97,6 @@ def test_nan_and_infinity_are_422_naming_the_field(scenario: Stack, literal: str
         assert c.get("/healthz").status_code == 200
 
 
-@HARDENING
 def test_a_lone_surrogate_is_422(scenario: Stack) -> None:
     body = '{"task": "generate", "items": [{"prompt": "a red \\ud800 circle"}]}'
     r = _post_raw(scenario, body)
@@ -112,7 +104,6 @@ def test_a_lone_surrogate_is_422(scenario: Stack) -> None:
     assert "prompt" in r.json()["error"]["message"]
 
 
-@HARDENING
 def test_an_unbounded_seed_is_refused_at_submit(scenario: Stack) -> None:
     with scenario.http() as c:
         r = c.post("/v1/jobs", json={"task": "generate", "params": {"seed": 10**30},
@@ -121,7 +112,6 @@ def test_an_unbounded_seed_is_refused_at_submit(scenario: Stack) -> None:
     assert "seed" in r.json()["error"]["message"]
 
 
-@HARDENING
 def test_an_invalid_storage_key_is_refused_at_submit(scenario: Stack) -> None:
     tenant = scenario.tenant_ids["alpha"]
     with scenario.http() as c:
@@ -157,7 +147,6 @@ def test_every_job_route_hides_another_tenants_job(
     assert scenario.job_status(job_id) == "succeeded"
 
 
-@HARDENING
 def test_lineage_of_another_tenants_item_leaks_nothing(
     scenario: Stack, alpha_job: dict[str, Any]
 ) -> None:
@@ -191,7 +180,6 @@ def test_concurrent_idempotent_submissions_make_one_job(scenario: Stack) -> None
     check_invariants(scenario, ids.pop())
 
 
-@HARDENING
 def test_concurrent_idempotent_submissions_leave_no_orphan_inputs(scenario: Stack) -> None:
     import boto3
 
@@ -213,7 +201,6 @@ def test_concurrent_idempotent_submissions_leave_no_orphan_inputs(scenario: Stac
     assert folders - known == set(), "input folders without a job row"
 
 
-@HARDENING
 def test_webhooks_never_reach_loopback(scenario: Stack) -> None:
     stack = scenario
     before = len(stack.trap.hits)
