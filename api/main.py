@@ -237,3 +237,10 @@ def __getattr__(name: str) -> Any:
             _app = create_app()
         return _app
     raise AttributeError(name)
+
+
+def create_local_app() -> FastAPI:
+    """What ``loom ui`` serves: the embedded state under LOOM_HOME (settings from the
+    environment, auth off for the local tenant) with no broker, so "retry failed" requeues items
+    for the next ``loom run``."""
+    return create_app(Settings(), publish=lambda chunk: None)

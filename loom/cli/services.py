@@ -64,18 +64,19 @@ def ui_cmd(
 ) -> None:
     """Serve the job page (/ui) over the local database and store (LOOM_HOME), auth off for the
     local tenant, bound to 127.0.0.1 only."""
+    import os
+
     import uvicorn
 
-    from api.main import create_app
-
-    settings = Settings().model_copy(update={"auth": "off"})
+    os.environ["LOOM_AUTH"] = "off"  # read by the app factory's Settings() in this process
+    settings = Settings()
     if settings.database_url.startswith("sqlite"):
         settings.home.mkdir(parents=True, exist_ok=True)
     migrate(settings)
-    # No broker in embedded mode: "retry failed" requeues items for the next `loom run`.
-    app = create_app(settings, publish=lambda chunk: None)
     err.print(f"the job page: http://127.0.0.1:{port}/ui")
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    # By name, like `loom api`: loom/ never imports the api package.
+    uvicorn.run("api.main:create_local_app", factory=True, host="127.0.0.1", port=port,
+                log_level="warning")
 
 
 def keys_webhook_secret(
