@@ -213,7 +213,8 @@ def _export(local: Local, job: dict[str, Any], out: Path, fmt: str,
     rows = rows if rows is not None else local_rows(local, job["id"])
     if fmt in datasets.OUTPUT_FORMATS:
         written = datasets.write_rows(fmt, rows, out, task=job["task"],
-                                      images=datasets.store_images(local.store))
+                                      images=datasets.store_images(local.store),
+                                      vectors=datasets.store_vectors(local.store))
         err.print(f"wrote {written.rows} rows to {out}")
         return
     exports.write(out, fmt, rows, job=job, view="table",

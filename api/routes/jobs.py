@@ -224,7 +224,8 @@ def results(
     media, ext = exports.MEDIA_TYPES[format]
     if format in datasets.OUTPUT_FORMATS:  # every column, images embedded (webdataset)
         body = datasets.stream_rows(format, rows(), task=job.task,
-                                    images=datasets.store_images(rt.store))
+                                    images=datasets.store_images(rt.store),
+                                    vectors=datasets.store_vectors(rt.store))
     else:
         body = exports.stream(format, rows(), job=core.job_dict(job), view=view,
                               size_of=exports.store_size(rt.store) if format == "coco" else None)

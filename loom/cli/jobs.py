@@ -165,7 +165,8 @@ def results(
                 with local.session_factory() as s:
                     task = jobs.get_job(s, job_id=jid, tenant_id=local.tenant_id).task
                 written = datasets.write_rows(fmt, local_rows(local, jid), out, task=task,
-                                              images=datasets.store_images(local.store))
+                                              images=datasets.store_images(local.store),
+                                              vectors=datasets.store_vectors(local.store))
                 err.print(f"wrote {written.rows} rows to {out}")
 
             embedded(write)

@@ -34,6 +34,7 @@ SUFFIXES = {
 __all__ = [
     "INPUT_FORMATS", "OUTPUT_FORMATS", "detect_format", "is_dataset", "open_source",
     "output_format_for", "writer_for", "write_rows", "stream_rows", "store_images",
+    "store_vectors",
 ]
 
 
@@ -148,6 +149,7 @@ def writer_for(
     images: Any = None,
     row_group_rows: int = 10_000,
     arrow: bool = False,
+    vectors: Any = None,
 ) -> Any:
     """A writer with ``write_row(row)``, ``write(rows)``, ``close() -> WriteResult(rows, paths)``
     (also a context manager). ``images(row) -> (bytes, ext) | None`` supplies the image of a row
@@ -166,9 +168,11 @@ def writer_for(
 
     if fmt == "parquet":
         return writers.ParquetRowsWriter(out, task=task, shard_rows=shard_rows or 1_000_000,
-                                         images=images, row_group_rows=row_group_rows)
+                                         images=images, row_group_rows=row_group_rows,
+                                         vectors=vectors)
     if fmt == "webdataset":
-        return writers.WebDatasetRowsWriter(out, task=task, shard_rows=shard_rows, images=images)
+        return writers.WebDatasetRowsWriter(out, task=task, shard_rows=shard_rows, images=images,
+                                            vectors=vectors)
     if fmt == "hf":
         return writers.HFRowsWriter(out, task=task, shard_rows=shard_rows, images=images,
                                     row_group_rows=row_group_rows, arrow=arrow)
@@ -182,11 +186,20 @@ def write_rows(fmt: str, rows: Any, out: str | Path, *, task: str, **kwargs: Any
     return w.result
 
 
-def stream_rows(fmt: str, rows: Any, *, task: str, images: Any = None) -> Iterator[bytes]:
+def stream_rows(fmt: str, rows: Any, *, task: str, images: Any = None,
+                vectors: Any = None) -> Iterator[bytes]:
     """Parquet (one file) or WebDataset (one tar) as byte chunks, for HTTP responses."""
     from loom.datasets import writers
 
-    return writers.stream_rows(fmt, rows, task=task, images=images)
+    return writers.stream_rows(fmt, rows, task=task, images=images, vectors=vectors)
+
+
+def store_vectors(store: Any) -> Any:
+    """``vectors=`` for the writers: a vector output's stored ``.npy`` (Parquet: a list<float32>
+    column ``vector``; WebDataset: the sample's ``{key}.npy``)."""
+    from loom.datasets import writers
+
+    return writers.store_vectors(store)
 
 
 def store_images(store: Any, *, inputs: bool = True) -> Any:

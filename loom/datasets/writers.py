@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 # (bytes, extension) of the image that goes with a row, or None.
 ImageFn = Callable[[dict[str, Any]], "tuple[bytes, str] | None"]
+# The stored vector of a row whose output is a vector (the embed task): its .npy bytes.
+VectorFn = Callable[[dict[str, Any]], "bytes | None"]
 
 
 @dataclass
@@ -81,6 +83,33 @@ def store_images(store: Store, *, inputs: bool = True) -> ImageFn:
     return image
 
 
+def store_vectors(store: Store) -> VectorFn:
+    """The ``.npy`` bytes of a row's vector output (None for other outputs)."""
+    from loom.errors import LoomError
+
+    def vector(row: dict[str, Any]) -> bytes | None:
+        out = row.get("output") or {}
+        if out.get("kind") != "vector" or not out.get("storage_key"):
+            return None
+        try:
+            return store.get(out["storage_key"])
+        except LoomError:
+            return None
+
+    return vector
+
+
+def npy_values(data: bytes | None) -> list[float] | None:
+    """A stored ``.npy`` vector as a list of floats (for a Parquet list<float32> column)."""
+    if data is None:
+        return None
+    import io
+
+    import numpy as np
+
+    return np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32).ravel().tolist()
+
+
 class ParquetRowsWriter:
     """One row per item (``records.FIXED`` + metadata columns + ``metadata_extra``).
 
@@ -101,8 +130,14 @@ class ParquetRowsWriter:
         images: ImageFn | None = None,
         hf_image: bool = False,
         shard_name: str = "part-{n:05d}.parquet",
+        vectors: VectorFn | None = None,
     ) -> None:
+        from loom import tasks
+
         self.task = task
+        # Tasks whose output is a vector get a list<float32> column "vector" (from the .npy).
+        self.vectors = vectors if tasks.get(task).output == "vector" else None
+        self._vecs: list[list[float] | None] = []
         self.out = Path(out) if out is not None else None
         self.single = self.out is not None and self.out.suffix == ".parquet"
         self.shard_rows = shard_rows if (shard_rows and not self.single) else None
@@ -128,6 +163,8 @@ class ParquetRowsWriter:
     def write_row(self, row: dict[str, Any]) -> None:
         self._buf.append(records.fixed_record(row, self.task))
         self._metas.append(records.metadata_of(row))
+        if self.vectors is not None:
+            self._vecs.append(npy_values(self.vectors(row)))
         if self.hf_image:
             img = self.images(row) if self.images else None
             if img is not None:
@@ -155,6 +192,8 @@ class ParquetRowsWriter:
         self._meta_fields = [(f.name, keys[f.name], f.type) for f in meta_fields]
         fields += meta_fields
         fields.append(pa.field(records.EXTRA, pa.string()))
+        if self.vectors is not None:
+            fields.append(pa.field("vector", pa.list_(pa.float32())))
         if self.hf_image:
             fields.append(pa.field("image", pa.struct(
                 [pa.field("bytes", pa.binary()), pa.field("path", pa.string())])))
@@ -184,6 +223,8 @@ class ParquetRowsWriter:
         arrays.append(pa.array(
             [json.dumps(e, ensure_ascii=False, sort_keys=True) if e else None for e in extras],
             type=pa.string()))
+        if self.vectors is not None:
+            arrays.append(pa.array(self._vecs, type=pa.list_(pa.float32())))
         if self.hf_image:
             arrays.append(pa.array(self._imgs, type=self._schema.field("image").type))
         return pa.Table.from_arrays(arrays, schema=self._schema)
@@ -228,6 +269,7 @@ class ParquetRowsWriter:
         self._buf.clear()
         self._metas.clear()
         self._imgs.clear()
+        self._vecs.clear()
         self._buf_bytes = 0
 
     def close(self) -> WriteResult:
@@ -264,9 +306,10 @@ class WebDatasetRowsWriter:
     streamed tar (``sink``)."""
 
     def __init__(self, out: str | Path | None, *, task: str, shard_rows: int | None = None,
-                 images: ImageFn | None = None) -> None:
+                 images: ImageFn | None = None, vectors: VectorFn | None = None) -> None:
         self.task = task
         self.images = images
+        self.vectors = vectors  # a vector output becomes the sample's {key}.npy
         self.result = WriteResult()
         self.sink: _Sink | None = None
         self._file: Any = None
@@ -286,6 +329,9 @@ class WebDatasetRowsWriter:
         img = self.images(row) if self.images else None
         if img is not None:
             fields[img[1]] = img[0]
+        vec = self.vectors(row) if self.vectors else None
+        if vec is not None:
+            fields["npy"] = vec
         out = row.get("output") or {}
         text = out.get("text")
         if text is None and self.task == "generate":
@@ -369,12 +415,13 @@ def save_to_disk(root: Path, parquet_files: list[Path], *, split: str = "train")
 
 def stream_rows(
     fmt: str, rows: Iterable[dict[str, Any]], *, task: str, images: ImageFn | None = None,
-    row_group_rows: int = 10_000,
+    row_group_rows: int = 10_000, vectors: VectorFn | None = None,
 ) -> Iterator[bytes]:
     """``parquet`` (one file) or ``webdataset`` (one tar) as byte chunks, for HTTP responses:
     a Parquet chunk per row group, a tar chunk per ~1 MiB of samples."""
     if fmt == "parquet":
-        pw = ParquetRowsWriter(None, task=task, row_group_rows=row_group_rows, images=images)
+        pw = ParquetRowsWriter(None, task=task, row_group_rows=row_group_rows, images=images,
+                               vectors=vectors)
         assert pw.sink is not None
         for row in rows:
             pw.write_row(row)
@@ -384,7 +431,7 @@ def stream_rows(
         yield pw.sink.drain()
         return
     if fmt == "webdataset":
-        ww = WebDatasetRowsWriter(None, task=task, images=images)
+        ww = WebDatasetRowsWriter(None, task=task, images=images, vectors=vectors)
         assert ww.sink is not None
         for row in rows:
             ww.write_row(row)

@@ -87,3 +87,32 @@ def test_dedupe_and_search_refuse_clearly(home: Path) -> None:  # noqa: F811
     assert proc.returncode != 0 and "embed job" in proc.stderr
     proc = loom(home, "dedupe", "--table", str(home / "c.jsonl"), ok=False)
     assert proc.returncode != 0 and "vector" in proc.stderr
+
+
+def test_vectors_export_as_a_parquet_list_column_and_npy_members(
+    home: Path, folder: tuple[Path, list[str]],  # noqa: F811
+) -> None:
+    """Vectors are stored compactly (.npy, float32) and exported as a Parquet list<float32>
+    column and as ``{key}.npy`` in WebDataset shards."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    d, _ = folder
+    loom(home, "embed", str(d), "--out", str(home / "v.parquet"))
+    table = pq.read_table(home / "v.parquet")
+    import pyarrow as pa
+
+    field = table.schema.field("vector").type
+    assert pa.types.is_list(field) and field.value_type == pa.float32()
+    vecs = [np.asarray(v, dtype=np.float32) for v in table.column("vector").to_pylist()]
+    assert len(vecs) == 8 and {v.shape for v in vecs} == {(128,)}
+    assert all(abs(float(np.linalg.norm(v)) - 1.0) < 1e-3 for v in vecs)
+    job = job_ids(home)["embed"][0]
+    loom(home, "results", job, "--format", "webdataset", "-o", str(home / "v.tar"))
+    with tarfile.open(home / "v.tar") as tar:
+        npys = {m.name: tar.extractfile(m).read() for m in tar if m.name.endswith(".npy")}
+    assert len(npys) == 8
+    first = np.load(io.BytesIO(npys[sorted(npys)[0]]), allow_pickle=False)
+    assert first.dtype == np.float32 and np.allclose(first, vecs[0])
