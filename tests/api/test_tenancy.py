@@ -78,6 +78,8 @@ ID_ROUTES = [
     ("POST", "/v1/jobs/{job_id}/cancel", "job", MISSING_JOB),
     ("POST", "/v1/jobs/{job_id}/retry", "job", MISSING_JOB),
     ("POST", "/v1/jobs/{job_id}/dedupe", "job", MISSING_JOB),
+    ("POST", "/v1/jobs/{job_id}/verify", "job", MISSING_JOB),
+    ("GET", "/v1/jobs/{job_id}/events", "job", MISSING_JOB),
     ("GET", "/v1/items/{item_id}/lineage", "item", str(MISSING_ROW)),
     ("GET", "/v1/outputs/{output_id}/content", "output", str(MISSING_ROW)),
     ("GET", "/v1/files/{file_id}", "file", MISSING_FILE),
