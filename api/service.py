@@ -9,7 +9,8 @@ import base64
 import binascii
 import logging
 import time
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -122,27 +123,36 @@ def _normalise_item(
     return inp, data
 
 
-def load_manifest(store: Any, key: str, tenant_id: str) -> list[ItemIn]:
+def iter_manifest(store: Any, key: str, tenant_id: str) -> Iterator[ItemIn]:
+    """The items of a JSONL manifest in the tenant's storage, parsed as the object streams in
+    (a million-line manifest is never held whole). Errors name the line."""
     check_tenant_key(key, tenant_id, "manifest_key")
-    try:
-        raw = store.get(key)
-    except InputMissing:
-        raise NotFound(f"manifest_key: no object {key[:200]!r} in your tenant's storage") from None
-    out: list[ItemIn] = []
-    for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+    if not store.exists(key):
+        raise NotFound(f"manifest_key: no object {key[:200]!r} in your tenant's storage")
+    n = 0
+    for n, line in enumerate(_lines(store.open_stream(key)), start=1):
         if not line.strip():
             continue
+        if n > MAX_MANIFEST_ITEMS:
+            raise PayloadTooLarge(f"manifest has more than {MAX_MANIFEST_ITEMS} items")
         try:
-            out.append(ItemIn.model_validate_json(line))
+            yield ItemIn.model_validate_json(line)
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"]) or "line"
             raise InvalidRequest(f"manifest line {n}: {field}: {first['msg']}") from None
-        if len(out) > MAX_MANIFEST_ITEMS:
-            raise PayloadTooLarge(f"manifest has more than {MAX_MANIFEST_ITEMS} items")
-    if not out:
-        raise InvalidRequest("manifest_key: the manifest has no items")
-    return out
+
+
+def _lines(chunks: Iterable[bytes]) -> Iterator[str]:
+    """Text lines of a stream of byte chunks (a chunk may end mid-line or mid-character)."""
+    rest = b""
+    for chunk in chunks:
+        rest += chunk
+        *whole, rest = rest.split(b"\n")
+        for line in whole:
+            yield line.decode("utf-8", errors="replace")
+    if rest:
+        yield rest.decode("utf-8", errors="replace")
 
 
 def submit(
@@ -181,54 +191,63 @@ def submit(
             jobs.get_job(session, job_id=req.parent_job_id, tenant_id=tenant_id)
         except NotFound:
             raise NotFound(f"parent_job_id: no job {req.parent_job_id!r}") from None
+    items_in: Iterable[ItemIn]
     if req.items is not None:
         items_in = list(req.items)
-        if len(items_in) + len(uploads) > settings.max_items_per_request:
+        count: int | None = len(items_in) + len(uploads)
+        if count > settings.max_items_per_request:
             raise PayloadTooLarge(
-                f"{len(items_in) + len(uploads)} items in one request; the limit is "
+                f"{count} items in one request; the limit is "
                 f"{settings.max_items_per_request} (store a JSONL and pass manifest_key)"
             )
     else:
         assert req.manifest_key is not None
-        items_in = load_manifest(rt.store, req.manifest_key, tenant_id)
-    params = spec.validate_params(req.params, item_count=len(items_in) + len(uploads))
+        # Streamed into the job as it is read: a manifest's size is bounded by
+        # MAX_MANIFEST_ITEMS, not by this process's memory.
+        items_in, count = iter_manifest(rt.store, req.manifest_key, tenant_id), None
+    params = spec.validate_params(req.params, item_count=count or 0)
     tasks.check_model(spec, model, tasks.caps_for(model, recorded_caps(session)), params)
     if uploads and not spec.image:
         raise InvalidRequest(f"task {spec.name!r} takes {', '.join(spec.texts)}, not files")
-    job_id = new_id()
-    items: list[dict[str, Any]] = []
-    blobs: list[tuple[int, bytes, dict[str, Any]]] = []
-    for i, item in enumerate(items_in):
-        inp, data = _normalise_item(
-            item, i, spec=spec, tenant_id=tenant_id,
-            max_text=settings.max_text_chars, max_bytes=settings.max_input_bytes,
-        )
-        if spec.seeded:
-            inp["seed"] = tasks.item_seed(given=inp.get("seed"), base=params.get("seed"),
-                                          index=i)
-        if data is not None:
-            blobs.append((i, data, inp))
-        items.append({"input": inp, "metadata": item.metadata})
-    for name, data in uploads:
-        i = len(items)
-        if len(data) > settings.max_input_bytes:
-            raise PayloadTooLarge(f"file {name!r}: larger than {settings.max_input_bytes} bytes")
-        try:
-            media.image_format(data)
-        except InvalidInput as exc:
-            raise InvalidRequest(f"file {name!r} (items[{i}]): {exc.message}") from None
-        texts = {"question": upload_question} if upload_question is not None else {}
-        inp = spec.validate_input({"image_key": "(upload)", **texts}, where=f"file {name!r}",
-                                  max_text_chars=settings.max_text_chars)
-        del inp["image_key"]
-        blobs.append((i, data, inp))
-        items.append({"input": inp, "metadata": {"file": name}})
-    if not items:
+    base_seed = params.get("seed")
+
+    def prepared() -> Iterator[tuple[dict[str, Any], bytes | None]]:
+        """(item, inline image bytes or None), validated one at a time."""
+        i = -1
+        for i, item in enumerate(items_in):
+            inp, data = _normalise_item(
+                item, i, spec=spec, tenant_id=tenant_id,
+                max_text=settings.max_text_chars, max_bytes=settings.max_input_bytes,
+            )
+            if spec.seeded:
+                if inp.get("seed") is None and base_seed is not None \
+                        and base_seed + i > tasks.SEED_MAX:
+                    raise InvalidRequest(f"items[{i}]: params.seed {base_seed} + {i} passes "
+                                         f"the largest seed {tasks.SEED_MAX}")
+                inp["seed"] = tasks.item_seed(given=inp.get("seed"), base=base_seed, index=i)
+            yield {"input": inp, "metadata": item.metadata}, data
+        if i < 0 and req.manifest_key is not None:
+            raise InvalidRequest("manifest_key: the manifest has no items")
+        for j, (name, data) in enumerate(uploads, start=i + 1):
+            if len(data) > settings.max_input_bytes:
+                raise PayloadTooLarge(
+                    f"file {name!r}: larger than {settings.max_input_bytes} bytes")
+            try:
+                media.image_format(data)
+            except InvalidInput as exc:
+                raise InvalidRequest(f"file {name!r} (items[{j}]): {exc.message}") from None
+            texts = {"question": upload_question} if upload_question is not None else {}
+            inp = spec.validate_input({"image_key": "(upload)", **texts},
+                                      where=f"file {name!r}",
+                                      max_text_chars=settings.max_text_chars)
+            del inp["image_key"]
+            yield {"input": inp, "metadata": {"file": name}}, data
+
+    if count == 0:
         raise InvalidRequest("items: at least one item is required")
     job = submit_storing_inputs(
-        session, rt.store, job_id=job_id, tenant_id=tenant_id,
-        blobs=[(i, data, inp) for i, data, inp in blobs],
-        task=req.task, model_name=model, items=items, params=params,
+        session, rt.store, job_id=new_id(), tenant_id=tenant_id, items=prepared(),
+        task=req.task, model_name=model, params=params,
         priority=req.priority, webhook_url=req.webhook_url, parent_job_id=req.parent_job_id,
         webhook_events=req.webhook_events,
         metadata=req.metadata, idempotency_key=idempotency_key, request_hash=body_hash,
@@ -239,33 +258,47 @@ def submit(
     return job
 
 
+# Inline images stored per window, in parallel, while the items stream into the job.
+_STORE_WINDOW = 64
+
+
 def submit_storing_inputs(
     session: Session, store: Any, *, job_id: str, tenant_id: str,
-    blobs: list[tuple[int, bytes, dict[str, Any]]], **kwargs: Any,
+    items: Iterable[tuple[dict[str, Any], bytes | None]], **kwargs: Any,
 ) -> Job:
-    """Store inline inputs under the job's input keys (in parallel), then record the job.
+    """Record the job, storing each item's inline image under the job's input keys (in
+    parallel, a window at a time) before the item row that points at it is written.
 
-    ``blobs``: (item index, bytes, that item's input dict, which gets ``image_key``). The job id
-    is chosen here so that the keys exist before any worker can see the items.
+    ``items``: (item {"input", "metadata"}, its inline image bytes or None), a stream. The job
+    id is chosen by the caller so that the keys exist before any worker can see the items; if
+    the submission fails or an earlier job wins the Idempotency-Key, what was stored goes.
     """
     stored: list[str] = []
 
-    def put_one(i: int, data: bytes, inp: dict[str, Any]) -> None:
+    def put_one(i: int, item: dict[str, Any], data: bytes | None) -> dict[str, Any]:
+        if data is None:
+            return item
         ext = media.image_format(data)
         key = storage.input_key(tenant_id, job_id, i, ext)
         store.put(key, data, f"image/{ext}")
         stored.append(key)
-        inp["image_key"] = key
+        item["input"]["image_key"] = key
+        return item
+
+    def rows(pool: ThreadPoolExecutor) -> Iterator[dict[str, Any]]:
+        source, start = iter(items), 0
+        while window := list(itertools.islice(source, _STORE_WINDOW)):
+            if sum(data is not None for _, data in window) <= 2:
+                yield from (put_one(i, it, d) for i, (it, d) in enumerate(window, start))
+            else:  # pool.map re-raises the first storage error
+                yield from pool.map(put_one, range(start, start + len(window)),
+                                    *zip(*window))
+            start += len(window)
 
     try:
-        if len(blobs) <= 2:
-            for blob in blobs:
-                put_one(*blob)
-        else:
-            with ThreadPoolExecutor(max_workers=min(16, len(blobs))) as pool:
-                for future in [pool.submit(put_one, *blob) for blob in blobs]:
-                    future.result()  # re-raises the first storage error
-        job = jobs.submit_job(session, job_id=job_id, tenant_id=tenant_id, **kwargs)
+        with ThreadPoolExecutor(max_workers=16, thread_name_prefix="loom-put") as pool:
+            job = jobs.submit_job(session, job_id=job_id, tenant_id=tenant_id,
+                                  items=rows(pool), **kwargs)
     except BaseException:
         _discard(store, stored)  # no job row will ever point at them
         raise

@@ -23,7 +23,8 @@ from typing import Any
 
 import httpx
 
-from loom.errors import LoomError
+from loom import storage
+from loom.errors import InputMissing, LoomError
 
 TERMINAL = frozenset({"succeeded", "completed_with_errors", "failed", "cancelled"})
 
@@ -318,13 +319,15 @@ class Client:
         items: Iterable[dict[str, Any]],
         *,
         upload_workers: int = 8,
+        s3_endpoint_url: str | None = None,
         **submit_options: Any,
     ) -> dict[str, Any]:
         """Submit a job of any size in bounded requests: each local image is uploaded on its
         own (``image_path`` or ``image_bytes`` in an item; ``upload_workers`` at a time), the
         items go into a JSONL manifest uploaded as one file, and one job is created from it.
         An image the server refuses as an image is uploaded as plain data, so that it fails its
-        own item on the worker instead of the submission."""
+        own item on the worker instead of the submission. An ``image_path`` may be an
+        ``s3://bucket/key`` (read here through ``s3_endpoint_url``, else boto3's default)."""
         import tempfile
         from concurrent.futures import ThreadPoolExecutor
 
@@ -335,10 +338,16 @@ class Client:
                 return item
             name = Path(str(path)).name if path is not None else "image"
             try:
-                raw = data if data is not None else Path(str(path)).read_bytes()
-            except OSError as exc:
+                if data is not None:
+                    raw = data
+                elif str(path).lower().startswith("s3://"):
+                    raw = storage.read_uri(str(path), endpoint_url=s3_endpoint_url)
+                else:
+                    raw = Path(str(path)).read_bytes()
+            except (OSError, InputMissing) as exc:  # fails its own item, not the submission
                 raw = b""
-                item["metadata"] = {**(item.get("metadata") or {}), "read_error": exc.strerror}
+                reason = exc.message if isinstance(exc, InputMissing) else exc.strerror
+                item["metadata"] = {**(item.get("metadata") or {}), "read_error": reason}
             try:
                 uploaded = self.upload_bytes(raw, filename=name, purpose="image")
             except ApiError as exc:

@@ -110,6 +110,13 @@ def get_file(session: Session, *, file_id: str, tenant_id: str) -> File:
     return row
 
 
+def sha256_of_key(session: Session, *, tenant_id: str, key: str) -> str | None:
+    """The sha256 of the uploaded file stored under ``key``, or None when no file row has it
+    (an object put into the bucket some other way)."""
+    return session.scalar(select(File.sha256).where(File.tenant_id == tenant_id,
+                                                    File.storage_key == key).limit(1))
+
+
 def list_files(
     session: Session,
     *,

@@ -313,6 +313,30 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.strip("/")
 
 
+def read_uri(uri: str, *, endpoint_url: str | None = None) -> bytes:
+    """The bytes of ``s3://bucket/key`` (a dataset's image path), through the process's cached
+    client: ``endpoint_url`` for MinIO or moto, else boto3's own resolution (AWS_ENDPOINT_URL,
+    the AWS config). InputMissing when there is no such object; StorageError otherwise."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        bucket, key = parse_s3_url(uri)
+    except ValueError as exc:
+        raise InputMissing(str(exc)) from None
+    try:
+        body = s3_client(endpoint_url).get_object(Bucket=bucket, Key=key)["Body"]
+        try:
+            return bytes(body.read())
+        finally:
+            body.close()
+    except ClientError as exc:
+        if _is_missing(exc) or "NoSuchBucket" in str(exc):
+            raise InputMissing(f"no object at {uri}") from exc
+        raise StorageError(f"could not read {uri}: {exc}") from exc
+    except BotoCoreError as exc:
+        raise StorageError(f"could not read {uri}: {exc}") from exc
+
+
 def _is_missing(exc: Exception) -> bool:
     response = getattr(exc, "response", None) or {}
     code = str(response.get("Error", {}).get("Code", ""))

@@ -9,10 +9,12 @@ real job, so ``loom jobs``, ``loom status ID`` and ``loom results ID`` work on i
 # No postponed annotations: the command builders put closure values (a task's field names)
 # into the Typer annotations, which must be evaluated where they are written.
 
+import itertools
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -62,38 +64,57 @@ def _ext_of(data: bytes) -> str:
         return "bin"  # stored anyway: the worker fails this item with the reason
 
 
-def _store_inputs(local: Local, job_id: str, specs: list[dict[str, Any]],
-                  files: list[Path | bytes | None]) -> None:
-    """Copy each item's file (or bytes) into the store under its input key (threads: I/O)."""
+# (item {"input", "metadata"}, its image: a file, its bytes, an s3:// URI, or None)
+Pair = tuple[dict[str, Any], Path | bytes | str | None]
+
+# Items read ahead to size the engine processes (a job smaller than this many batches does not
+# pay for more model loads than it has batches), and copied into the store per window.
+_PEEK_BATCHES = 64
+_COPY_WINDOW = 256
+
+
+def _stored(local: Local, job_id: str, pairs: Iterable[Pair]) -> Iterator[dict[str, Any]]:
+    """The items, each image copied into the store under its input key first (threads: I/O),
+    one bounded window at a time, so a million-row table never sits in memory."""
     from concurrent.futures import ThreadPoolExecutor
 
     from loom import storage
+    from loom.errors import InputMissing, StorageError
 
-    def one(i: int) -> None:
-        path = files[i]
+    def one(i: int, pair: Pair) -> dict[str, Any]:
+        spec, path = pair
         if path is None:
-            return
+            return spec
         try:
-            data = path if isinstance(path, bytes) else path.read_bytes()
-        except OSError as exc:
+            if isinstance(path, str):
+                data = storage.read_uri(path, endpoint_url=local.settings.s3_endpoint_url)
+            else:
+                data = path if isinstance(path, bytes) else path.read_bytes()
+        except (OSError, InputMissing) as exc:  # the item fails with the reason, not the job
             data = b""
-            specs[i]["metadata"] = {**(specs[i]["metadata"] or {}),
-                                    "read_error": str(exc.strerror)}
+            reason = exc.message if isinstance(exc, InputMissing) else str(exc.strerror)
+            spec["metadata"] = {**(spec["metadata"] or {}), "read_error": reason}
+        except StorageError as exc:
+            raise fail(f"{exc.message} (the job was not recorded)") from None
         key = storage.input_key(local.tenant_id, job_id, i, _ext_of(data))
         local.store.put(key, data, "application/octet-stream")
-        specs[i]["input"]["image_key"] = key
+        spec["input"]["image_key"] = key
+        return spec
 
+    source, start = iter(pairs), 0
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="loom-copy") as pool:
-        list(pool.map(one, range(len(specs))))
+        while window := list(itertools.islice(source, _COPY_WINDOW)):
+            yield from pool.map(one, range(start, start + len(window)), window)
+            start += len(window)
 
 
 def run_embedded(
-    local: Local, task: str, specs: list[dict[str, Any]], files: list[Path | bytes | None],
-    params: dict[str, Any] | None = None, model: str | None = None, use_cache: bool = True,
+    local: Local, task: str, pairs: Iterable[Pair], params: dict[str, Any] | None = None,
+    model: str | None = None, use_cache: bool = True,
 ) -> dict[str, Any]:
     """Record a job (inputs stored under its keys), run it on this machine's engine processes
-    with a progress bar, and print the summary. ``specs``: item dicts {"input", "metadata"};
-    ``files[i]``: the image of item i (a file or its bytes, stored as its input) or None.
+    with a progress bar, and print the summary. ``pairs``: (item {"input", "metadata"}, the
+    image of the item: a file, its bytes, or None), read as a stream.
 
     The engine processes start first (worker.embedded), so their torch import and model load
     overlap with recording the job. Ctrl-C stops them cleanly and prints how to resume."""
@@ -104,17 +125,21 @@ def run_embedded(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     settings = local.settings
     started = time.monotonic()
-    with EngineProcesses(settings, items=len(specs), model=model) as engines:
+    source = iter(pairs)
+    head = list(itertools.islice(source, settings.batch_size * _PEEK_BATCHES))
+    known = len(head) if len(head) < settings.batch_size * _PEEK_BATCHES else None
+    with EngineProcesses(settings, items=known, model=model) as engines:
         job_id = new_id()
-        _store_inputs(local, job_id, specs, files)
         with local.session_factory() as s:
             job = jobs.submit_job(
                 s, job_id=job_id, tenant_id=local.tenant_id, task=task,
-                model_name=model or settings.default_model, items=specs, params=params or {},
-                use_cache=use_cache,
+                model_name=model or settings.default_model,
+                items=_stored(local, job_id, itertools.chain(head, source)),
+                params=params or {}, use_cache=use_cache,
                 chunk_size=settings.chunk_size, max_attempts=settings.max_attempts,
             )
-        _drive(local, engines, job.id, task, len(specs))
+            total = job.item_count
+        _drive(local, engines, job.id, task, total)
     elapsed = time.monotonic() - started
     summary = local_job(local, job.id)
     c = summary["counts"]
@@ -122,7 +147,7 @@ def run_embedded(
         f"job [bold]{job.id}[/bold]: {summary['status']} - {c.get('succeeded', 0)} succeeded, "
         f"{c.get('failed', 0)} failed" + (f", {c['cancelled']} cancelled" if c.get("cancelled")
                                           else "")
-        + f" in {elapsed:.1f}s, {len(specs) / max(elapsed, 1e-9):.1f} items/s"
+        + f" in {elapsed:.1f}s, {total / max(elapsed, 1e-9):.1f} items/s"
         + f" ({engines.describe()})"
     )
     print_failures(local_failures(local, job.id))
@@ -248,9 +273,10 @@ Limit = Annotated[int | None, typer.Option(min=1, help="Run only the first N ite
 Sample = Annotated[int | None, typer.Option(min=1, help="Run a random N items (preview).")]
 
 
-def _sources_of(srcs: list[Source]) -> tuple[list[dict[str, Any]], list[Path | bytes | None]]:
-    return ([{"input": dict(s.input), "metadata": s.metadata or None} for s in srcs],
-            [s.data if s.data is not None else s.path for s in srcs])
+def _sources_of(srcs: Iterable[Source]) -> Iterator[Pair]:
+    for s in srcs:
+        yield ({"input": dict(s.input), "metadata": s.metadata or None},
+               s.data if s.data is not None else s.uri or s.path)
 
 
 def image_command(spec: tasks.TaskSpec) -> Any:
@@ -272,8 +298,8 @@ def image_command(spec: tasks.TaskSpec) -> Any:
         local = open_local()
         try:
             name = _check(spec, model, local)
-            specs, files = _sources_of(found)
-            job = run_embedded(local, spec.name, specs, files, model=name, use_cache=cache)
+            job = run_embedded(local, spec.name, _sources_of(found), model=name,
+                               use_cache=cache)
             _export(local, job, out, fmt_)
             _preview(paths, spec, opts, job)
             _exit_for(job, str(out))
@@ -306,6 +332,7 @@ def image_text_command(spec: tasks.TaskSpec) -> Any:
         id_col: IdCol = None, split: Split = None, limit: Limit = None, sample: Sample = None,
     ) -> None:
         opts = DatasetOpts(image_col, {field: text_col}, id_col, split, limit, sample)
+        found: Iterator[Source]
         if rows_file:
             rows = read_questions(rows_file, spec.texts)
             found = limit_sources([Source(
@@ -313,17 +340,17 @@ def image_text_command(spec: tasks.TaskSpec) -> Any:
                 {k: v for k, v in r.items() if k not in spec.texts},  # travels back out
                 path=resolve_file(str(r["file"]), rows_file.parent)) for r in rows], opts)
         elif image and not text and is_dataset(image):
-            found = limit_sources(list(dataset_sources(image, spec, opts)), opts)
+            found = limit_sources(dataset_sources(image, spec, opts), opts)
         elif image and text and len(spec.texts) == 1:
-            found = [Source({field: text}, {"file": image}, path=Path(image))]
+            found = iter([Source({field: text}, {"file": image}, path=Path(image))])
         else:
             raise fail(f"give IMAGE {field.upper()}, --{field}s FILE.jsonl, or a dataset")
         single = bool(image and text)
         local = open_local()
         try:
             name = _check(spec, model, local)
-            specs, files = _sources_of(found)
-            job = run_embedded(local, spec.name, specs, files, model=name, use_cache=cache)
+            job = run_embedded(local, spec.name, _sources_of(found), model=name,
+                               use_cache=cache)
             if single:
                 r = next(iter(local_rows(local, job["id"])))
                 if not r["output"]:
@@ -370,7 +397,7 @@ def text_command(spec: tasks.TaskSpec) -> Any:
     ) -> None:
         opts = DatasetOpts(None, {field: text_col}, id_col, split, limit, sample)
         if texts_file is not None and is_dataset(str(texts_file), texts_only=True):
-            rows = limit_sources(list(dataset_sources(str(texts_file), spec, opts)), opts)
+            rows = list(limit_sources(dataset_sources(str(texts_file), spec, opts), opts))
             lines, metas = [r.input.get(field, "") for r in rows], [r.metadata for r in rows]
         else:
             lines = read_prompts(text, texts_file)
@@ -382,7 +409,7 @@ def text_command(spec: tasks.TaskSpec) -> Any:
             specs = [{"input": {field: p, **({"seed": s} if spec.seeded else {})},
                       "metadata": metas[i // variants] or None}
                      for i, (p, s) in enumerate(pairs)]
-            job = run_embedded(local, spec.name, specs, [None] * len(specs), model=name,
+            job = run_embedded(local, spec.name, ((sp, None) for sp in specs), model=name,
                                use_cache=cache)
             out.mkdir(parents=True, exist_ok=True)
 

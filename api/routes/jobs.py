@@ -29,6 +29,7 @@ from api.schemas import (
     VerifyReportOut,
 )
 from loom import datasets, exports, vectors
+from loom import files as stored_files
 from loom import jobs as core
 from loom.errors import InvalidRequest
 from loom.models import ItemStatus, JobStatus
@@ -66,7 +67,15 @@ def submit_job(
     idempotency_key: IdemHeader = None,
 ) -> JobOut:
     """Submit a job. Items carry image_url / image_key / image_base64 (+question) or prompt."""
-    body_hash = core.request_hash(req.model_dump(mode="json"))
+    body = req.model_dump(mode="json")
+    if req.manifest_key:
+        # Idempotency compares what the manifest holds, not where it was uploaded: a retried
+        # `submit_dataset` uploads the same rows again under a new file key.
+        sha = stored_files.sha256_of_key(session, tenant_id=caller.tenant_id, key=req.manifest_key)
+        if sha is not None:
+            body["manifest_key"] = f"sha256:{sha}"
+        session.rollback()  # end the read
+    body_hash = core.request_hash(body)
     job = service.submit(
         session, rt, tenant_id=caller.tenant_id, req=req,
         idempotency_key=idempotency_key, body_hash=body_hash,

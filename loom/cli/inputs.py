@@ -3,9 +3,11 @@ and the seeds of seeded tasks. Shared by the embedded commands and ``loom submit
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,7 @@ class Source:
     metadata: dict[str, Any]
     path: Path | None = None
     data: bytes | None = None
+    uri: str | None = None  # s3://bucket/key, read when the item is stored or uploaded
 
 
 @dataclass
@@ -155,6 +158,8 @@ def dataset_sources(path: str, spec: tasks.TaskSpec, opts: DatasetOpts) -> Itera
                         src.input["image_url"] = it["image_url"]
                     elif it.get("image_bytes") is not None:
                         src.data = bytes(it["image_bytes"])
+                    elif str(it.get("image_path") or "").lower().startswith("s3://"):
+                        src.uri = str(it["image_path"])
                     elif it.get("image_path"):
                         src.path = Path(str(it["image_path"]))
                 yield src
@@ -162,26 +167,41 @@ def dataset_sources(path: str, spec: tasks.TaskSpec, opts: DatasetOpts) -> Itera
         raise fail(exc.message) from None
 
 
-def image_sources(paths: list[str], spec: tasks.TaskSpec, opts: DatasetOpts) -> list[Source]:
-    """Files, folders (recursive) and datasets, in the order given, limited or sampled."""
-    out: list[Source] = []
-    for raw in paths:
-        if is_dataset(raw):
-            out.extend(dataset_sources(raw, spec, opts))
-        else:
-            out.extend(Source({}, {"file": name}, path=p) for p, name in collect_images([raw]))
-    return limit_sources(out, opts)
+def image_sources(paths: list[str], spec: tasks.TaskSpec, opts: DatasetOpts) -> Iterator[Source]:
+    """Files, folders (recursive) and datasets, in the order given, limited or sampled; read
+    as a stream (a million-row table is never held whole). Every path is checked up front, so
+    a missing one fails before any work is recorded."""
+    kinds = [(raw, is_dataset(raw)) for raw in paths]
+    for raw, dataset in kinds:
+        if not dataset and not Path(raw).exists():
+            raise fail(f"no such file or directory: {raw}")
+
+    def read() -> Iterator[Source]:
+        for raw, dataset in kinds:
+            if dataset:
+                yield from dataset_sources(raw, spec, opts)
+            else:
+                yield from (Source({}, {"file": name}, path=p) for p, name in collect_images([raw]))
+
+    return limit_sources(read(), opts)
 
 
-def limit_sources(sources: list[Source], opts: DatasetOpts) -> list[Source]:
+def limit_sources(sources: Iterable[Source], opts: DatasetOpts) -> Iterator[Source]:
+    """The first ``limit``, then a uniform random ``sample`` of those (reservoir sampling, in
+    the original order: memory is the sample's, not the source's). Fails here, before any
+    work is recorded, when nothing is left."""
+    it: Iterator[Source] = iter(sources)
     if opts.limit is not None:
-        sources = sources[: opts.limit]
-    if opts.sample is not None and opts.sample < len(sources):
-        keep = set(random.Random().sample(range(len(sources)), opts.sample))
-        sources = [s for i, s in enumerate(sources) if i in keep]
-    if not sources:
+        it = itertools.islice(it, opts.limit)
+    if opts.sample is not None:
+        rng = random.Random()
+        keyed = ((rng.random(), i, s) for i, s in enumerate(it))
+        it = iter([s for _, _, s in sorted(heapq.nlargest(opts.sample, keyed),
+                                           key=lambda t: t[1])])
+    first = next(it, None)
+    if first is None:
         raise fail("no items to run")
-    return sources
+    return itertools.chain([first], it)
 
 
 def count_items(paths: list[str], spec: tasks.TaskSpec, opts: DatasetOpts) -> int:

@@ -6,7 +6,8 @@ images with text (``ask IMAGE QUESTION`` or ``--questions F.jsonl``), or text on
 # No postponed annotations: the command builders put closure values (a task's field names)
 # into the Typer annotations, which must be evaluated where they are written.
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,27 +38,33 @@ Idem = Annotated[str | None, typer.Option("--idempotency-key", help="Retry-safe 
 INLINE_ITEMS = 100  # at most this many items without local images go in the request itself
 
 
-def _items(sources: list[Source]) -> list[dict[str, Any]]:
+def _items(sources: Iterable[Source]) -> Iterator[dict[str, Any]]:
     """Items for ``Client.submit_dataset``: local images as ``image_path``/``image_bytes``."""
-    out = []
     for src in sources:
         item: dict[str, Any] = {**src.input, "metadata": src.metadata or None}
         if src.data is not None:
             item["image_bytes"] = src.data
+        elif src.uri is not None:
+            item["image_path"] = src.uri  # read by submit_dataset, uploaded like a file
         elif src.path is not None:
             item["image_path"] = str(src.path)
-        out.append(item)
-    return out
+        yield item
 
 
-def _submit(c: Any, spec: tasks.TaskSpec, items: list[dict[str, Any]],
+def _submit(c: Any, spec: tasks.TaskSpec, items: Iterable[dict[str, Any]],
             opts: dict[str, Any]) -> dict[str, Any]:
     """A few items without local images go inline; anything else is uploaded in bounded
-    requests (one per image, then the manifest) and becomes one job."""
-    local = any("image_path" in i or "image_bytes" in i for i in items)
-    if not local and len(items) <= INLINE_ITEMS:
-        return c.submit(spec.name, items, **opts)  # type: ignore[no-any-return]
-    return c.submit_dataset(spec.name, items, **opts)  # type: ignore[no-any-return]
+    requests (one per image, then the manifest, streamed) and becomes one job."""
+    source = iter(items)
+    head = list(itertools.islice(source, INLINE_ITEMS + 1))
+    local = any("image_path" in i or "image_bytes" in i for i in head)  # or s3:// ones
+    if not local and len(head) <= INLINE_ITEMS:
+        return c.submit(spec.name, head, **opts)  # type: ignore[no-any-return]
+    from loom.config import Settings
+
+    return c.submit_dataset(  # type: ignore[no-any-return]
+        spec.name, itertools.chain(head, source),
+        s3_endpoint_url=Settings().s3_endpoint_url, **opts)
 
 
 def _need_api(api: str | None) -> str:
@@ -96,14 +103,17 @@ def image_command(spec: tasks.TaskSpec) -> Callable[..., None]:
     ) -> None:
         opts = DatasetOpts(image_col, {}, id_col, split, limit, sample)
         urls = [s for s in sources if s.startswith(("http://", "https://"))]
-        found = [Source({"image_url": u}, {"file": u}) for u in urls]
         rest = [s for s in sources if s not in urls]
-        if rest:
-            for src in image_sources(rest, spec, opts):
+        local_sources = image_sources(rest, spec, opts) if rest else iter(())
+
+        def found() -> Iterator[Source]:
+            yield from (Source({"image_url": u}, {"file": u}) for u in urls)
+            for src in local_sources:
                 if src.path is not None and src.metadata.get("file") == str(src.path):
                     src.metadata["file"] = src.path.name  # a file named on its own: its name
-                found.append(src)
-        items = _items(limit_sources(found, opts))
+                yield src
+
+        items = _items(limit_sources(found(), opts))
         submit_opts = {"model": model, "priority": priority, "idempotency_key": idempotency_key,
                        "cache": cache}
         _send(spec, api, api_key, wait, lambda c: _submit(c, spec, items, submit_opts))
@@ -130,6 +140,7 @@ def image_text_command(spec: tasks.TaskSpec) -> Callable[..., None]:
         api: ApiOpt = None, api_key: KeyOpt = None,
     ) -> None:
         opts = DatasetOpts(image_col, {field: text_col}, id_col, split, limit, sample)
+        found: Iterable[Source]
         if rows_file:
             found = []
             for r in read_questions(rows_file, spec.texts):
@@ -141,7 +152,7 @@ def image_text_command(spec: tasks.TaskSpec) -> Callable[..., None]:
                 else:
                     found.append(Source(texts, meta, path=resolve_file(src, rows_file.parent)))
         elif image and not text and is_dataset(image):
-            found = list(dataset_sources(image, spec, opts))
+            found = dataset_sources(image, spec, opts)
         elif image and text and len(spec.texts) == 1:
             found = [Source({field: text, "image_url": image}, {"file": image})
                      if image.startswith(("http://", "https://"))
@@ -177,7 +188,7 @@ def text_command(spec: tasks.TaskSpec) -> Callable[..., None]:
     ) -> None:
         opts = DatasetOpts(None, {field: text_col}, id_col, split, limit, sample)
         if texts_file is not None and is_dataset(str(texts_file), texts_only=True):
-            rows = limit_sources(list(dataset_sources(str(texts_file), spec, opts)), opts)
+            rows = list(limit_sources(dataset_sources(str(texts_file), spec, opts), opts))
             lines, metas = [r.input.get(field, "") for r in rows], [r.metadata for r in rows]
         else:
             lines = read_prompts(text, texts_file)

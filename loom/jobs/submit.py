@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -58,7 +59,7 @@ def submit_job(
     tenant_id: str,
     task: str,
     model_name: str,
-    items: Sequence[dict[str, Any]],
+    items: Iterable[dict[str, Any]],
     params: dict[str, Any] | None = None,
     priority: int = 0,
     webhook_url: str | None = None,
@@ -81,14 +82,18 @@ def submit_job(
     ``job_id``: the caller may choose the id (``new_id()``) so that inline inputs can be stored
     under ``input_key(tenant, job_id, ...)`` before the job row exists. When an idempotency key
     matches an earlier job, that job (with its own id) is returned.
+
+    ``items`` may be any iterable (a generator over a million-row table): rows are inserted in
+    bounded batches as they come, so memory does not grow with the job. An iterable that raises
+    midway rolls the whole job back. With an idempotency key and no ``request_hash``, a
+    non-sequence is read into a list first (its fingerprint needs every item before the lookup).
     """
     tasks.get(task)  # InvalidRequest naming the valid tasks
-    if not items:
-        raise InvalidRequest("a job needs at least one item")
     if chunk_size < 1 or max_attempts < 1:
         raise InvalidRequest("chunk_size and max_attempts must be >= 1")
     now = now or utcnow()
     if idempotency_key is not None and request_hash is None:
+        items = items if isinstance(items, Sequence) else list(items)
         request_hash = request_fingerprint(
             task=task, model_name=model_name, items=items, params=params
         )
@@ -126,7 +131,7 @@ def submit_job(
             job_metadata=metadata or {},
             idempotency_key=idempotency_key,
             request_hash=request_hash,
-            item_count=len(items),
+            item_count=0,  # set below, once the items are counted as they are inserted
             chunk_size=chunk_size,
             max_attempts=max_attempts,
             use_cache=use_cache,
@@ -136,24 +141,20 @@ def submit_job(
         session.add(job)
         session.flush()  # the job row must exist before the items' foreign keys point at it
 
-        _insert_items(session, job_id=job_id, items=items, now=now)
-        session.execute(
-            insert(Outbox),
-            [
-                {
-                    "job_id": job_id,
-                    "chunk_start": start,
-                    "chunk_end": min(start + chunk_size, len(items)),
-                    "priority": priority,
-                    "created_at": now,
-                    "publish_count": 0,
-                }
-                for start in range(0, len(items), chunk_size)
-            ],
-        )
+        count = _insert_items(session, job_id=job_id, items=items, now=now)
+        if count == 0:
+            raise InvalidRequest("a job needs at least one item")
+        job.item_count = count  # flushed with the commit
+        for lo in range(0, count, _INSERT_BATCH * chunk_size):
+            session.execute(insert(Outbox), [
+                {"job_id": job_id, "chunk_start": start,
+                 "chunk_end": min(start + chunk_size, count), "priority": priority,
+                 "created_at": now, "publish_count": 0}
+                for start in range(lo, min(lo + _INSERT_BATCH * chunk_size, count), chunk_size)
+            ])
         add_events(
             session,
-            [{"job_id": job_id, "kind": "submitted", "message": f"{len(items)} items",
+            [{"job_id": job_id, "kind": "submitted", "message": f"{count} items",
               "created_at": now}],
         )
         session.commit()
@@ -177,24 +178,28 @@ def submit_job(
 
 
 def _insert_items(
-    session: Session, *, job_id: str, items: Sequence[dict[str, Any]], now: datetime
-) -> None:
-    """Insert all items inside the session's transaction, in bulk.
+    session: Session, *, job_id: str, items: Iterable[dict[str, Any]], now: datetime
+) -> int:
+    """Insert the items inside the session's transaction, in bulk and in bounded batches;
+    returns how many there were.
 
     Submission speed is dominated by per-row Python work, so rows are serialised once here and
-    handed to the driver's bulk path: COPY on PostgreSQL (psycopg), one executemany on SQLite.
-    Either way a 100k-item job costs a handful of round trips, not 100k.
+    handed to the driver's bulk path: COPY on PostgreSQL (psycopg), executemany on SQLite.
+    Either way a 100k-item job costs a handful of round trips, not 100k, and only one batch
+    of rows is in memory at a time.
     """
     conn = session.connection()
     dialect = conn.dialect
     queued = ItemStatus.queued.value
     columns = ("job_id", "index", "status", "input", "metadata", "attempts", "updated_at")
+    numbered = enumerate(items)
+    count = 0
 
-    def rows(stamp: Any) -> Iterator[tuple[Any, ...]]:
-        for i, spec in enumerate(items):
-            meta = spec.get("metadata")
-            yield (job_id, i, queued, _dumps(spec.get("input") or {}),
-                   None if meta is None else _dumps(meta), 0, stamp)
+    def batches() -> Iterator[list[tuple[int, dict[str, Any]]]]:
+        nonlocal count
+        while batch := list(itertools.islice(numbered, _INSERT_BATCH)):
+            count += len(batch)
+            yield batch
 
     raw = conn.connection.driver_connection
     if dialect.name == "postgresql" and dialect.driver == "psycopg":
@@ -204,11 +209,11 @@ def _insert_items(
         head = f"{_copy_text(job_id)}\t"
         tail = f"\t0\t{now.isoformat(sep=' ')}\n"
         with raw.cursor() as cur, cur.copy(f"COPY items ({quoted}) FROM STDIN") as copy:
-            for lo in range(0, len(items), _INSERT_BATCH):
+            for batch in batches():
                 copy.write("".join([
                     f"{head}{i}\t{queued}\t{_copy_text(_dumps(spec.get('input') or {}))}\t"
                     f"{_copy_null(spec.get('metadata'))}{tail}"
-                    for i, spec in enumerate(items[lo : lo + _INSERT_BATCH], start=lo)
+                    for i, spec in batch
                 ]))
     elif dialect.name == "sqlite":
         # The same text SQLAlchemy's SQLite DateTime writes, so comparisons stay lexical.
@@ -217,16 +222,22 @@ def _insert_items(
         marks = ", ".join("?" for _ in columns)
         cur = raw.cursor()
         try:
-            cur.executemany(f"INSERT INTO items ({quoted}) VALUES ({marks})", rows(stamp))
+            for batch in batches():
+                cur.executemany(f"INSERT INTO items ({quoted}) VALUES ({marks})", [
+                    (job_id, i, queued, _dumps(spec.get("input") or {}),
+                     None if (meta := spec.get("metadata")) is None else _dumps(meta), 0, stamp)
+                    for i, spec in batch
+                ])
         finally:
             cur.close()
     else:  # any other backend: SQLAlchemy's portable bulk insert (insertmanyvalues)
-        for lo in range(0, len(items), _INSERT_BATCH):
+        for batch in batches():
             session.execute(insert(Item), [
                 {"job_id": job_id, "index": i, "status": queued, "input": spec.get("input") or {},
                  "item_metadata": spec.get("metadata"), "attempts": 0, "updated_at": now}
-                for i, spec in enumerate(items[lo : lo + _INSERT_BATCH], start=lo)
+                for i, spec in batch
             ])
+    return count
 
 
 # One encoder for all rows: json.dumps with non-default arguments builds a new one per call.

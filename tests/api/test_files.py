@@ -210,3 +210,28 @@ def test_submit_dataset_streams_a_job_past_the_request_limits(local_app: Any) ->
     store = local_app.app.state.runtime.store
     assert store.get(by_id["r3"]["input"]["image_key"]) == scene_png(3)
     assert store.get(by_id["broken"]["input"]["image_key"]) == b"not an image at all"
+
+
+def test_submit_dataset_retried_with_its_key_is_the_same_job(local_app: Any) -> None:
+    """A retried ``submit_dataset`` uploads its manifest again (a new file key); idempotency
+    compares the manifest's sha256, so the retry gets the first job and different rows under
+    the same key are a conflict. A bad line deep in a streamed manifest names its line and
+    records nothing."""
+    from loom.client import ApiError, Client
+
+    c = Client("http://testserver", "unused")
+    c._http = local_app.client
+    rows = [{"prompt": f"a red circle {i}", "metadata": {"n": i}} for i in range(150)]
+    first = c.submit_dataset("generate", iter(rows), idempotency_key="nightly-1")
+    again = c.submit_dataset("generate", iter(rows), idempotency_key="nightly-1")
+    assert again["id"] == first["id"] and first["item_count"] == 150
+    with pytest.raises(ApiError) as conflict:
+        c.submit_dataset("generate", iter(rows[:-1]), idempotency_key="nightly-1")
+    assert conflict.value.code == "idempotency_conflict"
+
+    bad = [*rows, "{not json", *rows]
+    manifest = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in bad)
+    key = c.upload_bytes(manifest.encode(), filename="m.jsonl", purpose="manifest")["key"]
+    r = local_app.client.post("/v1/jobs", json={"task": "generate", "manifest_key": key})
+    assert r.status_code == 422 and "manifest line 151" in r.json()["error"]["message"], r.text
+    assert len(local_app.client.get("/v1/jobs").json()["jobs"]) == 1

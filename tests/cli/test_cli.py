@@ -30,10 +30,11 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("loom-home")
 
 
-def loom(home: Path, *args: str, ok: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def loom(home: Path, *args: str, ok: bool = True, cwd: Path | None = None,
+         env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
     env.update({"LOOM_HOME": str(home), "LOOM_DEVICE": "cpu", "OMP_NUM_THREADS": "1",
-                "LOOM_RETRY_BACKOFF_SECONDS": "0.1", "COLUMNS": "200"})
+                "LOOM_RETRY_BACKOFF_SECONDS": "0.1", "COLUMNS": "200", **(env_extra or {})})
     proc = subprocess.run([*LOOM, *args], cwd=cwd or home, env=env, capture_output=True,
                           text=True, timeout=300)
     if ok:

@@ -102,3 +102,28 @@ def test_prompts_from_a_csv(home: Path) -> None:
     assert [(r["ref"], r["prompt"], r["seed"]) for r in index] == [
         ("p1", "a small red circle", 5), ("p2", "a large blue square", 6)]
     assert all((home / "g" / r["file"]).read_bytes().startswith(b"\x89PNG") for r in index)
+
+
+def test_a_table_of_s3_paths(home: Path, s3_endpoint: str, s3_bucket: str) -> None:
+    """Image paths in a table may be s3:// objects (read through LOOM_S3_ENDPOINT_URL, as from
+    MinIO); one that does not exist fails its own item with the reason, not the job."""
+    import boto3
+    import pyarrow.parquet as pq
+
+    truth = scenes(3, seed=7)
+    bucket = s3_bucket.removeprefix("s3://").split("/")[0]
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    try:
+        for i, (png, _) in enumerate(truth):
+            client.put_object(Bucket=bucket, Key=f"raw/{i}.png", Body=png)
+    finally:
+        client.close()
+    paths = [f"s3://{bucket}/raw/{i}.png" for i in range(3)] + [f"s3://{bucket}/raw/gone.png"]
+    pq.write_table(pa.table({"path": paths, "n": [0, 1, 2, 3]}), home / "s3.parquet")
+    proc = loom(home, "caption", str(home / "s3.parquet"), "--image-col", "path", "--no-cache",
+                "--out", str(home / "s3.jsonl"), ok=False,
+                env_extra={"LOOM_S3_ENDPOINT_URL": s3_endpoint})
+    assert proc.returncode == 3, proc.stdout + proc.stderr  # finished, one item failed
+    got = {r["n"]: r for r in rows(home / "s3.jsonl")}
+    assert [got[i]["caption"] for i in range(3)] == [c for _, c in truth]
+    assert got[3]["caption"] is None and "gone.png" in got[3]["read_error"]

@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from jobs_helpers import claim, events, ok
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from loom import jobs
@@ -102,3 +103,42 @@ def test_partial_fence_in_one_batch(session: Session, make_job: Callable[..., Jo
     assert have == {mine[0].id, mine[2].id}
     assert events(session, job, "succeeded") == 2
     assert jobs.get_job(session, job_id=job.id).status == "running"
+
+
+def test_submit_streams_a_generator_and_rolls_back_a_broken_one(
+    session: Session, tenant_id: str
+) -> None:
+    """Items may be a generator (a million-row table): counted as they are inserted, batch by
+    batch, with one outbox row per chunk; one that raises midway leaves no job behind."""
+    from loom.errors import InvalidRequest
+    from loom.jobs import submit as submit_mod
+    from loom.models import Item, Outbox
+
+    n = submit_mod._INSERT_BATCH * 2 + 3  # three insert batches, the last a partial one
+    job = jobs.submit_job(
+        session, tenant_id=tenant_id, task="caption", model_name="loom-shapes", chunk_size=64,
+        max_attempts=3,
+        items=({"input": {"image_key": f"k/{i}.png"}, "metadata": {"row": i}} for i in range(n)))
+    assert job.item_count == n
+    assert session.scalar(select(Job.item_count).where(Job.id == job.id)) == n
+    rows = session.execute(select(Item.index, Item.item_metadata).where(Item.job_id == job.id)
+                           .order_by(Item.index)).all()
+    assert [(r.index, r.item_metadata["row"]) for r in rows] == [(i, i) for i in range(n)]
+    spans = session.execute(select(Outbox.chunk_start, Outbox.chunk_end)
+                            .where(Outbox.job_id == job.id).order_by(Outbox.chunk_start)).all()
+    assert spans[0] == (0, 64) and spans[-1] == (n - n % 64, n) and len(spans) == -(-n // 64)
+
+    def broken() -> Any:
+        for i in range(submit_mod._INSERT_BATCH + 10):
+            yield {"input": {"image_key": f"k/{i}.png"}}
+        raise InvalidRequest("manifest line 10011: not JSON")
+
+    with pytest.raises(InvalidRequest, match="10011"):
+        jobs.submit_job(session, tenant_id=tenant_id, task="caption", model_name="loom-shapes",
+                        chunk_size=64, max_attempts=3, items=broken())
+    assert session.scalar(select(func.count()).select_from(Job)) == 1
+    assert session.scalar(select(func.count()).select_from(Item)) == n
+    with pytest.raises(InvalidRequest, match="at least one item"):
+        jobs.submit_job(session, tenant_id=tenant_id, task="caption", model_name="loom-shapes",
+                        chunk_size=64, max_attempts=3, items=iter(()))
+    assert session.scalar(select(func.count()).select_from(Job)) == 1
