@@ -162,6 +162,23 @@ class LocalStore:
         except OSError as exc:
             raise StorageError(f"could not write {key}: {exc}") from exc
 
+    def put_file(self, key: str, source: Path) -> None:
+        """Store a local file under ``key`` without reading it through Python: a hard link when
+        the file is on the store's filesystem (an embedded run's inputs: no copy at all), else
+        an in-kernel copy; atomic as ``put``. Raises OSError when ``source`` cannot be read."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
+        try:
+            try:
+                os.link(source, tmp)
+            except OSError:  # another filesystem, or a file we may not link (protected_hardlinks)
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
     def get(self, key: str) -> bytes:
         path = self._path(key)
         try:

@@ -104,6 +104,20 @@ def test_local_store_writes_atomically_inside_its_root(tmp_path: Path) -> None:
     assert not (outside / "x.txt").exists()
 
 
+def test_local_store_put_file_links_on_its_filesystem(tmp_path: Path) -> None:
+    """An embedded run's inputs are linked, not copied (same bytes, same inode, nothing left
+    behind); a source that cannot be read raises OSError and stores nothing."""
+    store = LocalStore(tmp_path / "store")
+    src = tmp_path / "in.png"
+    src.write_bytes(b"\x89PNG\r\n\x1a\nbody")
+    store.put_file("t/a/in.png", src)
+    assert store.get("t/a/in.png") == src.read_bytes()
+    assert os.stat(tmp_path / "store" / "t/a/in.png").st_ino == src.stat().st_ino
+    with pytest.raises(OSError):
+        store.put_file("t/a/gone.png", tmp_path / "missing.png")
+    assert sorted(p.name for p in (tmp_path / "store" / "t" / "a").iterdir()) == ["in.png"]
+
+
 def test_s3_presigned_url_serves_the_bytes(s3_bucket: str, s3_endpoint: str) -> None:
     s = S3Store.from_url(s3_bucket, endpoint_url=s3_endpoint)
     try:
