@@ -25,7 +25,6 @@ from loom import fetch, jobs, media, storage, tasks
 from loom.errors import (
     BlockedUrl,
     FetchFailed,
-    InputMissing,
     InvalidInput,
     InvalidKey,
     InvalidRequest,

@@ -72,7 +72,7 @@ def run_embedded(table: Path, home: Path, database: str | None) -> dict[str, Any
     from loom.cli.common import open_local
     from loom.cli.inputs import DatasetOpts, image_sources
     from loom.models import new_id
-    from worker.cli import _sources_of, _stored
+    from worker.local_run import _stored, sources_of
 
     local = open_local()
     spec = tasks.get("caption")
@@ -83,7 +83,7 @@ def run_embedded(table: Path, home: Path, database: str | None) -> dict[str, Any
         job = jobs.submit_job(
             s, job_id=job_id, tenant_id=local.tenant_id, task="caption",
             model_name=local.settings.default_model,
-            items=_stored(local, job_id, _sources_of(
+            items=_stored(local, job_id, sources_of(
                 image_sources([str(table)], spec, DatasetOpts(image_col="url", id_col="id")))),
             chunk_size=local.settings.chunk_size, max_attempts=local.settings.max_attempts)
         count = job.item_count

@@ -7,7 +7,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path
 from fastapi.responses import Response
 
-from api import service
 from api.deps import CallerDep, RuntimeDep, SessionDep
 from api.schemas import ErrorResponse
 from loom import jobs as core

@@ -3,9 +3,7 @@ LOOM_HOME, progress bars, job summaries, and the embedded/remote runners."""
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
