@@ -37,13 +37,13 @@ from loom.cli.inputs import (
     choose_seed,
     count_items,
     dataset_sources,
-    expand_prompts,
     image_sources,
     is_dataset,
     limit_sources,
-    read_prompts,
     read_questions,
     resolve_file,
+    text_items,
+    text_rows,
 )
 from loom.cli.submit import command_for
 from worker.local_run import (
@@ -269,20 +269,12 @@ def text_command(spec: tasks.TaskSpec) -> Any:
         id_col: IdCol = None, split: Split = None, limit: Limit = None, sample: Sample = None,
     ) -> None:
         opts = DatasetOpts(None, {field: text_col}, id_col, split, limit, sample)
-        if texts_file is not None and is_dataset(str(texts_file), texts_only=True):
-            rows = list(limit_sources(dataset_sources(str(texts_file), spec, opts), opts))
-            lines, metas = [r.input.get(field, "") for r in rows], [r.metadata for r in rows]
-        else:
-            lines = read_prompts(text, texts_file)
-            metas = [{} for _ in lines]
-        pairs = expand_prompts(lines, choose_seed(seed) if spec.seeded else 0, variants)
+        rows = text_rows(spec, text, texts_file, opts)
+        items = text_items(spec, rows, choose_seed(seed) if spec.seeded else 0, variants)
         local = open_local()
         try:
             name = _check(spec, model, local)
-            specs = [{"input": {field: p, **({"seed": s} if spec.seeded else {})},
-                      "metadata": metas[i // variants] or None}
-                     for i, (p, s) in enumerate(pairs)]
-            job = run_embedded(local, spec.name, ((sp, None) for sp in specs), model=name,
+            job = run_embedded(local, spec.name, ((it, None) for it in items), model=name,
                                use_cache=cache)
             out.mkdir(parents=True, exist_ok=True)
 

@@ -94,11 +94,29 @@ def choose_seed(seed: int | None) -> int:
     return seed
 
 
-def expand_prompts(prompts: list[str], seed: int, variants: int) -> list[tuple[str, int]]:
-    """(text, seed) per item: each text ``variants`` times; item i uses the seed policy of
-    ``loom.tasks.item_seed`` (base seed + i)."""
-    pairs = [p for p in prompts for _ in range(variants)]
-    return [(p, tasks.item_seed(given=None, base=seed, index=i)) for i, p in enumerate(pairs)]
+def text_rows(spec: tasks.TaskSpec, text: str | None, texts_file: Path | None,
+              opts: DatasetOpts) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(text, metadata) of a text-only task's items: a dataset's text column streamed (its
+    other columns as metadata), or a TEXT / a file of lines. Fails here when there are none."""
+    field = spec.texts[0]
+    if texts_file is not None and is_dataset(str(texts_file), texts_only=True):
+        rows = limit_sources(dataset_sources(str(texts_file), spec, opts), opts)
+        return ((r.input.get(field, ""), r.metadata) for r in rows)
+    return ((line, {}) for line in read_prompts(text, texts_file))
+
+
+def text_items(spec: tasks.TaskSpec, rows: Iterable[tuple[str, dict[str, Any]]], seed: int,
+               variants: int) -> Iterator[dict[str, Any]]:
+    """Items {"input", "metadata"}: each text ``variants`` times, item i seeded base + i when
+    the task is seeded (``loom.tasks.item_seed``), streamed."""
+    field, i = spec.texts[0], 0
+    for text, meta in rows:
+        for _ in range(variants):
+            inp: dict[str, Any] = {field: text}
+            if spec.seeded:
+                inp["seed"] = tasks.item_seed(given=None, base=seed, index=i)
+            yield {"input": inp, "metadata": meta or None}
+            i += 1
 
 
 # --- datasets: tables, WebDataset shards, Hugging Face datasets ----------------------------------

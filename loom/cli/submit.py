@@ -20,13 +20,13 @@ from loom.cli.inputs import (
     Source,
     choose_seed,
     dataset_sources,
-    expand_prompts,
     image_sources,
     is_dataset,
     limit_sources,
-    read_prompts,
     read_questions,
     resolve_file,
+    text_items,
+    text_rows,
 )
 
 Wait = Annotated[bool, typer.Option("--wait", help="Follow progress until the job finishes.")]
@@ -187,16 +187,10 @@ def text_command(spec: tasks.TaskSpec) -> Callable[..., None]:
         api: ApiOpt = None, api_key: KeyOpt = None,
     ) -> None:
         opts = DatasetOpts(None, {field: text_col}, id_col, split, limit, sample)
-        if texts_file is not None and is_dataset(str(texts_file), texts_only=True):
-            rows = list(limit_sources(dataset_sources(str(texts_file), spec, opts), opts))
-            lines, metas = [r.input.get(field, "") for r in rows], [r.metadata for r in rows]
-        else:
-            lines = read_prompts(text, texts_file)
-            metas = [{} for _ in lines]
+        rows = text_rows(spec, text, texts_file, opts)
         base = choose_seed(seed) if spec.seeded else 0
-        items = [{field: p, **({"seed": s} if spec.seeded else {}),
-                  "metadata": metas[i // variants] or None}
-                 for i, (p, s) in enumerate(expand_prompts(lines, base, variants))]
+        items = ({**it["input"], "metadata": it["metadata"]}
+                 for it in text_items(spec, rows, base, variants))
         submit_opts = {"model": model, "priority": priority, "idempotency_key": idempotency_key,
                        "cache": cache}
         _send(spec, api, api_key, wait, lambda c: _submit(c, spec, items, submit_opts))
