@@ -64,3 +64,45 @@ def test_s3_outage_fails_no_item_and_verify_repairs_what_the_store_lost(scenario
     with stack.http() as c:
         items = c.get(f"/v1/jobs/{job_id}/items", params={"limit": 500}).json()["items"]
     assert sum(1 for it in items if it["attempts"] >= 2) >= 1
+
+
+def test_redis_stopped_mid_job(scenario: Stack) -> None:
+    stack = scenario
+    job_id = stack.caption_job(200)
+    stack.wait_succeeded(job_id, 20)
+    stack.redis.stop()
+    time.sleep(12)
+    stack.redis.start()
+    check_invariants(stack, job_id)
+
+
+def test_redis_flushall_loses_every_message(scenario: Stack) -> None:
+    """The messages are gone: the reconciler republishes after the stale-chunk time."""
+    stack = scenario
+    job_id = stack.caption_job(200)
+    stack.wait_succeeded(job_id, 10)
+    stack.redis.flushall()
+    check_invariants(stack, job_id)
+
+
+def test_postgres_stopped_mid_job(scenario: Stack) -> None:
+    """Also: /readyz and POST /v1/jobs answer 503 service_unavailable meanwhile (no 500)."""
+    stack = scenario
+    job_id = stack.caption_job(200)
+    stack.wait_succeeded(job_id, 20)
+    stack.pg.stop()
+    try:
+        with stack.http() as c:
+            ready = c.get("/readyz")
+            assert ready.status_code == 503, ready.text
+            assert ready.json()["error"]["code"] == "service_unavailable"
+            try:
+                submit = c.post("/v1/jobs", json={"task": "generate",
+                                                  "items": [{"prompt": "a red circle"}]})
+                assert submit.status_code == 503, submit.text
+            except httpx.HTTPError:  # pragma: no cover - a reset connection is also a failure
+                raise
+        time.sleep(12)
+    finally:
+        stack.pg.start()
+    check_invariants(stack, job_id)
