@@ -144,14 +144,19 @@ def iter_manifest(store: Any, key: str, tenant_id: str) -> Iterator[ItemIn]:
 
 def _lines(chunks: Iterable[bytes]) -> Iterator[str]:
     """Text lines of a stream of byte chunks (a chunk may end mid-line or mid-character)."""
-    rest = b""
+    partial: list[bytes] = []  # the pieces of a line that spans chunks (joined once)
     for chunk in chunks:
-        rest += chunk
-        *whole, rest = rest.split(b"\n")
-        for line in whole:
-            yield line.decode("utf-8", errors="replace")
-    if rest:
-        yield rest.decode("utf-8", errors="replace")
+        *whole, tail = chunk.split(b"\n")
+        if whole:
+            partial.append(whole[0])
+            whole[0] = b"".join(partial)
+            partial = []
+            for line in whole:
+                yield line.decode("utf-8", errors="replace")
+        if tail:
+            partial.append(tail)
+    if partial:
+        yield b"".join(partial).decode("utf-8", errors="replace")
 
 
 def submit(
