@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     default_model: str = "loom-shapes"
     batch_size: int = Field(default=32, ge=1)
     chunk_batches: int = Field(default=4, ge=1)  # chunk size = chunk_batches * batch_size
+    # After its own chunk runs dry, a worker process goes on claiming the job's other queued
+    # items for up to this long (their messages then ack at once): no pipeline drain and no
+    # broker round trip at every chunk boundary. 0: a process claims from its chunk only.
+    chunk_linger_seconds: float = Field(default=10.0, ge=0)
     # Host sizing (worker.sizing): None = planned from the usable cores / visible GPUs.
     worker_processes: int | None = Field(default=None, ge=1)  # model processes per invocation
     torch_threads: int | None = Field(default=None, ge=1)  # torch threads per model process

@@ -80,12 +80,26 @@ class ChunkReport:
     cached: int = 0  # items answered by an earlier output, with no inference
     cancelled: int = 0
     released: int = 0  # leases given back after an outage, attempts not spent
+    lingered: int = 0  # items claimed beyond the chunk, from the rest of its job
     batches: int = 0
     seconds: float = 0.0
     timings_ms: dict[str, float] = field(default_factory=dict)  # summed stage times
 
     def add_timing(self, name: str, ms: float) -> None:
         self.timings_ms[name] = self.timings_ms.get(name, 0.0) + ms
+
+
+@dataclass
+class _Scope:
+    """What ``run_chunk`` may claim from: its chunk, then (until ``linger_until``) the rest of
+    the job. ``cancelling`` is set by whichever thread claimed last and saw the job cancelling,
+    so the model thread never waits on that query."""
+
+    chunk: Chunk
+    job_end: int
+    linger_until: float
+    lingering: bool = False
+    cancelling: bool = False
 
 
 @dataclass
@@ -131,6 +145,7 @@ class Engine:
         )
         self._report_lock = threading.Lock()
         self._max_attempts_cache: dict[str, int] = {}
+        self._job_end_cache: dict[str, int] = {}
         # Set by the finisher when a store call failed for want of a store; claims wait on it.
         self._store_down = threading.Event()
 
@@ -142,12 +157,36 @@ class Engine:
 
     # --- claiming ----------------------------------------------------------------------------
 
-    def _claim(self, chunk: Chunk, report: ChunkReport, *, prefetch: bool = False) -> list[_Batch]:
-        """Claim the next batch(es); their inputs start loading in the I/O pool right away.
+    def _claim(self, scope: _Scope, report: ChunkReport, *, prefetch: bool = False) -> list[_Batch]:
+        """Claim the next batch(es) from the chunk and, once it is dry, from the rest of its job
+        (while ``chunk_linger_seconds`` allows); their inputs start loading at once."""
+        chunk = scope.chunk
+        if not scope.lingering:
+            batches = self._claim_range(scope, chunk, report, prefetch=prefetch)
+            if batches or scope.cancelling or not self._may_linger(scope):
+                return batches
+            scope.lingering = True
+        if not self._may_linger(scope):
+            return []
+        whole = jobs.Chunk(chunk.job_id, 0, scope.job_end, chunk.priority)
+        batches = self._claim_range(scope, whole, report, prefetch=prefetch)
+        report.lingered += sum(1 for b in batches for i in b.items
+                               if not chunk.start <= i.index < chunk.end)
+        return batches
+
+    def _may_linger(self, scope: _Scope) -> bool:
+        chunk = scope.chunk
+        return (scope.job_end > chunk.end - chunk.start and not scope.cancelling
+                and time.monotonic() < scope.linger_until)
+
+    def _claim_range(self, scope: _Scope, chunk: Chunk, report: ChunkReport, *,
+                     prefetch: bool) -> list[_Batch]:
+        """Claim from [chunk.start, chunk.end).
 
         ``prefetch``: claiming while another batch is in flight. A suspect is then not claimed
         (a crash of the running batch would burn one of its attempts); it waits until nothing
-        else is in flight. A suspect's input is read and decoded only once it runs (alone)."""
+        else is in flight. A suspect's input is read and decoded only once it runs (alone).
+        A job seen cancelling sets ``scope.cancelling`` and claims nothing."""
         if self._store_down.is_set():
             if prefetch:
                 return []  # claim again once the batch in flight is done and the store is back
@@ -172,6 +211,10 @@ class Engine:
 
         t0 = time.perf_counter()
         with self.session_factory() as session:
+            # One session for both reads: the status check costs no extra pool checkout.
+            if jobs.job_status(session, job_id=chunk.job_id) == JobStatus.cancelling.value:
+                scope.cancelling = True
+                return []
             suspects = jobs.suspect_indexes(session, chunk=chunk,
                                             limit=self.settings.batch_size)
         with self._report_lock:
@@ -360,6 +403,16 @@ class Engine:
             self.leases.discard(held)
             log.warning("gave back %d leases after %s", n, type(exc).__name__)
 
+    def _job_end(self, chunk: Chunk) -> int:
+        """The job's item count (fixed once it is published), at least the chunk's end."""
+        if chunk.job_id not in self._job_end_cache:
+            with self.session_factory() as session:
+                self._job_end_cache[chunk.job_id] = jobs.job_item_count(
+                    session, job_id=chunk.job_id)
+            if len(self._job_end_cache) > 10_000:
+                self._job_end_cache.clear()
+        return max(chunk.end, self._job_end_cache.get(chunk.job_id, chunk.end))
+
     def _max_attempts(self, job_id: str) -> int:
         if job_id not in self._max_attempts_cache:
             with self.session_factory() as session:
@@ -386,10 +439,9 @@ class Engine:
             while len(pending) > keep:
                 pending.popleft().result()  # re-raises a finisher failure (DB down, ...)
 
-        if self._job_status(chunk.job_id) == JobStatus.cancelling.value:
-            queue.clear()
-        else:
-            queue.extend(self._claim(chunk, report))
+        scope = _Scope(chunk, self._job_end(chunk),
+                       time.monotonic() + self.settings.chunk_linger_seconds)
+        queue.extend(self._claim(scope, report))
         while queue:
             batch = queue.popleft()
             if batch.careful:
@@ -403,7 +455,7 @@ class Engine:
             next_claim: Future[list[_Batch]] | None = None
             if not batch.careful and not queue:
                 # Overlap: claim + decode the next batch beside the model, off its thread.
-                next_claim = self._claimer.submit(self._claim, chunk, report, prefetch=True)
+                next_claim = self._claimer.submit(self._claim, scope, report, prefetch=True)
             try:
                 served, prepared = self.cache.split(prepared, settle=drain)
                 outputs, bad, info, infer_ms = infer(self.models, prepared)
@@ -419,8 +471,8 @@ class Engine:
             drain(keep=0 if batch.careful else 1)
             if queue and queue[0].careful:
                 drain()
-            # Between batches: a cancel request stops the chunk.
-            if self._job_status(chunk.job_id) == JobStatus.cancelling.value:
+            # Between batches: a cancel request (seen by the last claim) stops the chunk.
+            if scope.cancelling:
                 drain()
                 with self.session_factory() as session:
                     report.cancelled += jobs.cancel_remaining(
@@ -436,7 +488,7 @@ class Engine:
                 break
             if not queue:
                 drain()
-                queue.extend(self._claim(chunk, report))
+                queue.extend(self._claim(scope, report))
         drain()
         if queue and self.should_stop():
             self._release(queue)

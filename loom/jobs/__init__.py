@@ -13,6 +13,7 @@ from loom.jobs.catalog import model_versions, record_model_version
 from loom.jobs.chunks import (
     SUSPECT_CODES,
     job_chunks,
+    job_item_count,
     job_max_attempts,
     job_status,
     suspect_ids,
@@ -97,6 +98,7 @@ __all__ = [
     "iter_results",
     "job_chunks",
     "job_dict",
+    "job_item_count",
     "job_max_attempts",
     "job_progress",
     "job_ref",

@@ -25,6 +25,10 @@ def job_max_attempts(session: Session, *, job_id: str) -> int:
     return int(session.scalar(select(Job.max_attempts).where(Job.id == job_id)) or 1)
 
 
+def job_item_count(session: Session, *, job_id: str) -> int:
+    return int(session.scalar(select(Job.item_count).where(Job.id == job_id)) or 0)
+
+
 def job_chunks(session: Session, *, job_id: str) -> list[Chunk]:
     """The job's chunks in index order (the outbox rows are the chunk registry)."""
     rows = session.execute(

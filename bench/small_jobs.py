@@ -1,0 +1,174 @@
+"""Small jobs on a running `loom worker`: one-item latency, and many small jobs against one big one.
+
+    .venv/bin/python bench/small_jobs.py [--jobs 1000 --size 5] [--latency 30]
+
+One `loom worker` (the README's command for the host) on PostgreSQL + Redis with a local file
+store, caption, the shipped checkpoint. After a warm-up job it measures, in one run:
+
+  latency   --latency one-item jobs, one after another: submit (job + items + outbox, publish) ->
+            the job's final status, polled every 2 ms. Printed beside the model's own time for one
+            image in this process (median of as many calls), and the difference (Loom's overhead).
+  fan-in    --jobs jobs of --size items submitted together (one submitting thread, as a producer
+            would), until every one is final; against one job of jobs x size items on the same
+            worker. The ratio of the two rates is what issue 12's "1,000 jobs of 5 items" asks.
+
+Needs PostgreSQL (--pg, an admin URL: a scratch database is created and dropped) and Redis (--redis,
+a DB of its own; nothing is flushed). Numbers are ratios from one run on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import eta  # noqa: E402  (bench/eta.py: inputs, services, the worker command)
+
+TERMINAL = ("succeeded", "completed_with_errors", "failed", "cancelled")
+
+
+def model_ms(path: Path, n: int) -> float:
+    """The model's own time for one image (decode included), median of ``n`` calls."""
+    import torch
+
+    from loom import media
+    from pipeline import registry
+
+    torch.set_num_threads(1)  # as each of the worker's model processes runs
+    model = registry.load("loom-shapes", device="cpu")
+    times = []
+    for _ in range(n + 3):
+        t0 = time.perf_counter()
+        model.caption([media.decode_image(path.read_bytes(), max_pixels=eta.MAX_PIXELS)])
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return statistics.median(times[3:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--jobs", type=int, default=1000)
+    ap.add_argument("--size", type=int, default=5)
+    ap.add_argument("--latency", type=int, default=30, help="one-item jobs timed one by one")
+    ap.add_argument("--pg", default=os.environ.get("LOOM_BENCH_PG",
+                                                    "postgresql://127.0.0.1:5432/postgres"))
+    ap.add_argument("--redis", default=os.environ.get("LOOM_BENCH_REDIS",
+                                                       "redis://127.0.0.1:6379/13"))
+    a = ap.parse_args(argv)
+
+    from loom import jobs
+    from loom.config import Settings
+    from loom.db import make_engine, make_session_factory
+    from loom.models import Job
+    from loom.storage import input_key, store_from_settings
+    from loom.tenants import ensure_tenant
+    from sqlalchemy import func, select
+    from worker.app import make_celery, make_publisher
+
+    n = a.jobs * a.size
+    work = Path(tempfile.mkdtemp(prefix="loom-small-"))
+    paths, _ = eta.render_inputs(work, n)
+    svc = eta.Services(a.pg, a.redis)
+    loom_env: dict[str, Any] = dict(home=work / "home", database_url=svc.database_url,
+                                    broker_url=svc.redis_url, auth="off", device="cpu",
+                                    storage_url=f"file://{work / 'store'}")
+    settings = Settings(**loom_env)
+    store = store_from_settings(settings)
+    db = make_engine(svc.database_url)
+    sf = make_session_factory(db)
+    celery_app = make_celery(settings)
+    publish = make_publisher(celery_app)
+    with sf() as s:
+        tenant = ensure_tenant(s, name="local").id
+    items = []
+    for i, p in enumerate(paths):
+        key = input_key(tenant, "small", i, p.suffix.lstrip("."))
+        store.put(key, p.read_bytes())
+        items.append({"input": {"image_key": key}})
+
+    def submit(some: list[dict[str, Any]]) -> str:
+        with sf() as s:
+            job = jobs.submit_job(s, tenant_id=tenant, task="caption",
+                                  model_name=settings.default_model, items=some,
+                                  chunk_size=settings.chunk_size, max_attempts=3,
+                                  use_cache=False)  # every item runs the model
+            jobs.publish_pending(s, publish=publish, job_id=job.id)
+            return job.id
+
+    def unfinished(ids: list[str]) -> int:
+        with sf() as s:
+            return int(s.scalar(select(func.count()).select_from(Job).where(
+                Job.id.in_(ids), Job.status.not_in(TERMINAL))) or 0)
+
+    def wait(ids: list[str], poll: float) -> None:
+        while unfinished(ids):
+            if worker.poll() is not None:
+                raise RuntimeError(f"loom worker exited ({worker.returncode})")
+            time.sleep(poll)
+
+    log_path = work / "worker.log"
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen(
+            [*eta._loom_cmd(), "worker", "-n", f"small-{secrets.token_hex(3)}@%h", "-l",
+             "warning"], env=eta._env(**loom_env), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        wait([submit(items[:64])], 0.05)  # warm-up: processes up, model loaded
+        wait([submit(items[:1]) for _ in range(4)], 0.01)
+
+        lat = []
+        for i in range(a.latency):
+            t0 = time.perf_counter()
+            job_id = submit(items[i:i + 1])
+            wait([job_id], 0.002)
+            lat.append((time.perf_counter() - t0) * 1000.0)
+        m_ms = model_ms(paths[0], a.latency)
+
+        t0 = time.perf_counter()
+        ids = [submit(items[k * a.size:(k + 1) * a.size]) for k in range(a.jobs)]
+        submitted = time.perf_counter() - t0
+        wait(ids, 0.05)
+        fan_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        wait([submit(items)], 0.05)
+        big_s = time.perf_counter() - t0
+    finally:
+        try:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(worker.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            worker.wait()
+        celery_app.close()
+        db.dispose()
+        svc.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+    lat.sort()
+    p50, p90 = statistics.median(lat), lat[int(0.9 * (len(lat) - 1))]
+    print(f"one-item job, submit -> succeeded ({a.latency} jobs): median {p50:.1f} ms, "
+          f"p90 {p90:.1f} ms, min {lat[0]:.1f} ms; the model alone: {m_ms:.1f} ms; "
+          f"overhead (median - model): {p50 - m_ms:.1f} ms")
+    print(f"{a.jobs} jobs x {a.size} items: {fan_s:.2f} s ({n / fan_s:.1f} items/s; submitting "
+          f"took {submitted:.2f} s of it)")
+    print(f"1 job x {n} items: {big_s:.2f} s ({n / big_s:.1f} items/s)")
+    print(f"ratio (many small / one big): {big_s / fan_s:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
