@@ -176,6 +176,19 @@ def _loom_cmd() -> list[str]:
                                                   "from worker.cli import app; app()"]
 
 
+def stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the `loom worker` process group (started with start_new_session), then SIGKILL."""
+    try:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(worker.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        worker.wait()
+
+
 def read_stages(directory: Path) -> tuple[dict[str, float], int]:
     total: dict[str, float] = {}
     files = 0
@@ -362,15 +375,7 @@ def distributed(task: str, paths: list[Path], prompts: list[str], svc: Services,
         _, seconds, submitted = run(items)
         after, procs = read_stages(stages)
     finally:
-        try:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(worker.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            worker.wait()
+        stop_worker(worker)
         celery_app.close()
         db.dispose()
     diff = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}

@@ -22,7 +22,6 @@ import argparse
 import os
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -144,15 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         wait([submit(items)], 0.05)
         big_s = time.perf_counter() - t0
     finally:
-        try:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(worker.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            worker.wait()
+        eta.stop_worker(worker)
         celery_app.close()
         db.dispose()
         svc.close()

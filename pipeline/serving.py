@@ -6,6 +6,12 @@ params against that declaration before it calls the model, so an unsupported par
 permanent error of the request, never a retried model failure. Both ``loom-shapes``
 (``pipeline.model.ShapesModel``) and ``hf:`` models (``pipeline.hf.HFImageToText``) implement it.
 
+A model with a closed vocabulary also offers ``unknown_words(text) -> list[str]`` and
+``vocabulary() -> list[str]``: the worker
+fails an item whose prompt or question uses a word the model cannot read (``invalid_input``, the
+words named) instead of letting it answer or draw something unrelated. Open-vocabulary models
+(``hf:``) leave it out.
+
 Task -> method (the task registry, ``loom/tasks.py``, names the method of each task):
     caption  -> caption(images, **params)            -> list[str]
     vqa      -> answer(images, questions, **params)  -> list[str]
@@ -54,6 +60,18 @@ def check_call(info: ServingInfo, task: str, params: Mapping[str, Any]) -> None:
         raise UnsupportedParamError(
             f"{info.name} does not take {unknown[0]!r} for task {task!r} "
             f"(it takes {', '.join(sorted(accepted)) or 'no parameters'})")
+
+
+def unknown_words(model: Any, text: str) -> list[str]:
+    """Words of ``text`` the model cannot read ([] when it declares no vocabulary)."""
+    check = getattr(model, "unknown_words", None)
+    return list(check(text)) if callable(check) else []
+
+
+def vocabulary(model: Any) -> list[str]:
+    """The words a closed-vocabulary model reads ([] for an open vocabulary)."""
+    words = getattr(model, "vocabulary", None)
+    return list(words()) if callable(words) else []
 
 
 def run(model: ServingModel, method: str, args: Sequence[Sequence[Any]],

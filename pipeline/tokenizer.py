@@ -22,6 +22,8 @@ WORDS = (
 )
 
 _SPLIT = re.compile(r"[a-z]+|\?|<[a-z]+>|n\d+")
+# Spellings a person writes that mean a vocabulary word ("an orange circle", British "colour").
+ALIASES = {"an": "a", "colour": "color"}
 
 
 def numeric_token(value: int) -> str:
@@ -63,12 +65,28 @@ class Tokenizer:
         return len(self.tokens)
 
     def split(self, text: str) -> list[str]:
-        return _SPLIT.findall(text.lower())
+        return [ALIASES.get(w, w) for w in _SPLIT.findall(text.lower())]
 
     def encode(self, text: str | list[str]) -> list[int]:
         words = self.split(text) if isinstance(text, str) else text
         unk = self.index[UNK]
         return [self.index.get(w, unk) for w in words]
+
+    def unknown_words(self, text: str) -> list[str]:
+        """Words of ``text`` outside the vocabulary (in order, once each): the model would read
+        each as <unk> and answer or draw something unrelated. Specials and layout tokens typed
+        into a prompt count as unknown too; so does text with no word at all."""
+        words = self.split(text)
+        if not words:
+            return [w for w in dict.fromkeys(text.split())]
+        vocab = self.word_vocabulary()
+        return [w for w in dict.fromkeys(words) if w not in vocab]
+
+    def word_vocabulary(self) -> frozenset[str]:
+        """The plain words a prompt or question may use (no specials, no layout numbers)."""
+        start, end = self.numeric_start, self.numeric_start + self.n_numeric
+        return frozenset(t for i, t in enumerate(self.tokens)
+                         if t not in SPECIALS and not start <= i < end)
 
     def decode(self, ids: list[int]) -> str:
         """Ids -> words, stopping at <eos>; specials dropped, '?' glued to its word."""

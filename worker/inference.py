@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from loom import tasks
 from loom.config import Settings
-from loom.errors import LoomError, ModelError, UnsupportedTask
+from loom.errors import InvalidInput, LoomError, ModelError, UnsupportedTask
 from worker.inputs import Prepared
 from worker.outputs import info_field
 
@@ -123,6 +123,11 @@ def infer(
         # The request asked for something this model cannot do: no retry will change that.
         _fail(good, UnsupportedTask(f"model {first.model_name!r}: {exc}"))
         return [], bad + good, None, 0.0
+    if spec.texts:
+        good, unreadable = _readable(model, first.model_name, spec.texts, good)
+        bad = bad + unreadable
+        if not good:
+            return [], bad, info, 0.0
     # The same input twice in one batch (same bytes, texts and seed) is inferred once.
     slot: dict[tuple[Any, ...], int] = {}
     unique: list[Prepared] = []
@@ -149,6 +154,32 @@ def infer(
         _fail(good, err)
         return [], bad + good, None, (time.perf_counter() - t0) * 1000.0
     return list(zip(good, outs, strict=True)), bad, info, (time.perf_counter() - t0) * 1000.0
+
+
+def _readable(model: Any, model_name: str, fields: tuple[str, ...],
+              good: list[Prepared]) -> tuple[list[Prepared], list[Prepared]]:
+    """Split off the items whose prompt or question uses words the model cannot read: each fails
+    ``invalid_input`` naming them (a closed-vocabulary model would otherwise read them as <unk>
+    and draw or answer something unrelated)."""
+    from pipeline import serving
+
+    ok: list[Prepared] = []
+    failed: list[Prepared] = []
+    for p in good:
+        for name in fields:
+            unknown = serving.unknown_words(model, p.texts[name])
+            if unknown:
+                words = ", ".join(repr(w) for w in unknown[:10])
+                more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+                vocab = " ".join(serving.vocabulary(model))
+                p.error = InvalidInput(
+                    f"{model_name} does not know the word(s) {words}{more} in the {name}"
+                    + (f"; it knows: {vocab}" if vocab else ""))
+                failed.append(p)
+                break
+        else:
+            ok.append(p)
+    return ok, failed
 
 
 def _fail(good: list[Prepared], err: LoomError) -> None:

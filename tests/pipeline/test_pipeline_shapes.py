@@ -102,3 +102,17 @@ def test_pipeline_imports_stay_pure() -> None:
     lazy = subprocess.run([sys.executable, "-c", "import sys, pipeline; print('torch' in sys.modules)"],
                           cwd=ROOT, capture_output=True, text=True, check=True)
     assert lazy.stdout.strip() == "False"
+
+
+def test_tokenizer_names_the_words_it_cannot_read() -> None:
+    tok = Tokenizer.build()
+    assert tok.unknown_words("a small red circle to the left of a large blue square") == []
+    assert tok.unknown_words("What color is the circle?") == []
+    assert tok.unknown_words("what colour is an orange circle?") == []  # aliases
+    assert tok.unknown_words("the quick brown fox, the quick dog") == ["quick", "brown", "fox",
+                                                                        "dog"]
+    # Task and layout tokens are the model's own, not words a prompt may use.
+    assert tok.unknown_words("<generate> n12 circle") == ["<generate>", "n"]
+    assert tok.unknown_words("1234 !!") == ["1234", "!!"]  # nothing the tokenizer reads at all
+    vocab = tok.word_vocabulary()
+    assert {"circle", "?", "yes"} <= vocab and not vocab & {"<pad>", "n0", "<caption>"}
