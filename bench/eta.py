@@ -190,6 +190,7 @@ def stop_worker(worker: subprocess.Popen[bytes]) -> None:
 
 
 def read_stages(directory: Path) -> tuple[dict[str, float], int]:
+    """Summed stage times of every engine's snapshot (``items``: the items they finished)."""
     total: dict[str, float] = {}
     files = 0
     for f in directory.glob("*.json"):
@@ -198,9 +199,22 @@ def read_stages(directory: Path) -> tuple[dict[str, float], int]:
         except (OSError, ValueError):
             continue
         files += 1
+        total["items"] = total.get("items", 0.0) + float(snap.get("items", 0))
         for k, v in snap.get("stages_ms", {}).items():
             total[k] = total.get(k, 0.0) + float(v)
     return total, files
+
+
+def settled_stages(directory: Path, before: dict[str, float], n: int,
+                   timeout: float = 10.0) -> tuple[dict[str, float], int]:
+    """The snapshots once they account for ``n`` more items than ``before``: an engine writes its
+    snapshot when its chunk run returns, which can be just after the job turned final."""
+    deadline = time.monotonic() + timeout
+    while True:
+        after, procs = read_stages(directory)
+        if after.get("items", 0.0) - before.get("items", 0.0) >= n or time.monotonic() > deadline:
+            return after, procs
+        time.sleep(0.05)
 
 
 def embedded(task: str, n: int, work: Path, batch: int, device: str) -> Result:
@@ -371,9 +385,9 @@ def distributed(task: str, paths: list[Path], prompts: list[str], svc: Services,
             env=_env(**loom_env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         run(items[: batch * 2])  # warm-up: the processes are up and the model loaded
-        before, _ = read_stages(stages)
+        before, _ = settled_stages(stages, {}, batch * 2)
         _, seconds, submitted = run(items)
-        after, procs = read_stages(stages)
+        after, procs = settled_stages(stages, before, len(items))
     finally:
         stop_worker(worker)
         celery_app.close()
