@@ -220,6 +220,7 @@ def create_app(
     for module in (jobs, files, events, outputs, models, health, ui):
         app.include_router(module.router)
     app.include_router(events.secret_router)
+    app.include_router(jobs.finetunes_router)
     from fastapi.staticfiles import StaticFiles
 
     app.mount("/ui/static", StaticFiles(directory=str(ui.HERE / "static")), name="ui-static")

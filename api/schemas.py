@@ -257,6 +257,29 @@ class VerifyOut(BaseModel):
     report: VerifyReportOut
 
 
+class FinetuneRequest(JsonSafeModel):
+    """A finetune job: labelled rows in, a registered model version out (loom.finetune)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{
+            "rows_key": "TENANT/files/ROWS.jsonl", "name": "shapes-ext", "base": "loom-shapes",
+            "hyper": {"steps": 1500}, "val_fraction": 0.1}]},
+    )
+
+    rows_key: str = Field(max_length=2048, description=(
+        "A JSONL uploaded with POST /v1/files: one row per line, {\"image_key\" (an uploaded "
+        "image's key), \"caption\"?, \"question\"?, \"answer\"?}."))
+    name: str = Field(max_length=64, description="The name to register; each job adds a "
+                      "version (run it as NAME or NAME@vN).")
+    base: str = Field(default="loom-shapes", max_length=200,
+                      description="loom-shapes or one of your registered models.")
+    hyper: dict[str, Any] = Field(default_factory=dict, description=(
+        "steps (1500), lr (0.001), batch (32), replay (16), seed (0), ckpt_every (100)."))
+    val_fraction: float = Field(default=0.1, ge=0, lt=0.5,
+                                description="Rows held out to score the result.")
+
+
 class ModelOut(BaseModel):
     name: str
     versions: list[dict[str, Any]] = Field(

@@ -76,7 +76,8 @@ def recorded_caps(session: Session) -> dict[str, tasks.ModelCaps]:
     return {name: tasks.ModelCaps(tasks=tuple(sorted(t))) for name, t in caps.items()}
 
 
-def known_models(session: Session, settings_default: str) -> dict[str, dict[str, Any]]:
+def known_models(session: Session, settings_default: str,
+                 tenant_id: str | None = None) -> dict[str, dict[str, Any]]:
     models: dict[str, dict[str, Any]] = {
         name: {"name": name, "tasks": list(caps.tasks), "versions": []}
         for name, caps in tasks.BUILTIN_MODELS.items()
@@ -88,6 +89,12 @@ def known_models(session: Session, settings_default: str) -> dict[str, dict[str,
             {"version": row.version, "weights_sha256": row.weights_sha256, "tasks": row.tasks}
         )
         entry["tasks"] = sorted(set(entry["tasks"]) | set(row.tasks or []))
+    if tenant_id is not None:  # the caller's own fine-tuned models (no other tenant's)
+        for m in jobs.registered_models(session, tenant_id=tenant_id):
+            caps = jobs.registered_caps(session, tenant_id=tenant_id, ref=m.ref)
+            entry = models.setdefault(m.name, {"name": m.name, "tasks": [], "versions": []})
+            entry["tasks"] = list(caps.tasks) if caps else []
+            entry["versions"].append({**jobs.model_dict(m), "version": f"v{m.version}"})
     return models
 
 
@@ -210,7 +217,13 @@ def submit(
         # MAX_MANIFEST_ITEMS, not by this process's memory.
         items_in, count = iter_manifest(rt.store, req.manifest_key, tenant_id), None
     params = spec.validate_params(req.params, item_count=count or 0)
-    tasks.check_model(spec, model, tasks.caps_for(model, recorded_caps(session)), params)
+    caps = tasks.caps_for(model, recorded_caps(session))
+    if caps is None:  # one of the caller's fine-tuned models: the job pins today's latest
+        found = jobs.resolve_model(session, tenant_id=tenant_id, ref=model)
+        if found is not None:
+            model = found.ref
+            caps = jobs.registered_caps(session, tenant_id=tenant_id, ref=model)
+    tasks.check_model(spec, model, caps, params)
     if uploads and not spec.image:
         raise InvalidRequest(f"task {spec.name!r} takes {', '.join(spec.texts)}, not files")
     base_seed = params.get("seed")

@@ -328,6 +328,14 @@ class Client:
         An image the server refuses as an image is uploaded as plain data, so that it fails its
         own item on the worker instead of the submission. An ``image_path`` may be an
         ``s3://bucket/key`` (read here through ``s3_endpoint_url``, else boto3's default)."""
+        key = self._upload_manifest(items, upload_workers=upload_workers,
+                                    s3_endpoint_url=s3_endpoint_url)
+        return self.submit(task, manifest_key=key, **submit_options)
+
+    def _upload_manifest(self, items: Iterable[dict[str, Any]], *, upload_workers: int,
+                         s3_endpoint_url: str | None) -> str:
+        """Upload each item's local image (``image_path`` / ``image_bytes`` -> ``image_key``),
+        write the items as a JSONL manifest, upload it; returns its key."""
         import tempfile
         from concurrent.futures import ThreadPoolExecutor
 
@@ -364,8 +372,27 @@ class Client:
                 while window := list(itertools.islice(source, 512)):  # memory stays bounded
                     for item in pool.map(prepared, window):
                         f.write(json.dumps(item, ensure_ascii=False) + "\n")
-            key = self.upload_file(manifest, purpose="manifest")["key"]
-        return self.submit(task, manifest_key=key, **submit_options)
+            return self.upload_file(manifest, purpose="manifest")["key"]  # type: ignore[no-any-return]
+
+    def submit_finetune(
+        self,
+        rows: Iterable[dict[str, Any]],
+        *,
+        name: str,
+        base: str = "loom-shapes",
+        hyper: dict[str, Any] | None = None,
+        val_fraction: float = 0.1,
+        upload_workers: int = 8,
+        s3_endpoint_url: str | None = None,
+    ) -> dict[str, Any]:
+        """Fine-tune on labelled rows (``image_path`` or ``image_bytes``, with ``caption`` and/or
+        ``question`` + ``answer``): images and the rows manifest are uploaded, then one finetune
+        job is created. Its result is the registered model ``name`` (``model=name`` after)."""
+        key = self._upload_manifest(rows, upload_workers=upload_workers,
+                                    s3_endpoint_url=s3_endpoint_url)
+        return self._call(  # type: ignore[no-any-return]
+            "POST", "/v1/finetunes", json={"rows_key": key, "name": name, "base": base,
+                                           "hyper": hyper or {}, "val_fraction": val_fraction})
 
     def files(self, *, purpose: str | None = None, limit: int = 50,
               cursor: str | None = None) -> dict[str, Any]:

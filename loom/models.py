@@ -119,6 +119,35 @@ class ModelVersion(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class RegisteredModel(Base):
+    """A model version a tenant trained (a finetune job) and may run by name: its weights in the
+    tenant's storage, what it was trained from, and how it scored on held-out rows."""
+
+    __tablename__ = "registered_models"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", "version"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    base_model: Mapped[str] = mapped_column(String(200))
+    base_weights_sha256: Mapped[str] = mapped_column(String(64))
+    weights_key: Mapped[str] = mapped_column(Text)
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    training_sha256: Mapped[str] = mapped_column(String(64))
+    training_rows: Mapped[int] = mapped_column(Integer)
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The finetune job that trained it: one registration per job, whichever attempt finished.
+    job_id: Mapped[str] = mapped_column(String(32), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@v{self.version}"
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (

@@ -125,6 +125,16 @@ def results_key(tenant_id: str, job_id: str, fmt: str = "jsonl") -> str:
     return f"{_job_prefix(tenant_id, job_id)}/results.{_ext(fmt)}"
 
 
+def training_key(tenant_id: str, job_id: str, name: str) -> str:
+    """A finetune job's own files (its rows manifest, its resumable checkpoint)."""
+    return f"{_job_prefix(tenant_id, job_id)}/finetune/{name}"
+
+
+def model_key(tenant_id: str, name: str, job_id: str) -> str:
+    """A registered model's weights: outside the job's folder, so they outlive the job."""
+    return validate_key(f"{tenant_id}/models/{name}/{job_id}.safetensors")
+
+
 def file_key(tenant_id: str, file_id: str, ext: str) -> str:
     """An uploaded file (the Files API): ``{tenant}/files/{file_id}.{ext}``."""
     return validate_key(f"{tenant_id}/files/{file_id}.{_ext(ext)}")

@@ -22,6 +22,25 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 COLOURS = tuple(PALETTE)
 SIZE_RANGES = {"small": (10, 16), "large": (22, 30)}
+
+
+@dataclass(frozen=True)
+class World:
+    """The colours and shapes scenes are drawn from (sizes, placement, grammar and questions are
+    the same in every world)."""
+
+    shapes: tuple[str, ...]
+    palette: dict[str, tuple[int, int, int]]
+
+    @property
+    def colours(self) -> tuple[str, ...]:
+        return tuple(self.palette)
+
+
+BASE = World(SHAPES, PALETTE)
+# The spec's extension world (fine-tuning): two colours and one shape the shipped model never saw.
+EXTENDED = World(SHAPES + ("diamond",), {**PALETTE, "pink": (240, 110, 180),
+                                         "cyan": (40, 190, 210)})
 JITTER = 15
 GAP = 2
 
@@ -54,11 +73,12 @@ class Scene:
 # ---------------------------------------------------------------- sampling
 
 def _sample_obj_attrs(rng: random.Random, shape: str | None = None, colour: str | None = None,
-                      size: str | None = None) -> tuple[str, str, tuple[int, int, int], int]:
-    shape = shape or rng.choice(SHAPES)
-    colour = colour or rng.choice(COLOURS)
+                      size: str | None = None, world: World = BASE,
+                      ) -> tuple[str, str, tuple[int, int, int], int]:
+    shape = shape or rng.choice(world.shapes)
+    colour = colour or rng.choice(world.colours)
     size = size or rng.choice(("small", "large"))
-    rgb = tuple(min(255, max(0, c + rng.randint(-JITTER, JITTER))) for c in PALETTE[colour])
+    rgb = tuple(min(255, max(0, c + rng.randint(-JITTER, JITTER))) for c in world.palette[colour])
     side = rng.randint(*SIZE_RANGES[size])
     return shape, colour, rgb, side  # type: ignore[return-value]
 
@@ -79,10 +99,10 @@ def _place_pair(rng: random.Random, sa: int, sb: int, relation: str) -> tuple[in
         return (ua, va, ub, vb) if relation == "left" else (va, ua, vb, ub)
 
 
-def sample_scene(rng: random.Random, n_objects: int | None = None) -> Scene:
+def sample_scene(rng: random.Random, n_objects: int | None = None, world: World = BASE) -> Scene:
     bg = tuple(rng.randint(225, 255) for _ in range(3))
     n = n_objects or rng.choice((1, 2))
-    attrs = [_sample_obj_attrs(rng) for _ in range(n)]
+    attrs = [_sample_obj_attrs(rng, world=world) for _ in range(n)]
     return _place(rng, bg, attrs)  # type: ignore[arg-type]
 
 
@@ -124,7 +144,7 @@ def caption(scene: Scene) -> str:
 QUESTION_KINDS = ("count", "color", "shape", "size", "exists")
 
 
-def questions(scene: Scene) -> dict[str, list[tuple[str, str]]]:
+def questions(scene: Scene, world: World = BASE) -> dict[str, list[tuple[str, str]]]:
     """Every question the spec allows for this scene, grouped by kind: (question, answer)."""
     objs = scene.objects
     shapes = [o.shape for o in objs]
@@ -140,13 +160,13 @@ def questions(scene: Scene) -> dict[str, list[tuple[str, str]]]:
     present = {(o.colour, o.shape) for o in objs}
     for c, s in sorted(present):
         out["exists"].append((f"is there a {c} {s}?", "yes"))
-    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    absent = [(c, s) for c in world.colours for s in world.shapes if (c, s) not in present]
     out["exists"].extend((f"is there a {c} {s}?", "no") for c, s in absent)
     return out
 
 
-def sample_question(scene: Scene, rng: random.Random) -> tuple[str, str]:
-    qs = questions(scene)
+def sample_question(scene: Scene, rng: random.Random, world: World = BASE) -> tuple[str, str]:
+    qs = questions(scene, world)
     kind = rng.choice([k for k in QUESTION_KINDS if qs[k]])
     if kind == "exists":  # balance yes/no rather than drowning "yes" among 16 absent combos
         want = rng.choice(("yes", "no"))
@@ -174,6 +194,9 @@ def _draw_obj(draw: ImageDraw.ImageDraw, o: Obj, s: float, fill) -> None:
         draw.rectangle((x0, y0, x1, y1), fill=fill)
     elif o.shape == "circle":
         draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif o.shape == "diamond":  # vertices at the midpoints of the box's sides
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
     else:  # isosceles: apex top centre, base along the bottom of the box
         draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
 
@@ -244,8 +267,8 @@ class Example:
     extra: dict = field(default_factory=dict)
 
 
-def make_example(rng: random.Random, perturb: bool = True) -> Example:
-    scene = sample_scene(rng)
+def make_example(rng: random.Random, perturb: bool = True, world: World = BASE) -> Example:
+    scene = sample_scene(rng, world=world)
     img = render_perturbed(scene, rng) if perturb else render(scene)
-    q, a = sample_question(scene, rng)
+    q, a = sample_question(scene, rng, world)
     return Example(scene, resize_to_model(img), caption(scene), q, a)

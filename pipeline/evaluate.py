@@ -33,15 +33,16 @@ def _chunks(n: int, size: int):
         yield range(i, min(n, i + size))
 
 
-def understanding(model: Serving, n: int, seed: int, renderer: str, batch: int = 64) -> dict[str, float]:
+def understanding(model: Serving, n: int, seed: int, renderer: str, batch: int = 64,
+                  world: data.World = data.BASE) -> dict[str, float]:
     """Caption and vqa exact match on n fresh scenes (one question per scene, kind uniform)."""
     rng = random.Random(seed)
     draw = RENDERERS[renderer]
     cap_ok = vqa_ok = 0
     for idx in _chunks(n, batch):
-        scenes = [data.sample_scene(rng) for _ in idx]
+        scenes = [data.sample_scene(rng, world=world) for _ in idx]
         images = [draw(s, rng) for s in scenes]
-        qa = [data.sample_question(s, rng) for s in scenes]
+        qa = [data.sample_question(s, rng, world) for s in scenes]
         caps = model.caption(images)
         ans = model.answer(images, [q for q, _ in qa])
         cap_ok += sum(c == data.caption(s) for c, s in zip(caps, scenes))

@@ -13,6 +13,7 @@ from typing import Any
 from pipeline.errors import UnknownModelError, WeightsMismatchError, WeightsMissingError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+FINETUNED_TASKS = ("caption", "vqa")  # what a fine-tuned version serves (load_file)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,17 @@ def load(name: str, device: str = "auto", version: str | None = None) -> Any:
 
         return hf.load_hf(name[3:], resolve_device(device))
     return load_entry(get(name, version), device)
+
+
+def load_file(path: str | Path, *, name: str, version: str, sha256: str,
+              device: str = "auto") -> Any:
+    """A fine-tuned model's weights file, verified against ``sha256`` and served as
+    ``name@version``: caption and vqa, what fine-tuning teaches. Not generate (labelled rows
+    carry no layouts, so a new word would be drawn as something else) and not embed (the
+    embedding head belongs to the base's weights)."""
+    entry = ModelEntry(name=name, version=version, path=Path(path), sha256=sha256,
+                       tasks=FINETUNED_TASKS)
+    return load_entry(entry, device, with_head=False)
 
 
 def with_path(entry: ModelEntry, path: str | Path) -> ModelEntry:

@@ -21,6 +21,9 @@ def _inside(shape: str, x: np.ndarray, y: np.ndarray, x0: float, y0: float, side
     if shape == "circle":
         r = side / 2
         return (x - x0 - r) ** 2 + (y - y0 - r) ** 2 <= r * r
+    if shape == "diamond":  # the L1 ball: vertices at the midpoints of the box's sides
+        r = side / 2
+        return np.abs(x - x0 - r) + np.abs(y - y0 - r) <= r
     # triangle as the intersection of three half-planes (edge functions), not a scanline fill
     ax, ay, bx, by, cx, cy = x0 + side / 2, y0, x0, y0 + side, x0 + side, y0 + side
 

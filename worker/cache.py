@@ -53,7 +53,7 @@ class ResultCache:
             return [], prepared
         first = good[0].item
         try:
-            info = self.models.get(first.model_name).info
+            info = self.models.get(first.model_name, tenant_id=first.tenant_id).info
         except LoomError:
             return [], prepared  # infer reports the model's error on every item
         spec = tasks.get(first.task)

@@ -46,6 +46,7 @@ from loom.cli.inputs import (
     text_rows,
 )
 from loom.cli.submit import command_for
+from worker import finetune_command
 from worker.local_run import (
     EXIT_NOTHING_SUCCEEDED,
     EXIT_SOME_FAILED,
@@ -55,6 +56,7 @@ from worker.local_run import (
 )
 
 app = build_app()
+finetune_command.register(app)
 
 
 def _resolved(local: Local, ref: str) -> str:
@@ -85,9 +87,18 @@ def _check(spec: tasks.TaskSpec, model: str | None, local: Local,
     """Refuse an unknown model, or one that does not serve the task, before recording a job."""
     from loom.errors import LoomError
 
+    from loom import jobs
+
     name = model or local.settings.default_model
     try:
-        tasks.check_model(spec, name, tasks.caps_for(name), params or {})
+        caps = tasks.caps_for(name)
+        if caps is None:  # one of this machine's registered (fine-tuned) models?
+            with local.session_factory() as s:
+                found = jobs.resolve_model(s, tenant_id=local.tenant_id, ref=name)
+                if found is not None:
+                    name = found.ref  # the job runs the version that is the latest now
+                    caps = jobs.registered_caps(s, tenant_id=local.tenant_id, ref=name)
+        tasks.check_model(spec, name, caps, params or {})
     except LoomError as exc:
         raise fail(exc.message) from None
     return name
@@ -354,6 +365,10 @@ def run_cmd(job_id: str) -> None:
     try:
         job_id = _resolved(local, job_id)
         job = local_job(local, job_id)
+        if job["task"] == "finetune":  # resumes from its last checkpoint
+            finetune_command.report(local, finetune_command.run_finetune_job(
+                local, job_id, base=job.get("model") or ""))
+            return
         with EngineProcesses(local.settings, items=job["item_count"] - job["done"],
                              model=job.get("model")) as engines:
             drive(local, engines, job_id, job["task"], job["item_count"], job["done"])
@@ -416,11 +431,23 @@ def models(
                 console.print(f"{m['name']}  tasks: {', '.join(m['tasks'])}  "
                               f"versions: {len(m['versions'])}")
         return
+    from loom import jobs
     from pipeline import registry
 
     for m in registry.list_models():
         weights = "ok" if m.path.is_file() else f"missing ({m.path})"
         console.print(f"{m.name}@{m.version}  tasks: {', '.join(m.tasks)}  weights: {weights}")
+    local = open_local()
+    try:
+        with local.session_factory() as s:
+            for r in jobs.registered_models(s, tenant_id=local.tenant_id):
+                d = jobs.model_dict(r)
+                scores = " ".join(f"{k} {v:.1%}" for k, v in d["metrics"].items()
+                                  if k in ("val_caption", "val_vqa"))
+                console.print(f"{d['ref']}  fine-tuned from {d['base_model']} on "
+                              f"{d['training_rows']} rows (job {d['finetune_job_id']})  {scores}")
+    finally:
+        local.close()
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

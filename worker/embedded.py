@@ -62,8 +62,13 @@ def _child(settings: Settings, model: str, threads: int, gpu: int | None, worker
                         store=store_from_settings(settings), worker_id=worker_id,
                         should_stop=stop.is_set)
         try:
+            from loom import tasks
+
             try:
-                engine.model(model)  # load while the caller records the job
+                # Load while the caller records the job. A tenant's fine-tuned model is loaded
+                # by the first batch instead (its name means something only for that tenant).
+                if model in tasks.BUILTIN_MODELS or model.startswith(tasks.HF_PREFIX):
+                    engine.model(model)
             except Exception:  # the items fail with the reason; the process carries on
                 log.exception("could not preload %s", model)
             events_q.put(("ready", worker_id, None))

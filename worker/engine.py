@@ -27,89 +27,43 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.exc import InterfaceError
-from sqlalchemy.exc import OperationalError as DBOperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from loom import jobs, tasks
+from loom import jobs
 from loom.config import Settings
-from loom.errors import InfrastructureError, LoomError, ModelError
+from loom.errors import LoomError, ModelError
+from loom.finetune import TASK as FINETUNE
 from loom.models import Job, JobStatus, utcnow
+from worker.batches import Batch, ChunkReport, Progress, Scope
 from worker.cache import ResultCache
+from worker.claiming import Claiming
+from worker.finishing import Finishing
 from worker.inference import ModelCache, ModelLoader, infer
-from worker.inputs import Prepared, prepare
+from worker.inputs import prepare
 from worker.leases import LeaseKeeper
-from worker.outputs import store_output
+from worker.outages import (
+    OUTAGE_BACKOFF_MAX_SECONDS,
+    OUTAGE_BACKOFF_MIN_SECONDS,
+    Outages,
+    is_outage,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from loom.jobs import Chunk, ClaimedItem, ItemFailure, ItemResult
+    from loom.jobs import Chunk, ItemFailure, ItemResult
     from loom.storage import Store
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int], None]  # called with the number of items a batch finished
-
-# Probing a dependency that is down: first retry after OUTAGE_BACKOFF_MIN s, doubling up to MAX.
-OUTAGE_BACKOFF_MIN_SECONDS = 0.5
-OUTAGE_BACKOFF_MAX_SECONDS = 5.0
-
-
-def is_outage(exc: BaseException) -> bool:
-    """A dependency is down (store or database): not a property of the items in flight."""
-    from loom.storage import is_outage as store_outage
-
-    return isinstance(exc, (InfrastructureError, DBOperationalError, InterfaceError)) or (
-        store_outage(exc)
-    )
+# Kept importable from here (tests and callers name them so).
+_Scope, _Batch = Scope, Batch
+__all__ = ["OUTAGE_BACKOFF_MAX_SECONDS", "OUTAGE_BACKOFF_MIN_SECONDS", "ChunkReport", "Engine",
+           "Progress", "is_outage"]
 
 
-@dataclass
-class ChunkReport:
-    job_id: str
-    start: int
-    end: int
-    claimed: int = 0
-    succeeded: int = 0
-    failed: int = 0  # permanent failures recorded by this worker
-    retried: int = 0  # transient failures sent back to the queue (backoff)
-    fenced: int = 0  # results this worker produced but lost to a newer lease holder
-    cached: int = 0  # items answered by an earlier output, with no inference
-    cancelled: int = 0
-    released: int = 0  # leases given back after an outage, attempts not spent
-    lingered: int = 0  # items claimed beyond the chunk, from the rest of its job
-    batches: int = 0
-    seconds: float = 0.0
-    timings_ms: dict[str, float] = field(default_factory=dict)  # summed stage times
-
-    def add_timing(self, name: str, ms: float) -> None:
-        self.timings_ms[name] = self.timings_ms.get(name, 0.0) + ms
-
-
-@dataclass
-class _Scope:
-    """What ``run_chunk`` may claim from: its chunk, then (until ``linger_until``) the rest of
-    the job. ``cancelling`` is set by whichever thread claimed last and saw the job cancelling,
-    so the model thread never waits on that query."""
-
-    chunk: Chunk
-    job_end: int
-    linger_until: float
-    lingering: bool = False
-    cancelling: bool = False
-
-
-@dataclass
-class _Batch:
-    items: list[ClaimedItem]
-    careful: bool  # run alone: a previous attempt of this item died with its worker
-    prepared: list[Future[Prepared]] = field(default_factory=list)
-
-
-class Engine:
+class Engine(Claiming, Finishing, Outages):
     def __init__(
         self,
         settings: Settings,
@@ -129,7 +83,7 @@ class Engine:
         self.store = store
         self.worker_id = worker_id
         self.models = ModelCache(
-            settings, session_factory=session_factory, model_loader=model_loader
+            settings, session_factory=session_factory, model_loader=model_loader, store=store
         )
         self.cache = ResultCache(session_factory, self.models)
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="loom-io")
@@ -155,263 +109,8 @@ class Engine:
         """The model called ``name``, loaded once per process; raises a LoomError for items."""
         return self.models.get(name)
 
-    # --- claiming ----------------------------------------------------------------------------
 
-    def _claim(self, scope: _Scope, report: ChunkReport, *, prefetch: bool = False) -> list[_Batch]:
-        """Claim the next batch(es) from the chunk and, once it is dry, from the rest of its job
-        (while ``chunk_linger_seconds`` allows); their inputs start loading at once."""
-        chunk = scope.chunk
-        if not scope.lingering:
-            batches = self._claim_range(scope, chunk, report, prefetch=prefetch)
-            if batches or scope.cancelling or not self._may_linger(scope):
-                return batches
-            scope.lingering = True
-        if not self._may_linger(scope):
-            return []
-        whole = jobs.Chunk(chunk.job_id, 0, scope.job_end, chunk.priority)
-        batches = self._claim_range(scope, whole, report, prefetch=prefetch)
-        report.lingered += sum(1 for b in batches for i in b.items
-                               if not chunk.start <= i.index < chunk.end)
-        return batches
 
-    def _may_linger(self, scope: _Scope) -> bool:
-        chunk = scope.chunk
-        return (scope.job_end > chunk.end - chunk.start and not scope.cancelling
-                and time.monotonic() < scope.linger_until)
-
-    def _claim_range(self, scope: _Scope, chunk: Chunk, report: ChunkReport, *,
-                     prefetch: bool) -> list[_Batch]:
-        """Claim from [chunk.start, chunk.end).
-
-        ``prefetch``: claiming while another batch is in flight. A suspect is then not claimed
-        (a crash of the running batch would burn one of its attempts); it waits until nothing
-        else is in flight. A suspect's input is read and decoded only once it runs (alone).
-        A job seen cancelling sets ``scope.cancelling`` and claims nothing."""
-        if self._store_down.is_set():
-            if prefetch:
-                return []  # claim again once the batch in flight is done and the store is back
-            self._await_store()
-
-        def claim(start: int, end: int, limit: int) -> list[ClaimedItem]:
-            t0 = time.perf_counter()
-            with self.session_factory() as session:
-                items = jobs.claim_items(
-                    session,
-                    job_id=chunk.job_id,
-                    start=start,
-                    end=end,
-                    worker_id=self.worker_id,
-                    limit=limit,
-                    lease_seconds=self.settings.lease_seconds,
-                )
-            self.leases.add(i.id for i in items)
-            with self._report_lock:
-                report.add_timing("claim", (time.perf_counter() - t0) * 1000.0)
-            return items
-
-        t0 = time.perf_counter()
-        with self.session_factory() as session:
-            # One session for both reads: the status check costs no extra pool checkout.
-            if jobs.job_status(session, job_id=chunk.job_id) == JobStatus.cancelling.value:
-                scope.cancelling = True
-                return []
-            suspects = jobs.suspect_indexes(session, chunk=chunk,
-                                            limit=self.settings.batch_size)
-        with self._report_lock:
-            report.add_timing("claim", (time.perf_counter() - t0) * 1000.0)
-        if suspects and prefetch:
-            return []
-        batches: list[_Batch] = []
-        for index in suspects:
-            items = claim(index, index + 1, 1)
-            if items:
-                batches = [_Batch(items, careful=True)]
-                break
-        if not batches:
-            items = claim(chunk.start, chunk.end, self.settings.batch_size)
-            if not items:
-                return []
-            with self.session_factory() as session:
-                suspect = jobs.suspect_ids(
-                    session, item_ids=[i.id for i in items if i.attempts > 1])
-            fresh = [i for i in items if i.id not in suspect]
-            retried = [i for i in items if i.id in suspect]
-            # Race with an expiring lease: run the others together first, then each suspect
-            # alone.
-            if fresh:
-                batches.append(_Batch(fresh, careful=False))
-            batches.extend(_Batch([i], careful=True) for i in retried)
-        for batch in batches:
-            report.claimed += len(batch.items)
-            if not batch.careful:
-                batch.prepared = [
-                    self._io.submit(prepare, item, settings=self.settings, store=self.store)
-                    for item in batch.items
-                ]
-        return batches
-
-    # --- the finishing stage (finisher thread) -----------------------------------------------
-
-    def _finish(
-        self,
-        batch: _Batch,
-        outputs: list[tuple[Prepared, Any]],
-        bad: list[Prepared],
-        info: Any,
-        infer_ms: float,
-        report: ChunkReport,
-        progress: Progress | None,
-    ) -> None:
-        n = len(outputs)
-        futures: list[Future[ItemResult]] = []
-        kind = tasks.get(batch.items[0].task).output
-        for prep, out in outputs:
-            timings = {**prep.timings, "infer_ms": infer_ms, "infer_batch_size": float(n)}
-            if kind != "text":  # encoding and uploading leave the finisher thread
-                futures.append(self._io.submit(
-                    store_output, kind, prep, out, info, timings, store=self.store))
-            else:
-                done: Future[ItemResult] = Future()
-                try:
-                    done.set_result(store_output(kind, prep, out, info, timings,
-                                                 store=self.store))
-                except Exception as exc:
-                    done.set_exception(exc)
-                futures.append(done)
-        results: list[ItemResult] = []
-        # Outages (the store is down) are not the items' fault: their leases go back unspent.
-        outage = [p for p in bad if isinstance(p.error, InfrastructureError)]
-        failures: list[ItemFailure] = [
-            jobs.ItemFailure(item_id=p.item.id, error=p.error, attempt=p.item.attempts)
-            for p in bad
-            if p.error is not None and not isinstance(p.error, InfrastructureError)
-        ]
-        for (prep, _), fut in zip(outputs, futures, strict=True):
-            try:
-                results.append(fut.result())
-            except InfrastructureError as exc:
-                prep.error = exc
-                outage.append(prep)
-            except LoomError as exc:
-                failures.append(
-                    jobs.ItemFailure(item_id=prep.item.id, error=exc, attempt=prep.item.attempts)
-                )
-            except Exception as exc:
-                err = ModelError(f"cannot store output: {type(exc).__name__}: {exc}")
-                failures.append(
-                    jobs.ItemFailure(item_id=prep.item.id, error=err, attempt=prep.item.attempts)
-                )
-        won = 0
-        attempts = {i.id: i.attempts for i in batch.items}
-        cap = self._max_attempts(batch.items[0].job_id)
-        permanent = sum(
-            1 for f in failures if not f.error.transient or attempts.get(f.item_id, cap) >= cap
-        )
-        t_complete = time.perf_counter()
-        released = 0
-        if outage:
-            # Before the release: a claim racing it must wait for the store, not spin.
-            self._store_down.set()
-        with self.session_factory() as session:
-            if outage:
-                reason = str(outage[0].error)
-                log.warning("store unavailable; giving back %d leases: %s", len(outage), reason)
-                released = jobs.release_items(
-                    session,
-                    worker_id=self.worker_id,
-                    leases=[(p.item.id, p.item.attempts) for p in outage],
-                    reason=reason,
-                )
-            if results:
-                won = jobs.complete_items(
-                    session, worker_id=self.worker_id, results=results, store=self.store
-                )
-            if failures:
-                jobs.fail_items(
-                    session,
-                    worker_id=self.worker_id,
-                    failures=failures,
-                    backoff_seconds=self.settings.retry_backoff_seconds,
-                    store=self.store,
-                )
-        complete_ms = (time.perf_counter() - t_complete) * 1000.0
-        self.leases.discard(i.id for i in batch.items)
-        with self._report_lock:
-            report.add_timing("complete", complete_ms)
-            report.batches += 1
-            report.succeeded += won
-            report.cached += sum(1 for r in results if r.cached_from is not None)
-            report.fenced += len(results) - won
-            report.failed += permanent
-            report.retried += len(failures) - permanent
-            report.released += released
-            report.add_timing("infer", infer_ms)
-            for prep in [p for p, _ in outputs] + bad:
-                for name in ("fetch_ms", "decode_ms"):
-                    report.add_timing(name[:-3], prep.timings.get(name, 0.0))
-            for r in results:
-                report.add_timing("encode", r.timings.get("encode_ms", 0.0))
-                report.add_timing("upload", r.timings.get("upload_ms", 0.0))
-        if progress is not None:
-            progress(len(batch.items))
-
-    # --- outages ------------------------------------------------------------------------------
-
-    def _await(self, what: str, probe: Callable[[], object]) -> None:
-        """Call ``probe`` until it succeeds, backing off between tries (no attempt is spent
-        meanwhile: the leases of the items in flight were given back or are heartbeated)."""
-        delay, waited = OUTAGE_BACKOFF_MIN_SECONDS, 0.0
-        while True:
-            try:
-                probe()
-            except Exception as exc:  # any failure of the probe means "still down"
-                log.warning("%s unavailable (%s); probing again in %.1fs", what, exc, delay)
-                time.sleep(delay)
-                waited += delay
-                delay = min(delay * 2, OUTAGE_BACKOFF_MAX_SECONDS)
-                continue
-            if waited:
-                log.warning("%s is back after %.1fs", what, waited)
-            return
-
-    def _await_store(self) -> None:
-        from loom.storage import probe
-
-        self._await("object store", lambda: probe(self.store))
-        self._store_down.clear()
-
-    def _await_database(self) -> None:
-        def ping() -> None:
-            with self.session_factory() as session:
-                jobs.ping(session)
-
-        self._await("database", ping)
-
-    def _give_back_held(self, exc: BaseException) -> None:
-        """After an outage ended the chunk: once the database answers, the leases this worker
-        still holds go back to the queue with their attempts excused (not spent)."""
-        self._await_database()
-        held = self.leases.held()
-        if held:
-            with self.session_factory() as session:
-                n = jobs.release_items(
-                    session,
-                    worker_id=self.worker_id,
-                    leases=[(i, None) for i in held],
-                    reason=f"outage: {type(exc).__name__}: {exc}"[:500],
-                )
-            self.leases.discard(held)
-            log.warning("gave back %d leases after %s", n, type(exc).__name__)
-
-    def _job_end(self, chunk: Chunk) -> int:
-        """The job's item count (fixed once it is published), at least the chunk's end."""
-        if chunk.job_id not in self._job_end_cache:
-            with self.session_factory() as session:
-                self._job_end_cache[chunk.job_id] = jobs.job_item_count(
-                    session, job_id=chunk.job_id)
-            if len(self._job_end_cache) > 10_000:
-                self._job_end_cache.clear()
-        return max(chunk.end, self._job_end_cache.get(chunk.job_id, chunk.end))
 
     def _max_attempts(self, job_id: str) -> int:
         if job_id not in self._max_attempts_cache:
@@ -431,7 +130,7 @@ class Engine:
         report: ChunkReport,
         progress: Progress | None,
         pending: deque[Future[None]],
-        queue: deque[_Batch],
+        queue: deque[Batch],
     ) -> None:
         """The loop of ``run_chunk``: claim, prepare, infer, hand to the finisher, repeat."""
 
@@ -439,38 +138,42 @@ class Engine:
             while len(pending) > keep:
                 pending.popleft().result()  # re-raises a finisher failure (DB down, ...)
 
-        scope = _Scope(chunk, self._job_end(chunk),
+        scope = Scope(chunk, self._job_end(chunk),
                        time.monotonic() + self.settings.chunk_linger_seconds)
         queue.extend(self._claim(scope, report))
         while queue:
             batch = queue.popleft()
-            if batch.careful:
-                drain()  # nothing else in flight while a possible poison runs
-                prepared = [
-                    prepare(item, settings=self.settings, store=self.store)
-                    for item in batch.items
-                ]
-            else:
-                prepared = [f.result() for f in batch.prepared]
-            next_claim: Future[list[_Batch]] | None = None
-            if not batch.careful and not queue:
-                # Overlap: claim + decode the next batch beside the model, off its thread.
-                next_claim = self._claimer.submit(self._claim, scope, report, prefetch=True)
-            try:
-                served, prepared = self.cache.split(prepared, settle=drain)
-                outputs, bad, info, infer_ms = infer(self.models, prepared)
-                outputs += served
-            finally:
-                if next_claim is not None:
-                    queue.extend(next_claim.result())
-            pending.append(
-                self._finisher.submit(
-                    self._finish, batch, outputs, bad, info, infer_ms, report, progress
-                )
-            )
-            drain(keep=0 if batch.careful else 1)
-            if queue and queue[0].careful:
+            if batch.items[0].task == FINETUNE:
                 drain()
+                self._train(batch, scope, report, progress)
+            else:
+                if batch.careful:
+                    drain()  # nothing else in flight while a possible poison runs
+                    prepared = [
+                        prepare(item, settings=self.settings, store=self.store)
+                        for item in batch.items
+                    ]
+                else:
+                    prepared = [f.result() for f in batch.prepared]
+                next_claim: Future[list[Batch]] | None = None
+                if not batch.careful and not queue:
+                    # Overlap: claim + decode the next batch beside the model, off its thread.
+                    next_claim = self._claimer.submit(self._claim, scope, report, prefetch=True)
+                try:
+                    served, prepared = self.cache.split(prepared, settle=drain)
+                    outputs, bad, info, infer_ms = infer(self.models, prepared)
+                    outputs += served
+                finally:
+                    if next_claim is not None:
+                        queue.extend(next_claim.result())
+                pending.append(
+                    self._finisher.submit(
+                        self._finish, batch, outputs, bad, info, infer_ms, report, progress
+                    )
+                )
+                drain(keep=0 if batch.careful else 1)
+                if queue and queue[0].careful:
+                    drain()
             # Between batches: a cancel request (seen by the last claim) stops the chunk.
             if scope.cancelling:
                 drain()
@@ -503,7 +206,7 @@ class Engine:
         report = ChunkReport(job_id=chunk.job_id, start=chunk.start, end=chunk.end)
         t_start = time.perf_counter()
         pending: deque[Future[None]] = deque()
-        queue: deque[_Batch] = deque()
+        queue: deque[Batch] = deque()
         try:
             with self.leases.heartbeating():
                 try:
@@ -533,17 +236,53 @@ class Engine:
             self._record_stages(report)
         return report
 
-    def _release(self, batches: deque[_Batch]) -> None:
-        """Give back the leases of claimed batches that will not run (a clean stop)."""
-        from loom import jobs
+    def _train(self, batch: Batch, scope: Scope, report: ChunkReport,
+               progress: Progress | None) -> None:
+        """A finetune job's item (worker.finetune) on this thread, nothing else in flight; the
+        lease keeper heartbeats its lease while it trains. Stopped between steps: a cancel
+        request cancels it, a clean stop (Ctrl-C) gives its lease back for the next run."""
+        from worker.finetune import run_finetune
 
-        ids = [i.id for b in batches for i in b.items]
-        for b in batches:
-            for fut in b.prepared:
-                fut.cancel()
-        with self.session_factory() as session:
-            jobs.release_leases(session, worker_id=self.worker_id, item_ids=ids)
-        self.leases.discard(ids)
+        for item in batch.items:
+            result: ItemResult | None = None
+            failure: ItemFailure | None = None
+            try:
+                result = run_finetune(item, settings=self.settings,
+                                      session_factory=self.session_factory, store=self.store,
+                                      models=self.models, should_stop=self.should_stop)
+            except Exception as exc:
+                if is_outage(exc):
+                    raise  # run_chunk gives the lease back, attempt excused
+                err = exc if isinstance(exc, LoomError) else ModelError(
+                    f"finetune failed: {type(exc).__name__}: {exc}")
+                log.warning("finetune %s failed: %s", item.job_id, err)
+                failure = jobs.ItemFailure(item_id=item.id, error=err, attempt=item.attempts)
+            with self.session_factory() as session:
+                if result is not None:
+                    won = jobs.complete_items(session, worker_id=self.worker_id,
+                                              results=[result], store=self.store)
+                    report.succeeded += won
+                    report.fenced += 1 - won
+                elif failure is not None:
+                    jobs.fail_items(session, worker_id=self.worker_id, failures=[failure],
+                                    backoff_seconds=self.settings.retry_backoff_seconds,
+                                    store=self.store)
+                    cap = self._max_attempts(item.job_id)
+                    if not failure.error.transient or item.attempts >= cap:
+                        report.failed += 1
+                    else:
+                        report.retried += 1
+                elif jobs.job_status(session, job_id=item.job_id) in ("cancelling", "cancelled"):
+                    scope.cancelling = True
+                else:
+                    jobs.release_leases(session, worker_id=self.worker_id, item_ids=[item.id])
+            self.leases.discard([item.id])
+            report.batches += 1
+            final = result is not None or (failure is not None and (
+                not failure.error.transient or item.attempts >= self._max_attempts(item.job_id)))
+            if progress is not None and final:
+                progress(1)
+
 
     def run_job(
         self, job_id: str, progress: Progress | None = None, *, poll_seconds: float = 0.5

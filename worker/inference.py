@@ -7,9 +7,12 @@ items are retried - alone, the second time - up to the attempt cap).
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,6 +21,9 @@ from loom.config import Settings
 from loom.errors import InvalidInput, LoomError, ModelError, UnsupportedTask
 from worker.inputs import Prepared
 from worker.outputs import info_field
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loom.storage import Store
 
 ModelLoader = Callable[[str], Any]  # model name -> model (caption/answer/generate + .info)
 
@@ -40,16 +46,24 @@ class ModelCache:
         *,
         session_factory: sessionmaker[Session],
         model_loader: ModelLoader | None = None,
+        store: Store | None = None,
     ) -> None:
         self.settings = settings
         self.session_factory = session_factory
+        self.store = store  # where registered (fine-tuned) models' weights live
         self._model_loader = model_loader
         self._models: dict[str, Any] = {}
         self._model_errors: dict[str, LoomError] = {}
         self._recorded_versions: set[tuple[str, str, str]] = set()
 
-    def get(self, name: str) -> Any:
-        """The model called ``name``, loaded once per process; raises a LoomError for items."""
+    def get(self, name: str, *, tenant_id: str | None = None) -> Any:
+        """The model called ``name``, loaded once per process; raises a LoomError for items.
+        A name that is no built-in and no ``hf:`` reference is looked up among ``tenant_id``'s
+        registered models (a version registered later is loaded when it becomes the latest)."""
+        own = tenant_id is not None and self._model_loader is None and not (
+            name in tasks.BUILTIN_MODELS or name.startswith(tasks.HF_PREFIX))
+        if own:
+            return self._registered_model(name, tenant_id=str(tenant_id))
         if name in self._models:
             return self._models[name]
         if name in self._model_errors:
@@ -71,6 +85,66 @@ class ModelCache:
             raise ModelError(f"cannot load model {name!r}: {type(exc).__name__}: {exc}") from exc
         self._models[name] = model
         self._record_model_version(model.info)
+        return model
+
+    def registered(self, ref: str, *, tenant_id: str) -> tuple[Path, Any] | None:
+        """(local weights file, registry row) of the tenant's registered model ``ref``: fetched
+        from the store once per host, its sha256 checked, kept under ``{home}/models``."""
+        from loom import jobs
+
+        with self.session_factory() as session:
+            found = jobs.resolve_model(session, tenant_id=tenant_id, ref=ref)
+            if found is not None:
+                session.expunge(found)
+        if found is None:
+            return None
+        path = Path(self.settings.home) / "models" / f"{found.weights_sha256}.safetensors"
+        if not path.is_file():
+            if self.store is None:
+                raise ModelError(f"model {ref!r}: no store to fetch its weights from")
+            data = self.store.get(found.weights_key)
+            got = hashlib.sha256(data).hexdigest()
+            if got != found.weights_sha256:
+                raise ModelError(f"model {ref!r}: weights at {found.weights_key} have sha256 "
+                                 f"{got}; the registry says {found.weights_sha256}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        return path, found
+
+    def _registered_model(self, ref: str, *, tenant_id: str) -> Any:
+        # Jobs name a pinned version (NAME@vN, resolved at submit): known once, known for good.
+        pinned = f"{tenant_id}/{ref}"
+        if pinned in self._models:
+            return self._models[pinned]
+        try:
+            found = self.registered(ref, tenant_id=tenant_id)
+        except LoomError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"cannot fetch model {ref!r}: {type(exc).__name__}: {exc}") from exc
+        if found is None:
+            raise UnsupportedTask(f"unknown model {ref!r}: not a built-in model and not one "
+                                  "of this tenant's registered models (see loom models)")
+        path, m = found
+        key = f"{tenant_id}/{m.name}@v{m.version}"
+        if key in self._models:
+            return self._models[key]
+        try:
+            from pipeline import registry
+
+            model = registry.load_file(path, name=m.name, version=f"v{m.version}",
+                                       sha256=m.weights_sha256, device=self.settings.device)
+        except Exception as exc:
+            raise ModelError(f"cannot load model {ref!r}: {type(exc).__name__}: {exc}") from exc
+        if len(self._models) > 64:  # many tenants' models: keep memory bounded
+            self._models.clear()
+        self._models[key] = model
+        if "@v" in ref:
+            self._models[pinned] = model
+        # Not recorded among the models seen: that list is every tenant's (GET /v1/models); a
+        # registered model is its own tenant's (loom.jobs.registry).
         return model
 
     def _record_model_version(self, info: Any) -> None:
@@ -113,7 +187,7 @@ def infer(
     spec = tasks.get(first.task)
     params = spec.model_params(first.params)
     try:
-        model = models.get(first.model_name)
+        model = models.get(first.model_name, tenant_id=first.tenant_id)
         info = model.info
         serving.check_call(_Declared(info), spec.name, params)
     except LoomError as exc:

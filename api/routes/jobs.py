@@ -17,6 +17,7 @@ from api.schemas import (
     DedupeMember,
     DedupeOut,
     ErrorResponse,
+    FinetuneRequest,
     ItemList,
     JobList,
     JobOut,
@@ -35,6 +36,7 @@ from loom.errors import InvalidRequest
 from loom.models import ItemStatus, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+finetunes_router = APIRouter(prefix="/v1/finetunes", tags=["jobs"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
@@ -80,6 +82,19 @@ def submit_job(
         session, rt, tenant_id=caller.tenant_id, req=req,
         idempotency_key=idempotency_key, body_hash=body_hash,
     )
+    return service.job_out(session, job)
+
+
+@finetunes_router.post("", status_code=status.HTTP_201_CREATED, responses=ERRORS)
+def submit_finetune(req: FinetuneRequest, session: SessionDep, rt: RuntimeDep,
+                    caller: CallerDep) -> JobOut:
+    """Fine-tune a model on labelled rows: a finetune job (one item, checkpointed, resumed on
+    another worker if its worker dies) whose result is a registered model version. Follow it
+    with GET /v1/jobs/{id} or its events; run the result with ``"model": NAME``."""
+    from api.finetunes import submit_finetune as submit
+
+    job = submit(session, rt, tenant_id=caller.tenant_id, rows_key=req.rows_key,
+                 name=req.name, base=req.base, hyper=req.hyper, val_fraction=req.val_fraction)
     return service.job_out(session, job)
 
 

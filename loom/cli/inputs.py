@@ -227,3 +227,41 @@ def count_items(paths: list[str], spec: tasks.TaskSpec, opts: DatasetOpts) -> in
     full = DatasetOpts(opts.image_col, opts.text_cols, opts.id_col, opts.split)
     return sum(sum(1 for _ in dataset_sources(p, spec, full)) if is_dataset(p)
                else len(collect_images([p])) for p in paths)
+
+
+def labelled_rows(table: str, *, image_col: str | None, caption_col: str | None,
+                  question_col: str | None, answer_col: str | None,
+                  split: str | None = None) -> Iterator[tuple[dict[str, str], Path | bytes | str]]:
+    """A labelled table for fine-tuning: (labels {caption?, question?, answer?}, its image: a
+    file, bytes or an s3:// path), read in streaming batches. A row with no image, or with no
+    caption and no question + answer, is an error naming it."""
+    from loom import datasets
+    from loom.errors import LoomError
+
+    n = 0
+    try:
+        for batch in datasets.open_source(table, image_col=image_col, question_col=question_col,
+                                          split=split):
+            for it in batch:
+                n += 1
+                meta = dict(it.get("metadata") or {})
+                raw = {"caption": meta.get(caption_col) if caption_col else None,
+                       "question": it.get("question"),
+                       "answer": meta.get(answer_col) if answer_col else None}
+                labels = {k: str(v) for k, v in raw.items() if v not in (None, "")}
+                if "caption" not in labels and not ("question" in labels and "answer" in labels):
+                    raise fail(f"{table}: row {n} has no caption and no question with an answer "
+                               f"(columns: --caption-col {caption_col}, --question-col "
+                               f"{question_col}, --answer-col {answer_col})")
+                image: Path | bytes | str
+                if it.get("image_bytes") is not None:
+                    image = bytes(it["image_bytes"])
+                elif it.get("image_path"):
+                    path = str(it["image_path"])
+                    image = path if path.lower().startswith("s3://") else Path(path)
+                else:
+                    raise fail(f"{table}: row {n} has no image file or bytes (image URLs are "
+                               "not read for fine-tuning)")
+                yield labels, image
+    except LoomError as exc:
+        raise fail(exc.message) from None

@@ -73,7 +73,7 @@ def _need_api(api: str | None) -> str:
     return api
 
 
-def _send(spec: tasks.TaskSpec, api: str | None, api_key: str | None, wait: bool,
+def _send(api: str | None, api_key: str | None, wait: bool,
           submit: Callable[[Any], dict[str, Any]]) -> None:
     def run(c: Any) -> None:
         job = submit(c)
@@ -116,7 +116,7 @@ def image_command(spec: tasks.TaskSpec) -> Callable[..., None]:
         items = _items(limit_sources(found(), opts))
         submit_opts = {"model": model, "priority": priority, "idempotency_key": idempotency_key,
                        "cache": cache}
-        _send(spec, api, api_key, wait, lambda c: _submit(c, spec, items, submit_opts))
+        _send(api, api_key, wait, lambda c: _submit(c, spec, items, submit_opts))
 
     command.__doc__ = f"{spec.summary[:1].upper()}{spec.summary[1:]}: local files and datasets " \
         "are uploaded in bounded requests, URLs are fetched by the workers."
@@ -162,7 +162,7 @@ def image_text_command(spec: tasks.TaskSpec) -> Callable[..., None]:
         items = _items(limit_sources(found, opts))
         submit_opts = {"model": model, "priority": priority, "idempotency_key": idempotency_key,
                        "cache": cache}
-        _send(spec, api, api_key, wait, lambda c: _submit(c, spec, items, submit_opts))
+        _send(api, api_key, wait, lambda c: _submit(c, spec, items, submit_opts))
 
     command.__doc__ = f"{spec.summary[:1].upper()}{spec.summary[1:]} (IMAGE {field.upper()}, " \
         f"--{field}s FILE.jsonl, or a dataset with --{field}-col)."
@@ -193,7 +193,7 @@ def text_command(spec: tasks.TaskSpec) -> Callable[..., None]:
                  for it in text_items(spec, rows, base, variants))
         submit_opts = {"model": model, "priority": priority, "idempotency_key": idempotency_key,
                        "cache": cache}
-        _send(spec, api, api_key, wait, lambda c: _submit(c, spec, items, submit_opts))
+        _send(api, api_key, wait, lambda c: _submit(c, spec, items, submit_opts))
 
     command.__doc__ = f"{spec.summary[:1].upper()}{spec.summary[1:]} ({field.upper()}, or " \
         f"--{field}s FILE.txt or a dataset)."
@@ -213,11 +213,48 @@ def command_for(spec: tasks.TaskSpec, image: Callable[[tasks.TaskSpec], Callable
     raise ValueError(f"task {spec.name!r} takes neither an image nor a text")
 
 
+def finetune_command(
+    table: Annotated[str, typer.Argument(help="A labelled table: an image column and a caption "
+                                              "column and/or question + answer columns.")],
+    name: Annotated[str, typer.Option(help="The name to register (then --model NAME).")],
+    base: Annotated[str, typer.Option(help="loom-shapes or one of your models.")] = "loom-shapes",
+    image_col: Annotated[str | None, typer.Option(help="The image column.")] = None,
+    caption_col: Annotated[str | None, typer.Option(help="The caption column.")] = "caption",
+    question_col: Annotated[str | None, typer.Option(help="The question column.")] = None,
+    answer_col: Annotated[str | None, typer.Option(help="The answer column.")] = "answer",
+    split: Annotated[str | None, typer.Option(help="HF datasets: the split.")] = None,
+    steps: Annotated[int, typer.Option(min=1)] = 1500,
+    lr: float = 1e-3,
+    batch: Annotated[int, typer.Option(min=1)] = 32,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    val_fraction: float = 0.1,
+    api: ApiOpt = None, api_key: KeyOpt = None, wait: Wait = False,
+) -> None:
+    """Fine-tune on a labelled table on the API's workers: the images and rows are uploaded,
+    one finetune job trains and registers NAME (resumed on another worker if one dies)."""
+    from loom.cli.inputs import labelled_rows
+    from loom.config import Settings
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for labels, image in labelled_rows(table, image_col=image_col, caption_col=caption_col,
+                                           question_col=question_col, answer_col=answer_col,
+                                           split=split):
+            key = "image_bytes" if isinstance(image, bytes) else "image_path"
+            yield {**labels, key: image if isinstance(image, bytes) else str(image)}
+
+    hyper = {"steps": steps, "lr": lr, "batch": batch, "seed": seed}
+    _send(api, api_key, wait,
+          lambda c: c.submit_finetune(rows(), name=name, base=base, hyper=hyper,
+                                      val_fraction=val_fraction,
+                                      s3_endpoint_url=Settings().s3_endpoint_url))
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``loom submit <command>`` for every task in the registry."""
+    """Add ``loom submit <command>`` for every task in the registry, and ``finetune``."""
     submit_app = typer.Typer(help="Submit a job to a Loom API (remote; needs --api).",
                              no_args_is_help=True)
     for spec in tasks.REGISTRY.values():
         submit_app.command(spec.command)(
             command_for(spec, image_command, image_text_command, text_command))
+    submit_app.command("finetune")(finetune_command)
     app.add_typer(submit_app, name="submit")

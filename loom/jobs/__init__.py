@@ -42,6 +42,14 @@ from loom.jobs.queries import (
     resolve_job_id,
 )
 from loom.jobs.reconcile import free_expired_leases, reconcile, worker_lost_message
+from loom.jobs.registry import (
+    Trained,
+    model_dict,
+    register_model,
+    registered_caps,
+    registered_models,
+    resolve_model,
+)
 from loom.jobs.stats import (
     item_latency,
     item_status_counts,
@@ -77,6 +85,7 @@ __all__ = [
     "Page",
     "ReconcileReport",
     "SUSPECT_CODES",
+    "Trained",
     "VerifyReport",
     "cache_key",
     "cached_outputs",
@@ -109,6 +118,7 @@ __all__ = [
     "list_items",
     "list_jobs",
     "maybe_finalize",
+    "model_dict",
     "model_versions",
     "outputs_for_items",
     "outputs_per_worker",
@@ -116,12 +126,16 @@ __all__ = [
     "publish_pending",
     "reconcile",
     "record_model_version",
+    "register_model",
+    "registered_caps",
+    "registered_models",
     "release_leases",
     "release_items",
     "request_fingerprint",
     "request_hash",
     "requeue_lost",
     "resolve_job_id",
+    "resolve_model",
     "result_row",
     "retry_failed",
     "submit_job",

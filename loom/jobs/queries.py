@@ -14,8 +14,9 @@ from sqlalchemy.orm import Session
 
 from loom.errors import InvalidRequest, NotFound
 from loom.jobs.types import JobProgress, Page, decode_cursor, encode_cursor
+from loom.jobs.registry import model_dict
 from loom.jobs.views import job_ref
-from loom.models import Event, Item, ItemStatus, Job, Output
+from loom.models import Event, Item, ItemStatus, Job, Output, RegisteredModel
 
 MAX_PAGE = 1000
 MAX_PARENT_DEPTH = 100
@@ -213,7 +214,14 @@ def item_lineage(session: Session, *, item_id: int, tenant_id: str | None = None
         parents.append(job_ref(parent))
         seen.add(parent_id)
         parent_id = parent.parent_job_id
+    # An output of a fine-tuned model: the version, and through it the finetune job and the
+    # sha256 of the rows it was trained on.
+    trained = None if output is None else session.scalars(
+        select(RegisteredModel).where(RegisteredModel.tenant_id == job.tenant_id,
+                                      RegisteredModel.weights_sha256 == output.weights_sha256)
+    ).first()
     return {
+        "trained_model": None if trained is None else model_dict(trained),
         "item": {"id": item.id, "job_id": item.job_id, "index": item.index,
                  "status": item.status, "input": item.input, "metadata": item.item_metadata,
                  "attempts": item.attempts, "error_code": item.error_code,

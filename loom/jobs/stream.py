@@ -3,10 +3,12 @@ short polls so that no database connection is held for the length of a stream.
 
 Events: ``started`` (the job's ``started_at`` is set), ``progress`` (item counts; throttled by the
 caller's ``min_interval``), ``item_failed`` (code, message: the persisted ``failed`` events),
-``cancelled`` (job-level cancel), ``finished`` (the job is terminal; the last event).
+``cancelled`` (job-level cancel), ``finished`` (the job is terminal; the last event); a finetune
+job adds ``training_started`` (rows, base, the step it resumed from), ``training`` (step, steps,
+loss; every few seconds) and ``registered`` (the model version and its held-out scores).
 
 Only event kinds that always stay in the ``events`` table are read (failed, cancelled,
-finalized); progress comes from item counts. Each event's id is ``"{cursor}.{started}.{done}"``
+finalized, and the finetune kinds); progress comes from item counts. Each event's id is ``"{cursor}.{started}.{done}"``
 (the last persisted event row sent, whether ``started`` was sent, the last progress count), so a
 client that reconnects with ``Last-Event-ID`` resumes after what it saw.
 """
@@ -24,7 +26,7 @@ from loom.jobs.queries import get_job, job_progress
 from loom.jobs.views import job_dict
 from loom.models import JOB_TERMINAL, Event, Item
 
-KINDS = ("failed", "cancelled", "finalized")
+KINDS = ("failed", "cancelled", "finalized", "training_started", "training", "registered")
 TERMINAL = {s.value for s in JOB_TERMINAL}
 
 
@@ -84,6 +86,8 @@ def poll(session: Session, *, job_id: str, tenant_id: str | None, state: StreamS
             emit("cancelled", {"job_id": job.id})
         elif row.kind == "finalized":
             finalized = True
+        elif row.kind in ("training_started", "training", "registered"):
+            emit(row.kind, {"job_id": job.id, **json.loads(row.message or "{}")})
     terminal = finalized or (job.status in TERMINAL and len(rows) < limit)
     progress = job_progress(session, job_id=job_id)
     if progress.done != state.done and (terminal or now - state.last_progress >= min_interval):

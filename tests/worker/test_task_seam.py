@@ -23,6 +23,9 @@ def test_builtin_capabilities_match_the_pipeline_registry() -> None:
         for task in caps.tasks:
             assert set(caps.params.get(task, ())) == set(PARAMS.get(task, ())), task
             assert tasks.get(task).method  # every served task has a spec with a method
+    from loom.jobs.registry import FINETUNED_TASKS
+
+    assert FINETUNED_TASKS == registry.FINETUNED_TASKS  # what a fine-tuned version serves
 
 
 def _item(task: str, params: dict[str, Any], inp: dict[str, Any]) -> ClaimedItem:

@@ -347,3 +347,41 @@ def worker_env(
     }
 
 
+
+
+def submit_finetune(session_factory: Any, store: Any, *, rows: list[Any], name: str,
+                    hyper: dict[str, Any], base: str = MODEL, tenant: str | None = None,
+                    val_fraction: float = 0.25, publish: Callable[[Any], None] | None = None,
+                    max_attempts: int = 3) -> str:
+    """A finetune job as `loom finetune` records it: each row's image under the job's input
+    keys, the rows manifest beside them, one item naming both."""
+    import hashlib
+    import io
+    import json
+
+    from loom import jobs, storage
+    from loom.models import new_id
+
+    tenant = tenant or tenant_id(session_factory)
+    job_id = new_id()
+    lines = []
+    for i, r in enumerate(rows):
+        buf = io.BytesIO()
+        r.image.save(buf, format="PNG")
+        key = storage.input_key(tenant, job_id, i, "png")
+        store.put(key, buf.getvalue(), "image/png")
+        lines.append(json.dumps({"image_key": key, "caption": r.caption,
+                                 "question": r.question, "answer": r.answer}))
+    data = ("\n".join(lines) + "\n").encode()
+    rows_key = storage.training_key(tenant, job_id, "rows.jsonl")
+    store.put(rows_key, data, "application/x-ndjson")
+    item = {"rows_key": rows_key, "rows_sha256": hashlib.sha256(data).hexdigest(),
+            "rows": len(rows), "name": name, "base": base, "hyper": hyper,
+            "val_fraction": val_fraction}
+    with session_factory() as s:
+        job = jobs.submit_job(s, job_id=job_id, tenant_id=tenant, task="finetune",
+                              model_name=base, items=[{"input": item}], chunk_size=1,
+                              max_attempts=max_attempts, use_cache=False)
+        if publish is not None:
+            jobs.publish_pending(s, publish=publish, job_id=job.id)
+        return job.id

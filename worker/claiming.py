@@ -1,0 +1,136 @@
+"""Claiming (the engine's first stage): batches under a lease from the chunk, then from the rest
+of its job while ``chunk_linger_seconds`` allows; suspects run alone; a clean stop gives back
+what was claimed but not run. A mixin of worker.engine.Engine, which owns the state it uses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from loom import jobs
+from loom.finetune import TASK as FINETUNE
+from loom.models import JobStatus
+from worker.batches import Batch, ChunkReport, EngineState, Scope
+from worker.inputs import prepare
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loom.jobs import Chunk, ClaimedItem
+
+
+class Claiming(EngineState):
+    def _claim(self, scope: Scope, report: ChunkReport, *, prefetch: bool = False) -> list[Batch]:
+        """Claim the next batch(es) from the chunk and, once it is dry, from the rest of its job
+        (while ``chunk_linger_seconds`` allows); their inputs start loading at once."""
+        chunk = scope.chunk
+        if not scope.lingering:
+            batches = self._claim_range(scope, chunk, report, prefetch=prefetch)
+            if batches or scope.cancelling or not self._may_linger(scope):
+                return batches
+            scope.lingering = True
+        if not self._may_linger(scope):
+            return []
+        whole = jobs.Chunk(chunk.job_id, 0, scope.job_end, chunk.priority)
+        batches = self._claim_range(scope, whole, report, prefetch=prefetch)
+        report.lingered += sum(1 for b in batches for i in b.items
+                               if not chunk.start <= i.index < chunk.end)
+        return batches
+
+    def _may_linger(self, scope: Scope) -> bool:
+        chunk = scope.chunk
+        return (scope.job_end > chunk.end - chunk.start and not scope.cancelling
+                and time.monotonic() < scope.linger_until)
+
+    def _claim_range(self, scope: Scope, chunk: Chunk, report: ChunkReport, *,
+                     prefetch: bool) -> list[Batch]:
+        """Claim from [chunk.start, chunk.end).
+
+        ``prefetch``: claiming while another batch is in flight. A suspect is then not claimed
+        (a crash of the running batch would burn one of its attempts); it waits until nothing
+        else is in flight. A suspect's input is read and decoded only once it runs (alone).
+        A job seen cancelling sets ``scope.cancelling`` and claims nothing."""
+        if self._store_down.is_set():
+            if prefetch:
+                return []  # claim again once the batch in flight is done and the store is back
+            self._await_store()
+
+        def claim(start: int, end: int, limit: int) -> list[ClaimedItem]:
+            t0 = time.perf_counter()
+            with self.session_factory() as session:
+                items = jobs.claim_items(
+                    session,
+                    job_id=chunk.job_id,
+                    start=start,
+                    end=end,
+                    worker_id=self.worker_id,
+                    limit=limit,
+                    lease_seconds=self.settings.lease_seconds,
+                )
+            self.leases.add(i.id for i in items)
+            with self._report_lock:
+                report.add_timing("claim", (time.perf_counter() - t0) * 1000.0)
+            return items
+
+        t0 = time.perf_counter()
+        with self.session_factory() as session:
+            # One session for both reads: the status check costs no extra pool checkout.
+            if jobs.job_status(session, job_id=chunk.job_id) == JobStatus.cancelling.value:
+                scope.cancelling = True
+                return []
+            suspects = jobs.suspect_indexes(session, chunk=chunk,
+                                            limit=self.settings.batch_size)
+        with self._report_lock:
+            report.add_timing("claim", (time.perf_counter() - t0) * 1000.0)
+        if suspects and prefetch:
+            return []
+        batches: list[Batch] = []
+        for index in suspects:
+            items = claim(index, index + 1, 1)
+            if items:
+                batches = [Batch(items, careful=True)]
+                break
+        if not batches:
+            items = claim(chunk.start, chunk.end, self.settings.batch_size)
+            if not items:
+                return []
+            with self.session_factory() as session:
+                suspect = jobs.suspect_ids(
+                    session, item_ids=[i.id for i in items if i.attempts > 1])
+            fresh = [i for i in items if i.id not in suspect]
+            retried = [i for i in items if i.id in suspect]
+            # Race with an expiring lease: run the others together first, then each suspect
+            # alone.
+            if fresh:
+                batches.append(Batch(fresh, careful=False))
+            batches.extend(Batch([i], careful=True) for i in retried)
+        for batch in batches:
+            report.claimed += len(batch.items)
+            if not batch.careful and batch.items[0].task != FINETUNE:
+                batch.prepared = [
+                    self._io.submit(prepare, item, settings=self.settings, store=self.store)
+                    for item in batch.items
+                ]
+        return batches
+
+    def _job_end(self, chunk: Chunk) -> int:
+        """The job's item count (fixed once it is published), at least the chunk's end."""
+        if chunk.job_id not in self._job_end_cache:
+            with self.session_factory() as session:
+                self._job_end_cache[chunk.job_id] = jobs.job_item_count(
+                    session, job_id=chunk.job_id)
+            if len(self._job_end_cache) > 10_000:
+                self._job_end_cache.clear()
+        return max(chunk.end, self._job_end_cache.get(chunk.job_id, chunk.end))
+
+    def _release(self, batches: deque[Batch]) -> None:
+        """Give back the leases of claimed batches that will not run (a clean stop)."""
+        from loom import jobs
+
+        ids = [i.id for b in batches for i in b.items]
+        for b in batches:
+            for fut in b.prepared:
+                fut.cancel()
+        with self.session_factory() as session:
+            jobs.release_leases(session, worker_id=self.worker_id, item_ids=ids)
+        self.leases.discard(ids)
