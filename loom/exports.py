@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from loom import tasks
+from loom.finetune import TASK as FINETUNE
 from loom.errors import InvalidRequest
 
 PAGE = 1000
@@ -245,6 +246,9 @@ def stream(
     ``size_of``: the COCO images' width and height (see ``coco_chunks``)."""
     if view not in VIEWS:
         raise InvalidRequest(f"view: expected one of {', '.join(VIEWS)}, got {view!r}")
+    if job["task"] == FINETUNE and (fmt == "coco" or view == "table"):
+        raise InvalidRequest("a finetune job's result is a model version (loom models, GET "
+                             "/v1/models); export it as jsonl or csv in the full view")
     if fmt == "coco":
         return coco_chunks(rows, job, size_of)
     if view == "table":

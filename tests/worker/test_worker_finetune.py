@@ -78,6 +78,19 @@ def test_a_finetune_job_registers_a_version_the_next_job_runs(embedded: Any) -> 
         names = [e["event"] for e in sse]
         assert {"training_started", "training", "registered", "finished"} <= set(names)
         assert next(e for e in sse if e["event"] == "registered")["data"]["model"] == m.ref
+        # Its result is a model, not a table of outputs: table exports say so.
+        import pytest
+
+        from loom import datasets, exports
+        from loom.errors import InvalidRequest
+
+        with sf() as s:
+            jd = jobs.job_dict(jobs.get_job(s, job_id=job_id), jobs.job_progress(s, job_id=job_id))
+        for export in (lambda: list(exports.stream("csv", [], job=jd, view="table")),
+                       lambda: datasets.write_rows("parquet", [], settings.home / "x.parquet",
+                                                   task="finetune")):
+            with pytest.raises(InvalidRequest, match="model version"):
+                export()
 
         # The next job names the version; its outputs say which weights, and their lineage
         # reaches the finetune job and the sha256 of its rows.
