@@ -107,3 +107,35 @@ def test_rows_must_be_labelled_rows_of_the_callers_images(served_app: Any) -> No
                      .encode())}).json()
         r = beta.post("/v1/finetunes", json={"rows_key": up["key"], "name": "ok"})
         assert r.status_code == 404
+
+
+def test_loom_submit_finetune_uploads_a_table(served_app: Any, tmp_path: Any) -> None:
+    """The remote CLI: a JSONL table of files becomes uploaded images, a rows manifest and a
+    finetune job on the API."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from loom import jobs
+
+    table = tmp_path / "rows.jsonl"
+    with table.open("w") as f:
+        for i, r in enumerate(rows(4, seed=5)):
+            (tmp_path / f"{i}.png").write_bytes(r["image_bytes"])
+            f.write(json.dumps({"file": f"{i}.png", "caption": r["caption"]}) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
+    env.update({"LOOM_API_URL": served_app.url, "LOOM_API_KEY": served_app.keys["alpha"],
+                "LOOM_HOME": str(tmp_path / "home")})
+    loom = Path(sys.executable).parent / "loom"
+    proc = subprocess.run([str(loom), "submit", "finetune", str(table), "--name", "remote-ext",
+                           "--steps", "3"], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.split("submitted job ")[1].split()[0]
+    with served_app.session_factory() as s:
+        job = jobs.get_job(s, job_id=job_id, tenant_id=served_app.tenant_ids["alpha"])
+        (item,) = jobs.list_items(s, job_id=job_id).items
+    assert job.task == "finetune" and item.input["rows"] == 4
+    assert item.input["name"] == "remote-ext" and item.input["hyper"]["steps"] == 3
