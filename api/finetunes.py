@@ -5,24 +5,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from api.deps import Runtime
-from api.service import publish
+from api.service import publish, stream_lines
 from loom import finetune, jobs, tasks
-from loom.errors import InvalidRequest, LoomError, NotFound
+from loom.errors import InvalidRequest, NotFound
 from loom.models import Job, new_id
 
 MAX_ROWS = 100_000  # rows are held in a worker's memory while it trains (12 KB each)
 
 
-def check_rows(data: bytes, *, tenant_id: str) -> int:
-    """Count the manifest's rows, refusing one that is not a labelled row of this tenant's
-    images (``image_key`` from POST /v1/files)."""
+def check_rows(chunks: Iterable[bytes], *, tenant_id: str) -> tuple[int, str]:
+    """(rows, sha256) of a rows manifest read as it streams in, refusing a line that is not a
+    labelled row of this tenant's images (``image_key`` from POST /v1/files)."""
+    digest = hashlib.sha256()
+
+    def hashed() -> Iterator[bytes]:
+        for chunk in chunks:
+            digest.update(chunk)
+            yield chunk
+
     n = 0
-    for i, line in enumerate(data.splitlines(), start=1):
+    for i, line in enumerate(stream_lines(hashed()), start=1):
         if not line.strip():
             continue
         try:
@@ -45,7 +53,7 @@ def check_rows(data: bytes, *, tenant_id: str) -> int:
             raise InvalidRequest(f"rows: more than {MAX_ROWS} rows")
     if n == 0:
         raise InvalidRequest("rows: the manifest has no rows")
-    return n
+    return n, digest.hexdigest()
 
 
 def submit_finetune(session: Session, rt: Runtime, *, tenant_id: str, rows_key: str, name: str,
@@ -65,15 +73,11 @@ def submit_finetune(session: Session, rt: Runtime, *, tenant_id: str, rows_key: 
             raise InvalidRequest(f"base: unknown model {base!r} (loom-shapes, or one of your "
                                  "registered models: GET /v1/models)")
         base = found.ref  # pinned: a later version does not change what this job trains from
-    try:
-        data = rt.store.get(rows_key)
-    except LoomError as exc:
-        if exc.code == "not_found" or "not found" in exc.message.lower():
-            raise NotFound(f"rows_key: no file {rows_key!r} in your storage") from None
-        raise
+    if not rt.store.exists(rows_key):
+        raise NotFound(f"rows_key: no file {rows_key!r} in your storage")
+    count, sha = check_rows(rt.store.open_stream(rows_key), tenant_id=tenant_id)
     item = finetune.check_input({
-        "rows_key": rows_key, "rows_sha256": hashlib.sha256(data).hexdigest(),
-        "rows": check_rows(data, tenant_id=tenant_id), "name": name, "base": base,
+        "rows_key": rows_key, "rows_sha256": sha, "rows": count, "name": name, "base": base,
         "hyper": hyper, "val_fraction": val_fraction})
     job = jobs.submit_job(session, job_id=new_id(), tenant_id=tenant_id, task=finetune.TASK,
                           model_name=base, items=[{"input": item}], chunk_size=1,

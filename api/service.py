@@ -136,7 +136,7 @@ def iter_manifest(store: Any, key: str, tenant_id: str) -> Iterator[ItemIn]:
     if not store.exists(key):
         raise NotFound(f"manifest_key: no object {key[:200]!r} in your tenant's storage")
     n = 0
-    for n, line in enumerate(_lines(store.open_stream(key)), start=1):
+    for n, line in enumerate(stream_lines(store.open_stream(key)), start=1):
         if not line.strip():
             continue
         if n > MAX_MANIFEST_ITEMS:
@@ -149,7 +149,7 @@ def iter_manifest(store: Any, key: str, tenant_id: str) -> Iterator[ItemIn]:
             raise InvalidRequest(f"manifest line {n}: {field}: {first['msg']}") from None
 
 
-def _lines(chunks: Iterable[bytes]) -> Iterator[str]:
+def stream_lines(chunks: Iterable[bytes]) -> Iterator[str]:
     """Text lines of a stream of byte chunks (a chunk may end mid-line or mid-character)."""
     partial: list[bytes] = []  # the pieces of a line that spans chunks (joined once)
     for chunk in chunks:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from api.service import _lines
+from api.service import stream_lines
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 1 << 20])
@@ -19,4 +19,4 @@ def test_lines_do_not_depend_on_chunk_boundaries(size: int) -> None:
     expected = text.split(b"\n")
     if expected[-1] == b"":
         expected.pop()
-    assert list(_lines(chunks)) == [line.decode() for line in expected]
+    assert list(stream_lines(chunks)) == [line.decode() for line in expected]
