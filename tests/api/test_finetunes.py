@@ -139,3 +139,29 @@ def test_loom_submit_finetune_uploads_a_table(served_app: Any, tmp_path: Any) ->
         (item,) = jobs.list_items(s, job_id=job_id).items
     assert job.task == "finetune" and item.input["rows"] == 4
     assert item.input["name"] == "remote-ext" and item.input["hyper"]["steps"] == 3
+
+
+def test_the_item_page_shows_the_fine_tuned_model(served_app: Any) -> None:
+    """The job page's item view: an output of a fine-tuned model names its version, its
+    finetune job and the rows it learned from."""
+    import httpx
+
+    from loom.client import Client
+
+    with Client(served_app.url, served_app.keys["alpha"]) as alpha:
+        job = alpha.submit_finetune(rows(4, seed=12), name="paged", hyper=HYPER,
+                                    val_fraction=0.25)
+        assert run_engine(served_app, job["id"]) == "succeeded"
+        from base64 import b64encode
+
+        img = rows(1, seed=13)[0]["image_bytes"]
+        cap = alpha.submit("caption", [{"image_base64": b64encode(img).decode()}], model="paged")
+        assert run_engine(served_app, cap["id"]) == "succeeded"
+        item = alpha.items(cap["id"])["items"][0]
+    with httpx.Client(base_url=served_app.url, timeout=30) as web:
+        login = web.post("/ui/login", data={"api_key": served_app.keys["alpha"]})
+        assert login.status_code in (200, 303)
+        page = web.get(f"/ui/items/{item['id']}")
+    assert page.status_code == 200
+    assert 'id="trained-model"' in page.text and "paged@v1" in page.text
+    assert job["id"][:12] in page.text
