@@ -59,6 +59,7 @@ class Scope:
     linger_until: float
     lingering: bool = False
     cancelling: bool = False
+    dry: bool = False  # the last claim of the current range came back short
 
 
 @dataclass

@@ -24,12 +24,18 @@ class Claiming(EngineState):
         """Claim the next batch(es) from the chunk and, once it is dry, from the rest of its job
         (while ``chunk_linger_seconds`` allows); their inputs start loading at once."""
         chunk = scope.chunk
+        # A claim that came back short left its range dry: a prefetch (beside the model) does
+        # not ask again; the claim after the batch does (a backoff may have ended meanwhile).
+        skip = prefetch and scope.dry
         if not scope.lingering:
-            batches = self._claim_range(scope, chunk, report, prefetch=prefetch)
-            if batches or scope.cancelling or not self._may_linger(scope):
-                return batches
-            scope.lingering = True
-        if not self._may_linger(scope):
+            if not skip:
+                batches = self._claim_range(scope, chunk, report, prefetch=prefetch)
+                if batches or scope.cancelling or not self._may_linger(scope):
+                    return batches
+            elif not self._may_linger(scope):
+                return []
+            scope.lingering, scope.dry, skip = True, False, False
+        if skip or not self._may_linger(scope):
             return []
         whole = jobs.Chunk(chunk.job_id, 0, scope.job_end, chunk.priority)
         batches = self._claim_range(scope, whole, report, prefetch=prefetch)
@@ -92,6 +98,7 @@ class Claiming(EngineState):
                 break
         if not batches:
             items = claim(chunk.start, chunk.end, self.settings.batch_size)
+            scope.dry = len(items) < self.settings.batch_size
             if not items:
                 return []
             with self.session_factory() as session:
