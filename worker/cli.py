@@ -1,6 +1,8 @@
 """The ``loom`` console script: the torch-free ``loom.cli`` app plus the embedded commands that run
 the model in this process (one per task in the registry: ``caption``, ``ask``, ``generate``,
-``embed``; ``search`` and ``run``), ``worker``, ``models`` and ``train``. Heavy imports (torch, the pipeline, the engine) happen inside the commands.
+``embed``; ``search`` and ``run``), ``worker`` and ``train``; ``models`` and ``finetune`` come
+from worker.model_commands. Heavy imports (torch, the pipeline, the engine) happen inside the
+commands.
 
 Embedded mode: SQLite + a local store under LOOM_HOME (default ./.loom); every command records a
 real job, so ``loom jobs``, ``loom status ID`` and ``loom results ID`` work on it afterwards.
@@ -46,7 +48,7 @@ from loom.cli.inputs import (
     text_rows,
 )
 from loom.cli.submit import command_for
-from worker import finetune_command
+from worker import model_commands
 from worker.local_run import (
     EXIT_NOTHING_SUCCEEDED,
     EXIT_SOME_FAILED,
@@ -56,7 +58,7 @@ from worker.local_run import (
 )
 
 app = build_app()
-finetune_command.register(app)
+model_commands.register(app)
 
 
 def _resolved(local: Local, ref: str) -> str:
@@ -366,7 +368,7 @@ def run_cmd(job_id: str) -> None:
         job_id = _resolved(local, job_id)
         job = local_job(local, job_id)
         if job["task"] == "finetune":  # resumes from its last checkpoint
-            finetune_command.report(local, finetune_command.run_finetune_job(
+            model_commands.report(local, model_commands.run_finetune_job(
                 local, job_id, base=job.get("model") or ""))
             return
         with EngineProcesses(local.settings, items=job["item_count"] - job["done"],
@@ -415,39 +417,6 @@ def worker(ctx: typer.Context) -> None:
     if given is None:
         argv += ["-c", str(plan.processes)]
     os.execve(sys.executable, argv + args, env)
-
-
-@app.command()
-def models(
-    api: Annotated[str | None, typer.Option("--api", envvar="LOOM_API_URL")] = None,
-    api_key: Annotated[str | None, typer.Option("--api-key", envvar="LOOM_API_KEY")] = None,
-) -> None:
-    """List the models (local registry, or the API's with --api)."""
-    if api:
-        from loom.client import Client
-
-        with Client(api, api_key) as c:
-            for m in c.models():
-                console.print(f"{m['name']}  tasks: {', '.join(m['tasks'])}  "
-                              f"versions: {len(m['versions'])}")
-        return
-    from loom import jobs
-    from pipeline import registry
-
-    for m in registry.list_models():
-        weights = "ok" if m.path.is_file() else f"missing ({m.path})"
-        console.print(f"{m.name}@{m.version}  tasks: {', '.join(m.tasks)}  weights: {weights}")
-    local = open_local()
-    try:
-        with local.session_factory() as s:
-            for r in jobs.registered_models(s, tenant_id=local.tenant_id):
-                d = jobs.model_dict(r)
-                scores = " ".join(f"{k} {v:.1%}" for k, v in d["metrics"].items()
-                                  if k in ("val_caption", "val_vqa"))
-                console.print(f"{d['ref']}  fine-tuned from {d['base_model']} on "
-                              f"{d['training_rows']} rows (job {d['finetune_job_id']})  {scores}")
-    finally:
-        local.close()
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

@@ -1,4 +1,4 @@
-"""Running a finetune item: rows from storage -> pipeline.finetune -> weights in storage -> registry.
+"""Running a finetune item: rows from storage -> pipeline.finetune -> weights -> the registry.
 
 Called by the engine for the one item of a finetune job, on the model thread, while the engine's
 lease keeper heartbeats the item's lease. Checkpoints go to the job's storage folder as they are

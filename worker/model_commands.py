@@ -1,4 +1,5 @@
-"""``loom finetune``: a labelled table in, a registered model version out, embedded.
+"""Model commands: ``loom models`` (the built-in ones and your fine-tuned versions) and
+``loom finetune`` (a labelled table in, a registered model version out, embedded).
 
 The table's images are stored under the job's input keys and its labels written as the rows
 manifest (worker.finetune reads both), then a finetune job with one item is recorded and run by
@@ -92,6 +93,39 @@ def run_finetune_job(local: Local, job_id: str, *, base: str, total: int = 1,
 
 
 def register(app: typer.Typer) -> None:
+    @app.command()
+    def models(
+        api: Annotated[str | None, typer.Option("--api", envvar="LOOM_API_URL")] = None,
+        api_key: Annotated[str | None, typer.Option("--api-key", envvar="LOOM_API_KEY")] = None,
+    ) -> None:
+        """List the models (local registry, or the API's with --api)."""
+        if api:
+            from loom.client import Client
+
+            with Client(api, api_key) as c:
+                for m in c.models():
+                    console.print(f"{m['name']}  tasks: {', '.join(m['tasks'])}  "
+                                  f"versions: {len(m['versions'])}")
+            return
+        from loom import jobs
+        from pipeline import registry
+
+        for m in registry.list_models():
+            weights = "ok" if m.path.is_file() else f"missing ({m.path})"
+            console.print(f"{m.name}@{m.version}  tasks: {', '.join(m.tasks)}  weights: {weights}")
+        local = open_local()
+        try:
+            with local.session_factory() as s:
+                for r in jobs.registered_models(s, tenant_id=local.tenant_id):
+                    d = jobs.model_dict(r)
+                    scores = " ".join(f"{k} {v:.1%}" for k, v in d["metrics"].items()
+                                      if k in ("val_caption", "val_vqa"))
+                    console.print(f"{d['ref']}  fine-tuned from {d['base_model']} on "
+                                  f"{d['training_rows']} rows (job {d['finetune_job_id']})"
+                                  f"  {scores}")
+        finally:
+            local.close()
+
     @app.command("finetune")
     def finetune_cmd(
         table: Annotated[str, typer.Argument(
