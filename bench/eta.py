@@ -319,16 +319,31 @@ class Services:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
 
 
+def producer(loom_env: dict[str, Any]) -> tuple[Any, ...]:
+    """What a bench needs to submit to a `loom worker` started with ``loom_env``: (settings,
+    store, database engine, session factory, Celery app, publish, tenant id)."""
+    from loom.config import Settings
+    from loom.db import make_engine, make_session_factory
+    from loom.storage import store_from_settings
+    from loom.tenants import ensure_tenant
+    from worker.app import make_celery, make_publisher
+
+    settings = Settings(**{k: v for k, v in loom_env.items() if v is not None})
+    db = make_engine(settings.database_url)
+    sf = make_session_factory(db)
+    celery_app = make_celery(settings)
+    with sf() as s:
+        tenant = ensure_tenant(s, name="local").id
+    return (settings, store_from_settings(settings), db, sf, celery_app,
+            make_publisher(celery_app), tenant)
+
+
 def distributed(task: str, paths: list[Path], prompts: list[str], svc: Services, work: Path,
                 batch: int, device: str, s3: bool) -> Result:
     from concurrent.futures import ThreadPoolExecutor
 
     from loom import jobs
-    from loom.config import Settings
-    from loom.db import make_engine, make_session_factory
-    from loom.storage import input_key, store_from_settings
-    from loom.tenants import ensure_tenant
-    from worker.app import make_celery, make_publisher
+    from loom.storage import input_key
 
     mode = "s3" if s3 else "local"
     stages = work / f"stages-{mode}-{task}-{secrets.token_hex(3)}"
@@ -337,14 +352,7 @@ def distributed(task: str, paths: list[Path], prompts: list[str], svc: Services,
         storage_url=("s3://eta/loom" if s3 else f"file://{work / 'dist-store'}"),
         s3_endpoint_url=svc.start_moto() if s3 else None, auth="off", device=device,
         batch_size=batch, stage_log=stages)
-    settings = Settings(**{k: v for k, v in loom_env.items() if v is not None})
-    store = store_from_settings(settings)
-    db = make_engine(svc.database_url)
-    sf = make_session_factory(db)
-    celery_app = make_celery(settings)
-    publish = make_publisher(celery_app)
-    with sf() as s:
-        tenant = ensure_tenant(s, name="local").id
+    settings, store, db, sf, celery_app, publish, tenant = producer(loom_env)
     upload = secrets.token_hex(6)
     if task == "caption":
         def put(i: int) -> dict[str, Any]:

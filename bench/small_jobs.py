@@ -65,14 +65,11 @@ def main(argv: list[str] | None = None) -> int:
                                                        "redis://127.0.0.1:6379/13"))
     a = ap.parse_args(argv)
 
-    from loom import jobs
-    from loom.config import Settings
-    from loom.db import make_engine, make_session_factory
-    from loom.models import Job
-    from loom.storage import input_key, store_from_settings
-    from loom.tenants import ensure_tenant
     from sqlalchemy import func, select
-    from worker.app import make_celery, make_publisher
+
+    from loom import jobs
+    from loom.models import Job
+    from loom.storage import input_key
 
     n = a.jobs * a.size
     work = Path(tempfile.mkdtemp(prefix="loom-small-"))
@@ -81,14 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     loom_env: dict[str, Any] = dict(home=work / "home", database_url=svc.database_url,
                                     broker_url=svc.redis_url, auth="off", device="cpu",
                                     storage_url=f"file://{work / 'store'}")
-    settings = Settings(**loom_env)
-    store = store_from_settings(settings)
-    db = make_engine(svc.database_url)
-    sf = make_session_factory(db)
-    celery_app = make_celery(settings)
-    publish = make_publisher(celery_app)
-    with sf() as s:
-        tenant = ensure_tenant(s, name="local").id
+    settings, store, db, sf, celery_app, publish, tenant = eta.producer(loom_env)
     items = []
     for i, p in enumerate(paths):
         key = input_key(tenant, "small", i, p.suffix.lstrip("."))

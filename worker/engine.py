@@ -109,9 +109,6 @@ class Engine(Claiming, Finishing, Outages):
         """The model called ``name``, loaded once per process; raises a LoomError for items."""
         return self.models.get(name)
 
-
-
-
     def _max_attempts(self, job_id: str) -> int:
         if job_id not in self._max_attempts_cache:
             with self.session_factory() as session:
@@ -282,7 +279,6 @@ class Engine(Claiming, Finishing, Outages):
                 not failure.error.transient or item.attempts >= self._max_attempts(item.job_id)))
             if progress is not None and final:
                 progress(1)
-
 
     def run_job(
         self, job_id: str, progress: Progress | None = None, *, poll_seconds: float = 0.5
