@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     # items for up to this long (their messages then ack at once): no pipeline drain and no
     # broker round trip at every chunk boundary. 0: a process claims from its chunk only.
     chunk_linger_seconds: float = Field(default=10.0, ge=0)
+    # Within that time, once its own job has nothing left to claim, a process tops its batches
+    # up with fresh items of other jobs one model call can serve (loom.jobs.fill): small jobs
+    # run in full batches. PostgreSQL only.
+    batch_fill: bool = True
     # Host sizing (worker.sizing): None = planned from the usable cores / visible GPUs.
     worker_processes: int | None = Field(default=None, ge=1)  # model processes per invocation
     torch_threads: int | None = Field(default=None, ge=1)  # torch threads per model process

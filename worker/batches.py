@@ -40,6 +40,7 @@ class ChunkReport:
     cancelled: int = 0
     released: int = 0  # leases given back after an outage, attempts not spent
     lingered: int = 0  # items claimed beyond the chunk, from the rest of its job
+    filled: int = 0  # items of other jobs claimed to fill batches (loom.jobs.fill)
     batches: int = 0
     seconds: float = 0.0
     timings_ms: dict[str, float] = field(default_factory=dict)  # summed stage times
@@ -55,11 +56,12 @@ class Scope:
     so the model thread never waits on that query."""
 
     chunk: Chunk
-    job_end: int
     linger_until: float
     lingering: bool = False
     cancelling: bool = False
     dry: bool = False  # the last claim of the current range came back short
+    filling: bool = False  # the job is dry: batches are filled from other jobs (loom.jobs.fill)
+    fill_dry: bool = False  # the last fill came back short
 
 
 @dataclass
@@ -82,5 +84,6 @@ class EngineState:
     _report_lock: threading.Lock
     _store_down: threading.Event
     _job_end_cache: dict[str, int]
+    _max_attempts_cache: dict[str, int]
     _max_attempts: Callable[[str], int]
     _await_store: Callable[[], None]

@@ -42,12 +42,14 @@ class ResultCache:
         return self._use[job_id]
 
     def split(
-        self, prepared: list[Prepared], settle: Callable[[], None] | None = None
+        self, prepared: list[Prepared], settle: Callable[[], None] | None = None,
+        job_id: str | None = None,
     ) -> tuple[list[tuple[Prepared, Any]], list[Prepared]]:
         """Key every good item (its output will answer that key later); -> (items served from
         the cache with their Cached output, the items left to infer or to fail). ``settle``
         waits for this engine's batches in flight (called only when this batch repeats one of
-        their inputs)."""
+        their inputs). ``job_id``: the job whose cache setting the batch follows (a filled batch
+        holds items of several jobs, all with that job's setting), by default the first item's."""
         good = [p for p in prepared if p.ok]
         if not good:
             return [], prepared
@@ -64,7 +66,7 @@ class ResultCache:
                 tenant_id=p.item.tenant_id, task=spec.name, model_name=first.model_name,
                 weights_sha256=weights, params=params, input_sha256=p.input_sha256 or "",
                 texts=p.texts, seed=p.seed if spec.seeded else None)
-        if not self._uses_cache(first.job_id):
+        if not self._uses_cache(job_id or first.job_id):
             return [], prepared
         if settle is not None and any(p.cache_key in self._pending for p in good):
             settle()

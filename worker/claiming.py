@@ -11,18 +11,69 @@ from typing import TYPE_CHECKING
 
 from loom import jobs
 from loom.finetune import TASK as FINETUNE
-from loom.models import JobStatus
+from loom.jobs.types import CLAIMABLE_JOB
+from loom.models import JobStatus, utcnow
 from worker.batches import Batch, ChunkReport, EngineState, Scope
 from worker.inputs import prepare
 
 if TYPE_CHECKING:  # pragma: no cover
+    from concurrent.futures import Future
+
     from loom.jobs import Chunk, ClaimedItem
+    from worker.inputs import Prepared
 
 
 class Claiming(EngineState):
     def _claim(self, scope: Scope, report: ChunkReport, *, prefetch: bool = False) -> list[Batch]:
         """Claim the next batch(es) from the chunk and, once it is dry, from the rest of its job
-        (while ``chunk_linger_seconds`` allows); their inputs start loading at once."""
+        (while ``chunk_linger_seconds`` allows); once the job is dry too, fill the batch from
+        other jobs (``batch_fill``). Their inputs start loading at once."""
+        batches = [] if scope.filling else self._claim_job(scope, report, prefetch=prefetch)
+        # The first fill rides on a prefetch, beside the model: a job's own first batch starts
+        # without waiting for it (a one-item job's latency).
+        if not (prefetch or scope.filling) or not self._may_fill(scope, batches, report):
+            return batches
+        scope.filling = True
+        fresh = batches[-1] if batches else Batch([], careful=False)
+        want = self.settings.batch_size - len(fresh.items)
+        if want < 1 or (prefetch and scope.fill_dry and not batches):
+            return batches  # full, or the last fill came back short: ask after the batch
+        t0 = time.perf_counter()
+        with self.session_factory() as session:
+            items = jobs.claim_fill(session, like=scope.chunk.job_id, worker_id=self.worker_id,
+                                    limit=want, lease_seconds=self.settings.lease_seconds,
+                                    now=utcnow())
+        self.leases.add(i.id for i in items)
+        with self._report_lock:
+            report.add_timing("claim", (time.perf_counter() - t0) * 1000.0)
+        scope.fill_dry = len(fresh.items) + len(items) < self.settings.batch_size
+        if not items:
+            return batches
+        report.claimed += len(items)
+        report.filled += len(items)
+        fresh.items.extend(items)
+        fresh.prepared.extend(self._start_loading(items))
+        return batches or [fresh]
+
+    def _may_fill(self, scope: Scope, batches: list[Batch], report: ChunkReport) -> bool:
+        """Fill only once the job has nothing left to claim here (its last claim came back short
+        and lingering is over or not needed), never beside a suspect, within the linger time."""
+        if not self.settings.batch_fill or scope.cancelling:
+            return False
+        if time.monotonic() >= scope.linger_until:
+            return False
+        if scope.filling:
+            return True
+        if not batches and report.claimed == 0:
+            # This message's job had nothing left (another process took it, filling or
+            # lingering): end here, cheaply. Jobs still queued have messages of their own.
+            return False
+        if any(b.careful for b in batches) or not scope.dry:
+            return False
+        return scope.lingering or not self._may_linger(scope)
+
+    def _claim_job(self, scope: Scope, report: ChunkReport, *, prefetch: bool) -> list[Batch]:
+        """Claim from the chunk and, once it is dry, from the rest of its job."""
         chunk = scope.chunk
         # A claim that came back short left its range dry: a prefetch (beside the model) does
         # not ask again; the claim after the batch does (a backoff may have ended meanwhile).
@@ -37,7 +88,7 @@ class Claiming(EngineState):
             scope.lingering, scope.dry, skip = True, False, False
         if skip or not self._may_linger(scope):
             return []
-        whole = jobs.Chunk(chunk.job_id, 0, scope.job_end, chunk.priority)
+        whole = jobs.Chunk(chunk.job_id, 0, self._job_end(chunk), chunk.priority)
         batches = self._claim_range(scope, whole, report, prefetch=prefetch)
         report.lingered += sum(1 for b in batches for i in b.items
                                if not chunk.start <= i.index < chunk.end)
@@ -45,7 +96,7 @@ class Claiming(EngineState):
 
     def _may_linger(self, scope: Scope) -> bool:
         chunk = scope.chunk
-        return (scope.job_end > chunk.end - chunk.start and not scope.cancelling
+        return (self._job_end(chunk) > chunk.end - chunk.start and not scope.cancelling
                 and time.monotonic() < scope.linger_until)
 
     def _claim_range(self, scope: Scope, chunk: Chunk, report: ChunkReport, *,
@@ -80,9 +131,21 @@ class Claiming(EngineState):
 
         t0 = time.perf_counter()
         with self.session_factory() as session:
-            # One session for both reads: the status check costs no extra pool checkout.
-            if jobs.job_status(session, job_id=chunk.job_id) == JobStatus.cancelling.value:
+            # One session for both reads: the status check costs no extra pool checkout; the
+            # item count and the cap come with it (cached: fixed once the job is published).
+            status, count, cap = jobs.job_head(session, job_id=chunk.job_id)
+            if len(self._job_end_cache) > 10_000:  # one entry per job seen: keep it bounded
+                self._job_end_cache.clear()
+                self._max_attempts_cache.clear()
+            self._job_end_cache.setdefault(chunk.job_id, count)
+            self._max_attempts_cache.setdefault(chunk.job_id, cap)
+            if status == JobStatus.cancelling.value:
                 scope.cancelling = True
+                return []
+            if status not in CLAIMABLE_JOB:
+                # Final (or finalizing): a stale message, or one whose items other processes
+                # took. Nothing to claim, so no further queries.
+                scope.dry = True
                 return []
             suspects = jobs.suspect_indexes(session, chunk=chunk,
                                             limit=self.settings.batch_size)
@@ -114,11 +177,13 @@ class Claiming(EngineState):
         for batch in batches:
             report.claimed += len(batch.items)
             if not batch.careful and batch.items[0].task != FINETUNE:
-                batch.prepared = [
-                    self._io.submit(prepare, item, settings=self.settings, store=self.store)
-                    for item in batch.items
-                ]
+                batch.prepared = self._start_loading(batch.items)
         return batches
+
+    def _start_loading(self, items: list[ClaimedItem]) -> list[Future[Prepared]]:
+        """Read and decode the items' inputs in the I/O pool."""
+        return [self._io.submit(prepare, item, settings=self.settings, store=self.store)
+                for item in items]
 
     def _job_end(self, chunk: Chunk) -> int:
         """The job's item count (fixed once it is published), at least the chunk's end."""

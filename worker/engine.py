@@ -135,8 +135,7 @@ class Engine(Claiming, Finishing, Outages):
             while len(pending) > keep:
                 pending.popleft().result()  # re-raises a finisher failure (DB down, ...)
 
-        scope = Scope(chunk, self._job_end(chunk),
-                       time.monotonic() + self.settings.chunk_linger_seconds)
+        scope = Scope(chunk, time.monotonic() + self.settings.chunk_linger_seconds)
         queue.extend(self._claim(scope, report))
         while queue:
             batch = queue.popleft()
@@ -157,7 +156,8 @@ class Engine(Claiming, Finishing, Outages):
                     # Overlap: claim + decode the next batch beside the model, off its thread.
                     next_claim = self._claimer.submit(self._claim, scope, report, prefetch=True)
                 try:
-                    served, prepared = self.cache.split(prepared, settle=drain)
+                    served, prepared = self.cache.split(prepared, settle=drain,
+                                                         job_id=chunk.job_id)
                     outputs, bad, info, infer_ms = infer(self.models, prepared)
                     outputs += served
                 finally:

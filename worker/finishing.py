@@ -73,10 +73,12 @@ class Finishing(EngineState):
                     jobs.ItemFailure(item_id=prep.item.id, error=err, attempt=prep.item.attempts)
                 )
         won = 0
-        attempts = {i.id: i.attempts for i in batch.items}
-        cap = self._max_attempts(batch.items[0].job_id)
+        # A filled batch holds items of several jobs (loom.jobs.fill): each has its job's cap.
+        claimed = {i.id: i for i in batch.items}
         permanent = sum(
-            1 for f in failures if not f.error.transient or attempts.get(f.item_id, cap) >= cap
+            1 for f in failures
+            if not f.error.transient
+            or claimed[f.item_id].attempts >= self._max_attempts(claimed[f.item_id].job_id)
         )
         t_complete = time.perf_counter()
         released = 0

@@ -13,6 +13,7 @@ from loom.jobs.catalog import model_versions, record_model_version
 from loom.jobs.chunks import (
     SUSPECT_CODES,
     job_chunks,
+    job_head,
     job_item_count,
     job_max_attempts,
     job_status,
@@ -21,8 +22,11 @@ from loom.jobs.chunks import (
 )
 from loom.jobs.claims import cancel_remaining, claim_items, complete_items, fail_items, heartbeat
 from loom.jobs.control import cancel_job, retry_failed
+from loom.jobs.fill import claim_fill
 from loom.jobs.finalize import (
     complete_finalization,
+    complete_finalizations,
+    finalize_jobs,
     fire_webhook,
     maybe_finalize,
     webhook_payload,
@@ -91,8 +95,10 @@ __all__ = [
     "cached_outputs",
     "cancel_job",
     "cancel_remaining",
+    "claim_fill",
     "claim_items",
     "complete_finalization",
+    "complete_finalizations",
     "complete_items",
     "existing_for_key",
     "fail_items",
@@ -107,6 +113,7 @@ __all__ = [
     "iter_results",
     "job_chunks",
     "job_dict",
+    "job_head",
     "job_item_count",
     "job_max_attempts",
     "job_progress",
@@ -117,6 +124,7 @@ __all__ = [
     "lineage_dict",
     "list_items",
     "list_jobs",
+    "finalize_jobs",
     "maybe_finalize",
     "model_dict",
     "model_versions",

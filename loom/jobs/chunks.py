@@ -29,6 +29,17 @@ def job_item_count(session: Session, *, job_id: str) -> int:
     return int(session.scalar(select(Job.item_count).where(Job.id == job_id)) or 0)
 
 
+def job_head(session: Session, *, job_id: str) -> tuple[str | None, int, int]:
+    """(status, item count, max attempts) in one read: what a worker checks before each claim
+    and caches (the count and the cap are fixed once the job is published)."""
+    row = session.execute(
+        select(Job.status, Job.item_count, Job.max_attempts).where(Job.id == job_id)
+    ).one_or_none()
+    if row is None:
+        return None, 0, 1
+    return row.status, int(row.item_count or 0), int(row.max_attempts or 1)
+
+
 def job_chunks(session: Session, *, job_id: str) -> list[Chunk]:
     """The job's chunks in index order (the outbox rows are the chunk registry)."""
     rows = session.execute(

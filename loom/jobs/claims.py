@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, aliased
 
 from loom.db import begin_write
 from loom.jobs import claims_pg
-from loom.jobs.finalize import maybe_finalize
+from loom.jobs.finalize import finalize_jobs, maybe_finalize
 from loom.jobs.types import (
     CLAIMABLE_JOB,
     MAX_BACKOFF_SECONDS,
@@ -49,20 +49,17 @@ def claim_items(
 ) -> list[ClaimedItem]:
     """Lease up to ``limit`` claimable items of [start, end) in ONE conditional UPDATE.
 
-    PostgreSQL: the inner SELECT takes row locks with SKIP LOCKED, so concurrent claimers split
-    the rows instead of queueing on them. SQLite: BEGIN IMMEDIATE serialises writers and the
-    UPDATE ... WHERE id IN (SELECT ... LIMIT n) is atomic.
+    PostgreSQL (claims_pg, one statement): the inner SELECT takes row locks with SKIP LOCKED, so
+    concurrent claimers split the rows instead of queueing on them. SQLite (below): BEGIN
+    IMMEDIATE serialises writers and the UPDATE ... WHERE id IN (SELECT ... LIMIT n) is atomic.
     """
     now = now or utcnow()
     if limit < 1:
         return []
     if _is_postgresql(session):
-        fast = claims_pg.claim(session, job_id=job_id, start=start, end=end,
+        return claims_pg.claim(session, job_id=job_id, start=start, end=end,
                                worker_id=worker_id, limit=limit, lease_seconds=lease_seconds,
                                now=now)
-        if fast is not None:
-            return fast
-        # The job is still 'queued': the portable path below moves it to running first.
     begin_write(session)
     job = session.execute(
         select(Job.status, Job.max_attempts, Job.tenant_id, Job.task, Job.model_name, Job.params)
@@ -192,8 +189,7 @@ def _finalize_all(
 ) -> None:
     # After our commit, in fresh statements: whoever commits the last open item sees no open
     # items here, and the conditional UPDATE in maybe_finalize picks exactly one winner.
-    for job_id in sorted(job_ids):
-        maybe_finalize(session, job_id=job_id, store=store, on_finalized=on_finalized, now=now)
+    finalize_jobs(session, job_ids=job_ids, store=store, on_finalized=on_finalized, now=now)
 
 
 def complete_items(

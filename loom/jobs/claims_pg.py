@@ -27,14 +27,21 @@ from sqlalchemy.orm import Session
 from loom.jobs.types import ClaimedItem, ItemResult
 
 # The claim for a job that is already running (the common case). ``j`` yields the job row when
-# it is claimable at all; items are only picked when it is 'running' (a 'queued' job must first
-# move to running, which the portable path does with the job row locked first).
+# it is claimable at all; items are only picked when it is 'running' (a 'queued' job is first
+# moved to running by _START, below).
 #
 # The claim commits without waiting for its WAL flush (synchronous_commit off for this one
 # statement's transaction; the completion's commit still waits and flushes everything before
 # it). Losing a claim in a database crash is harmless: its items are claimable again, and the
 # worker's completion no longer matches the fence (lease_owner), so nothing finishes twice.
-_CLAIM = text("""
+# What a claim sets on the rows it takes (this claim's lease, one more attempt); loom.jobs.fill's
+# claim sets the same.
+LEASE_SET = """
+        status = 'running', lease_owner = :worker_id, lease_expires_at = :expires,
+        attempts = items.attempts + 1, available_at = NULL, started_at = :now,
+        finished_at = NULL, updated_at = :now"""
+
+_CLAIM = text(f"""
 WITH cfg AS (
     SELECT set_config('synchronous_commit', 'off', true)
 ),
@@ -55,15 +62,11 @@ picked AS MATERIALIZED (
     FOR UPDATE OF i SKIP LOCKED
 ),
 upd AS (
-    UPDATE items SET
-        status = 'running', lease_owner = :worker_id, lease_expires_at = :expires,
-        attempts = items.attempts + 1, available_at = NULL, started_at = :now,
-        finished_at = NULL,
+    UPDATE items SET {LEASE_SET},
         error_code = CASE WHEN picked.old_status = 'running' THEN 'worker_lost'
                           ELSE items.error_code END,
         error_message = CASE WHEN picked.old_status = 'running' THEN :takeover
-                             ELSE items.error_message END,
-        updated_at = :now
+                             ELSE items.error_message END
     FROM picked
     WHERE items.id = picked.id
     RETURNING items.id, items.index, items.input, items.attempts, picked.old_status
@@ -79,6 +82,14 @@ SELECT j.status, j.tenant_id, j.task, j.model_name, CAST(j.params AS text) AS pa
        upd.id, upd.index, CAST(upd.input AS text) AS input, upd.attempts
 FROM j LEFT JOIN upd ON true
 ORDER BY upd.index
+""")
+
+# A queued job becomes running before its first claim: the job row alone, in its own statement,
+# so a claim never holds item locks while it waits for the job row (cancel_job locks the job row
+# first, then its items).
+_START = text("""
+UPDATE jobs SET status = 'running', started_at = :now, updated_at = :now
+WHERE id = :job_id AND status = 'queued'
 """)
 
 # Completion: the batch arrives as one JSON array of rows (encoded in C, parsed server-side:
@@ -134,7 +145,7 @@ WHERE EXISTS (SELECT 1 FROM items WHERE items.job_id = j.id AND status IN ('queu
 """)
 
 
-def _autocommit(session: Session) -> Connection:
+def autocommit(session: Session) -> Connection:
     """The session's connection in autocommit mode: each statement is its own transaction."""
     if session.in_transaction():
         session.commit()
@@ -144,23 +155,23 @@ def _autocommit(session: Session) -> Connection:
 def claim(
     session: Session, *, job_id: str, start: int, end: int, worker_id: str, limit: int,
     lease_seconds: float, now: datetime,
-) -> list[ClaimedItem] | None:
-    """Claim for a running job in one statement. None: the job is still 'queued' (the caller
-    takes the portable path, which moves it to running first)."""
+) -> list[ClaimedItem]:
+    """Claim in one statement (a queued job is moved to running first, in a statement of its
+    own)."""
     takeover = f"lease expired; taken over by {worker_id} at {now.isoformat()}"
-    conn = _autocommit(session)
-    try:
-        rows = conn.execute(_CLAIM, {
-            "job_id": job_id, "start": start, "end": end, "limit": limit, "now": now,
+    args = {"job_id": job_id, "start": start, "end": end, "limit": limit, "now": now,
             "expires": now + timedelta(seconds=lease_seconds), "worker_id": worker_id,
-            "takeover": takeover,
-        }).all()
+            "takeover": takeover}
+    conn = autocommit(session)
+    try:
+        rows = conn.execute(_CLAIM, args).all()
+        if rows and rows[0].status == "queued":
+            conn.execute(_START, {"job_id": job_id, "now": now})
+            rows = conn.execute(_CLAIM, args).all()
     finally:
         session.commit()  # hands the connection back; nothing is left open
-    if not rows:
+    if not rows or rows[0].status != "running":
         return []  # no such job, or cancelling / cancelled / finished
-    if rows[0].status != "running":
-        return None
     head = rows[0]
     # json columns come back as text: parsed here once for the job, once per item.
     params = json.loads(head.params) if head.params else {}
@@ -193,7 +204,7 @@ def complete(
         for r in results
     ]
     params = {"rows": _dumps(rows), "worker_id": worker_id, "now": now}
-    conn = _autocommit(session)
+    conn = autocommit(session)
     try:
         won = [r.job_id for r in conn.execute(_COMPLETE, params)]
         job_ids = sorted(set(won))

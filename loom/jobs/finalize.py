@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import case, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from loom import webhooks
@@ -39,32 +39,58 @@ def maybe_finalize(
     now: datetime | None = None,
 ) -> bool:
     """Finalise the job if it has no open items. True only for the one caller that did it."""
+    return job_id in finalize_jobs(session, job_ids=[job_id], store=store,
+                                   on_finalized=on_finalized, now=now)
+
+
+def finalize_jobs(
+    session: Session,
+    *,
+    job_ids: Collection[str],
+    store: Store | None = None,
+    on_finalized: Callable[[Job], None] | None = None,
+    now: datetime | None = None,
+) -> list[str]:
+    """``maybe_finalize`` for several jobs in a handful of statements, not a dozen per job (a
+    batch filled from many small jobs drains several at once). Returns the jobs this call
+    finalised; each job is finalised by exactly one caller, as with ``maybe_finalize``."""
     now = now or utcnow()
-    no_open_items = ~exists().where(Item.job_id == job_id, Item.status.in_(OPEN_ITEM))
+    ids = sorted(set(job_ids))
+    if not ids:
+        return []
     # Fast path without locks: most calls (every completed batch) find open items.
-    if not session.scalar(select(no_open_items)):
-        session.commit()
-        return False
-    begin_write(session)
-    # Lock the job row first (PostgreSQL), then look at the items in a new statement: a
-    # concurrent retry_failed or cancel_job holds this lock until it commits, so its changes are
-    # visible here instead of being missed by a snapshot taken before it committed.
-    status = session.scalar(select(Job.status).where(Job.id == job_id).with_for_update())
-    if status not in OPEN_JOB:
-        session.rollback()
-        return False
-    won = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == status, no_open_items)
-        .values(status=JobStatus.finalizing.value, updated_at=now)
-        .execution_options(synchronize_session=False)
-    ).rowcount  # type: ignore[attr-defined]
-    if won != 1:
-        session.rollback()
-        return False  # open items remain: whoever closes the last one finalises
+    busy = set(session.scalars(
+        select(Item.job_id).where(Item.job_id.in_(ids), Item.status.in_(OPEN_ITEM)).distinct()))
+    ids = [i for i in ids if i not in busy]
     session.commit()
-    return complete_finalization(session, job_id=job_id, store=store,
-                                 on_finalized=on_finalized, now=now)
+    if not ids:
+        return []
+    begin_write(session)
+    # Lock the job rows first (PostgreSQL; in id order, so two finalisers cannot deadlock), then
+    # look at the items in a new statement: a concurrent retry_failed or cancel_job holds its
+    # job's lock until it commits, so its changes are visible here instead of being missed by a
+    # snapshot taken before it committed.
+    locked = session.scalars(
+        select(Job.id).where(Job.id.in_(ids), Job.status.in_(OPEN_JOB)).order_by(Job.id)
+        .with_for_update()
+    ).all()
+    if not locked:
+        session.rollback()
+        return []
+    no_open_items = ~exists().where(Item.job_id == Job.id, Item.status.in_(OPEN_ITEM))
+    won = session.scalars(
+        update(Job)
+        .where(Job.id.in_(locked), Job.status.in_(OPEN_JOB), no_open_items)
+        .values(status=JobStatus.finalizing.value, updated_at=now)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    if not won:
+        session.rollback()
+        return []  # open items remain: whoever closes the last one finalises
+    session.commit()
+    return complete_finalizations(session, job_ids=won, store=store, on_finalized=on_finalized,
+                                  now=now)
 
 
 def _final_status(counts: dict[str, int], *, cancel_requested: bool) -> str:
@@ -147,65 +173,94 @@ def complete_finalization(
 ) -> bool:
     """Second half of finalisation for a job in ``finalizing`` (also used by the reconciler when a
     finaliser died halfway): manifest, terminal status, then webhook and callback after commit."""
+    return job_id in complete_finalizations(session, job_ids=[job_id], store=store,
+                                            on_finalized=on_finalized, now=now)
+
+
+def complete_finalizations(
+    session: Session,
+    *,
+    job_ids: Collection[str],
+    store: Store | None = None,
+    on_finalized: Callable[[Job], None] | None = None,
+    now: datetime | None = None,
+) -> list[str]:
+    """``complete_finalization`` for several jobs: one manifest per job, the reads and writes
+    around them shared. A job whose manifest cannot be written (store down) stays
+    ``finalizing`` for the reconciler; the others go on. Returns the jobs it finalised."""
     now = now or utcnow()
-    job = session.get(Job, job_id, populate_existing=True)
-    if job is None or job.status != JobStatus.finalizing.value:
+    finalizing = JobStatus.finalizing.value
+    found = session.scalars(
+        select(Job).where(Job.id.in_(sorted(set(job_ids))), Job.status == finalizing)
+        .order_by(Job.id).execution_options(populate_existing=True)
+    ).all()
+    if not found:
         session.rollback()
-        return False
-    counts: dict[str, int] = {
-        status: n
-        for status, n in session.execute(
-            select(Item.status, func.count()).where(Item.job_id == job_id).group_by(Item.status)
-        )
-    }
-    key: str | None = None
-    if store is not None:
+        return []
+    ids = [j.id for j in found]
+    counts: dict[str, dict[str, int]] = {i: {} for i in ids}
+    for job_id, status, n in session.execute(
+        select(Item.job_id, Item.status, func.count()).where(Item.job_id.in_(ids))
+        .group_by(Item.job_id, Item.status)
+    ):
+        counts[job_id][status] = n
+    keys: dict[str, str | None] = {}
+    for job in found:
+        if store is None:
+            keys[job.id] = None
+            continue
         try:
-            key = write_manifest(session, job=job, store=store)
+            keys[job.id] = write_manifest(session, job=job, store=store)
         except LoomError as exc:
             # Stay in "finalizing": the reconciler retries once the store is back.
-            log.warning("job %s: could not write results manifest: %s", job_id, exc.message)
-            session.rollback()
-            return False
+            log.warning("job %s: could not write results manifest: %s", job.id, exc.message)
+    if not keys:
+        session.rollback()
+        return []
     # cancel_job records a job-level "cancelled" event; the job may have been cancelled even if
     # every remaining item then finished (they were already running).
-    cancel_requested = session.scalar(
-        select(exists().where(Event.job_id == job_id, Event.kind == "cancelled",
-                              Event.item_id.is_(None)))
-    )
-    final = _final_status(counts, cancel_requested=bool(cancel_requested))
+    cancel_requested = set(session.scalars(
+        select(Event.job_id).where(Event.job_id.in_(list(keys)), Event.kind == "cancelled",
+                                   Event.item_id.is_(None))))
+    final = {i: _final_status(counts[i], cancel_requested=i in cancel_requested) for i in keys}
     session.commit()  # end the read transaction before taking the write lock
 
     begin_write(session)
-    done = session.execute(
+    done = session.scalars(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.finalizing.value)
-        .values(status=final, results_key=key, finished_at=now, updated_at=now)
+        .where(Job.id.in_(list(final)), Job.status == finalizing)
+        .values(status=case(final, value=Job.id), results_key=case(keys, value=Job.id),
+                finished_at=now, updated_at=now)
+        .returning(Job.id)
         .execution_options(synchronize_session=False)
-    ).rowcount  # type: ignore[attr-defined]
-    if done != 1:
+    ).all()
+    if not done:
         session.rollback()
-        return False
-    add_events(session, [{"job_id": job_id, "kind": "finalized", "message": final,
-                          "created_at": now}])
-    job = session.get(Job, job_id, populate_existing=True)
-    assert job is not None
+        return []
+    add_events(session, [{"job_id": i, "kind": "finalized", "message": final[i],
+                          "created_at": now} for i in sorted(done)])
+    finished = session.scalars(
+        select(Job).where(Job.id.in_(done)).order_by(Job.id)
+        .execution_options(populate_existing=True)
+    ).all()
     # The webhook is a delivery row written with the terminal status (never lost), sent once now
     # and retried by the reconciler (loom.webhooks: signed, SSRF-guarded at every hop).
-    queued = webhooks.enqueue(session, job=job, event="completed",
-                              payload=webhook_payload(job, counts), now=now)
+    queued = [job.id for job in finished
+              if webhooks.enqueue(session, job=job, event="completed",
+                                  payload=webhook_payload(job, counts[job.id]), now=now)]
     session.commit()
-    if queued:
+    for job_id in queued:
         try:
             webhooks.deliver_due(session, job_id=job_id)
         except Exception:  # best effort here; the reconciler retries
             log.exception("job %s: webhook delivery failed", job_id)
     if on_finalized is not None:
-        try:
-            on_finalized(job)
-        except Exception:  # best effort, like the webhook: the job is final either way
-            log.exception("job %s: on_finalized callback failed", job_id)
-    return True
+        for job in finished:
+            try:
+                on_finalized(job)
+            except Exception:  # best effort, like the webhook: the job is final either way
+                log.exception("job %s: on_finalized callback failed", job.id)
+    return [job.id for job in finished]
 
 
 def webhook_payload(job: Job, counts: dict[str, int]) -> dict[str, Any]:

@@ -130,6 +130,35 @@ def test_1000_generate_items_through_two_workers(
     )
 
 
+def test_small_jobs_share_batches_and_every_item_finishes_once(
+    cluster: Any, worker_app: str
+) -> None:
+    """Sixteen 3-item jobs submitted together: a worker whose own job ran dry fills its batch
+    (8 here) with the other jobs' items (loom.jobs.fill). Each item still finishes exactly once,
+    every job finalizes, and at least one model call served several jobs."""
+    from loom.models import Output
+
+    sf = cluster.session_factory
+    tenant = tenant_id(sf)
+    keys = upload_inputs(cluster.store, tenant, [shape_png(i) for i in range(48)])
+    ids = [submit(sf, task="caption", inputs=[{"image_key": k} for k in keys[j * 3:j * 3 + 3]],
+                  chunk_size=32, publish=cluster.publish, tenant=tenant) for j in range(16)]
+    cluster.pool.start("w1", app=worker_app)
+    cluster.pool.start("w2", app=worker_app)
+    for job_id in ids:
+        assert wait_for_job(sf, job_id, timeout=120, pool=cluster.pool) == "succeeded"
+    for job_id in ids:
+        assert_exactly_once(cluster, job_id, 3, kind="text")
+    with sf() as s:
+        outs = s.execute(select(Output.job_id, Output.worker_id, Output.timings)
+                         .where(Output.job_id.in_(ids))).all()
+    calls: dict[tuple[str, float], set[str]] = {}
+    for o in outs:
+        calls.setdefault((o.worker_id, o.timings["infer_ms"]), set()).add(o.job_id)
+    assert max(len(j) for j in calls.values()) >= 2, calls
+    assert len(calls) < 16  # fewer model calls than jobs
+
+
 def test_caption_inputs_from_s3_and_duplicate_delivery(
     cluster: Any, worker_app: str
 ) -> None:

@@ -428,7 +428,7 @@ def test_a_suspect_is_never_claimed_while_another_batch_is_in_flight(embedded: A
     chunk = jobs.Chunk(job_id, 0, 8)
     with make_engine_(embedded, FakeModel()) as engine:
         report = ChunkReport(job_id, 0, 8)
-        scope = _Scope(chunk, job_end=8, linger_until=0.0)
+        scope = _Scope(chunk, linger_until=0.0)
         assert engine._claim(scope, report, prefetch=True) == []  # nothing leased meanwhile
         (batch,) = engine._claim(scope, report)
         assert batch.careful and [i.index for i in batch.items] == [5]

@@ -1,0 +1,153 @@
+"""Filling a batch from other jobs: a worker whose own job ran dry tops its batch up with fresh
+queued items of other jobs that the same model call can serve.
+
+Why: a job of 5 items is a batch of 5, its own chunk message, claim, model call and completion.
+A thousand such jobs ran at a fifth of the rate of one job of the same 5,000 items (issue 12),
+because the model ran batches of 5 and the fixed costs were paid per job. Topped up, the model
+runs full batches whatever the jobs' sizes; the chunk messages of the jobs whose items were taken
+find nothing and ack at once.
+
+What may share a batch: jobs with the same task, model, params (one model call) and result-cache
+setting, of any tenant
+when the model is built in or an ``hf:`` model, of the same tenant when it is a registered
+(fine-tuned) model (its name means something else to another tenant). Only fresh items are
+taken: queued, available, no attempt spent. An item retried after a crash or a model error runs
+through its own job's chunk, where the poison-input rules (run it alone) apply.
+
+Order: priority first; within a priority, tenants take turns (each tenant's oldest job, then each
+tenant's second oldest, ...), so one tenant's thousand jobs do not starve another's one; then
+submission order, then item order. Fencing is unchanged: each item is claimed under the worker's
+lease and completed per item, so filling changes who runs an item, never how often.
+
+PostgreSQL only (``SKIP LOCKED`` lets concurrent fillers split the rows). On SQLite, where the
+embedded engine runs one job at a time, there is nothing to fill from and ``claim_fill`` returns
+no items.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from loom import tasks
+from loom.finetune import TASK as FINETUNE
+from loom.jobs.claims_pg import LEASE_SET, autocommit
+from loom.jobs.types import ClaimedItem
+
+# The jobs a batch of ``:like`` may be filled from. ``turn`` is the job's place in its tenant's
+# queue (oldest first): ordering by (priority, turn) makes the tenants alternate.
+_MATES = """
+    SELECT o.id, o.tenant_id, o.priority, o.created_at, o.max_attempts,
+           row_number() OVER (PARTITION BY o.tenant_id
+                              ORDER BY o.priority DESC, o.created_at, o.id) AS turn
+    FROM jobs AS o, jobs AS l
+    WHERE l.id = :like AND o.id <> :like AND o.status = :status
+      AND o.task = l.task AND o.model_name = l.model_name
+      AND CAST(o.params AS text) = CAST(l.params AS text) AND o.use_cache = l.use_cache
+      AND l.task <> :finetune
+      AND (l.model_name = ANY(:shared) OR l.model_name LIKE :hf OR o.tenant_id = l.tenant_id)
+      -- A running job whose items are all in flight has nothing to give.
+      AND EXISTS (SELECT 1 FROM items WHERE items.job_id = o.id AND items.status = 'queued')
+"""
+
+# Queued jobs become running before their items are claimed (the claim below takes items of
+# running jobs only, as the per-job claim does). Job rows alone, in their own statement: a claim
+# never holds item locks while it waits for a job row, so it cannot deadlock with cancel_job,
+# which locks the job row first.
+_START = text(f"""
+WITH mates AS ({_MATES}),
+picked AS (
+    SELECT jobs.id FROM jobs JOIN mates ON mates.id = jobs.id
+    ORDER BY mates.priority DESC, mates.turn, mates.created_at, mates.id
+    LIMIT :jobs
+    FOR UPDATE OF jobs SKIP LOCKED
+)
+UPDATE jobs SET status = 'running', started_at = :now, updated_at = :now
+FROM picked WHERE jobs.id = picked.id AND jobs.status = 'queued'
+RETURNING jobs.id
+""")
+
+# The claim: like claims_pg's, over the running mates instead of one job's range. At most :jobs
+# mates are looked at (each has at least one item, so :limit of them are always enough unless
+# other workers hold their items).
+_FILL = text(f"""
+WITH cfg AS (
+    SELECT set_config('synchronous_commit', 'off', true)
+),
+mates AS ({_MATES}),
+top AS (
+    SELECT mates.* FROM mates, cfg
+    ORDER BY mates.priority DESC, mates.turn, mates.created_at, mates.id
+    LIMIT :jobs
+),
+picked AS MATERIALIZED (
+    SELECT i.id, top.tenant_id, top.priority, top.turn, top.created_at AS job_created
+    FROM items AS i JOIN top ON i.job_id = top.id
+    WHERE i.status = 'queued' AND i.attempts = i.attempts_excused
+      AND (i.available_at IS NULL OR i.available_at <= :now)
+    ORDER BY top.priority DESC, top.turn, top.created_at, i.job_id, i.index
+    LIMIT :limit
+    FOR UPDATE OF i SKIP LOCKED
+),
+upd AS (
+    UPDATE items SET {LEASE_SET}
+    FROM picked
+    WHERE items.id = picked.id AND items.status = 'queued'
+    RETURNING items.id, items.job_id, items.index, items.input, items.attempts,
+              picked.tenant_id, picked.priority, picked.turn, picked.job_created
+),
+ev AS (
+    INSERT INTO events (job_id, item_id, kind, attempt, worker_id, created_at)
+    SELECT job_id, id, 'claimed', attempts, :worker_id, :now FROM upd
+)
+SELECT upd.id, upd.job_id, upd.index, CAST(upd.input AS text) AS input, upd.attempts,
+       upd.tenant_id, l.task, l.model_name, CAST(l.params AS text) AS params
+FROM upd, jobs AS l WHERE l.id = :like
+ORDER BY upd.priority DESC, upd.turn, upd.job_created, upd.job_id, upd.index
+""")
+
+
+def claim_fill(
+    session: Session,
+    *,
+    like: str,
+    worker_id: str,
+    limit: int,
+    lease_seconds: float,
+    now: datetime,
+) -> list[ClaimedItem]:
+    """Lease up to ``limit`` fresh items of jobs other than ``like`` that one model call can run
+    together with ``like``'s items; see the module docstring for which and in what order. Each
+    statement is its own transaction, as in claims_pg."""
+    if limit < 1 or session.get_bind().dialect.name != "postgresql":
+        return []
+    args = {"like": like, "shared": list(tasks.BUILTIN_MODELS), "hf": tasks.HF_PREFIX + "%",
+            "finetune": FINETUNE, "jobs": limit, "limit": limit, "now": now}
+    conn = autocommit(session)
+    try:
+        rows = conn.execute(_FILL, {**args, "status": "running", "worker_id": worker_id,
+                                    "expires": now + timedelta(seconds=lease_seconds)}).all()
+        if len(rows) < limit:
+            # Start queued mates, then claim again: a thousand small jobs submitted together
+            # are still queued when the first worker gets to them.
+            started = conn.execute(_START, {**args, "status": "queued",
+                                            "jobs": limit - len(rows)}).all()
+            if started:
+                rows += conn.execute(_FILL, {
+                    **args, "status": "running", "limit": limit - len(rows),
+                    "worker_id": worker_id,
+                    "expires": now + timedelta(seconds=lease_seconds)}).all()
+    finally:
+        session.commit()  # hands the connection back
+    if not rows:
+        return []
+    params = json.loads(rows[0].params) if rows[0].params else {}
+    return [
+        ClaimedItem(id=r.id, job_id=r.job_id, tenant_id=r.tenant_id, index=r.index,
+                    task=r.task, model_name=r.model_name, params=dict(params or {}),
+                    input=json.loads(r.input) if r.input else {}, attempts=r.attempts)
+        for r in rows
+    ]
