@@ -102,6 +102,11 @@ def test_local_store_writes_atomically_inside_its_root(tmp_path: Path) -> None:
     with pytest.raises(InvalidKey):
         s.put("evil/x.txt", b"x", "text/plain")
     assert not (outside / "x.txt").exists()
+    # ... nor a file symlink planted in a folder the store has already used.
+    (outside / "secret").write_bytes(b"secret")
+    os.symlink(outside / "secret", (root / KEY).parent / "link.png")
+    with pytest.raises(InvalidKey):
+        s.get(KEY.rsplit("/", 1)[0] + "/link.png")
 
 
 def test_local_store_put_file_links_on_its_filesystem(tmp_path: Path) -> None:
