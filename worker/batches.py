@@ -83,6 +83,7 @@ class EngineState:
     _io: ThreadPoolExecutor
     _report_lock: threading.Lock
     _store_down: threading.Event
+    _fill_quiet_until: float  # monotonic time before which no fill is tried (worker.claiming)
     _job_end_cache: dict[str, int]
     _max_attempts_cache: dict[str, int]
     _max_attempts: Callable[[str], int]

@@ -23,6 +23,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from worker.inputs import Prepared
 
 
+# After a fill that found nothing, a process does not ask again for this long. Skipping a fill
+# never strands work (every job has its own message); asking after every small job cost each one
+# two statements (a few ms here) when there was nothing to share a batch with.
+FILL_QUIET_SECONDS = 0.1
+
+
 class Claiming(EngineState):
     def _claim(self, scope: Scope, report: ChunkReport, *, prefetch: bool = False) -> list[Batch]:
         """Claim the next batch(es) from the chunk and, once it is dry, from the rest of its job
@@ -38,11 +44,15 @@ class Claiming(EngineState):
         want = self.settings.batch_size - len(fresh.items)
         if want < 1 or (prefetch and scope.fill_dry and not batches):
             return batches  # full, or the last fill came back short: ask after the batch
+        if time.monotonic() < self._fill_quiet_until:
+            return batches  # a fill found nothing moments ago (see FILL_QUIET_SECONDS)
         t0 = time.perf_counter()
         with self.session_factory() as session:
             items = jobs.claim_fill(session, like=scope.chunk.job_id, worker_id=self.worker_id,
                                     limit=want, lease_seconds=self.settings.lease_seconds,
                                     now=utcnow())
+        if not items:
+            self._fill_quiet_until = time.monotonic() + FILL_QUIET_SECONDS
         self.leases.add(i.id for i in items)
         with self._report_lock:
             report.add_timing("claim", (time.perf_counter() - t0) * 1000.0)

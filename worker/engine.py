@@ -102,6 +102,7 @@ class Engine(Claiming, Finishing, Outages):
         self._job_end_cache: dict[str, int] = {}
         # Set by the finisher when a store call failed for want of a store; claims wait on it.
         self._store_down = threading.Event()
+        self._fill_quiet_until = 0.0
 
     # --- models ------------------------------------------------------------------------------
 
