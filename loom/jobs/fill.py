@@ -49,8 +49,10 @@ _MATES = """
       AND CAST(o.params AS text) = CAST(l.params AS text) AND o.use_cache = l.use_cache
       AND l.task <> :finetune
       AND (l.model_name = ANY(:shared) OR l.model_name LIKE :hf OR o.tenant_id = l.tenant_id)
-      -- A running job whose items are all in flight has nothing to give.
-      AND EXISTS (SELECT 1 FROM items WHERE items.job_id = o.id AND items.status = 'queued')
+      -- A job whose items are all in flight, backing off or retried has nothing to give.
+      AND EXISTS (SELECT 1 FROM items WHERE items.job_id = o.id AND items.status = 'queued'
+                  AND items.attempts = items.attempts_excused
+                  AND (items.available_at IS NULL OR items.available_at <= :now))
 """
 
 # Queued jobs become running before their items are claimed (the claim below takes items of

@@ -95,6 +95,9 @@ def test_fill_leaves_retried_and_backed_off_items_to_their_own_chunks(
                     .values(available_at=utcnow() + timedelta(minutes=5)))
     session.commit()
     assert [i.index for i in fill(session, own)] == [2]
+    # A job with nothing fresh does not take a place among the jobs looked at.
+    later = make_job(1)
+    assert [i.job_id for i in fill(session, own, limit=1)] == [later.id]
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
