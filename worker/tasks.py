@@ -201,9 +201,9 @@ def run_chunk(self: Any, job_id: str, start: int, end: int) -> dict[str, Any]:
         # The reconciler is the backstop if retries run out: the items stay in the database.
         raise self.retry(exc=exc, countdown=countdown) from exc
     log.info(
-        "chunk %s[%s:%s]: claimed=%d succeeded=%d failed=%d retried=%d in %.2fs",
-        job_id, start, end, report.claimed, report.succeeded, report.failed, report.retried,
-        report.seconds,
+        "chunk %s[%s:%s]: claimed=%d (lingered=%d filled=%d) succeeded=%d failed=%d "
+        "retried=%d in %.2fs", job_id, start, end, report.claimed, report.lingered,
+        report.filled, report.succeeded, report.failed, report.retried, report.seconds,
     )
     # What Flower shows as the task's result: the chunk's items, and "all_failed" when every item
     # it finished failed. The task itself still succeeds: the items' failures are recorded on
@@ -220,4 +220,6 @@ def chunk_summary(report: Any) -> dict[str, Any]:
     return {"state": state, "claimed": report.claimed, "succeeded": report.succeeded,
             "failed": report.failed, "retried": report.retried, "cancelled": report.cancelled,
             "fenced": report.fenced, "cached": getattr(report, "cached", 0),
+            # Claimed beyond the chunk: from the rest of its job, and from other jobs.
+            "lingered": getattr(report, "lingered", 0), "filled": getattr(report, "filled", 0),
             "seconds": round(report.seconds, 3)}
