@@ -40,7 +40,7 @@ from loom.jobs.types import ClaimedItem
 # The jobs a batch of ``:like`` may be filled from. ``turn`` is the job's place in its tenant's
 # queue (oldest first): ordering by (priority, turn) makes the tenants alternate.
 _MATES = """
-    SELECT o.id, o.tenant_id, o.priority, o.created_at, o.max_attempts,
+    SELECT o.id, o.tenant_id, o.priority, o.created_at,
            row_number() OVER (PARTITION BY o.tenant_id
                               ORDER BY o.priority DESC, o.created_at, o.id) AS turn
     FROM jobs AS o, jobs AS l
@@ -73,8 +73,9 @@ RETURNING jobs.id
 """)
 
 # The claim: like claims_pg's, over the running mates instead of one job's range. At most :jobs
-# mates are looked at (each has at least one item, so :limit of them are always enough unless
-# other workers hold their items).
+# mates are looked at (each has at least one fresh item, so :limit of them are enough unless
+# other workers take those items first). A fresh item has spent no attempt, so the job's attempt
+# cap never excludes it.
 _FILL = text(f"""
 WITH cfg AS (
     SELECT set_config('synchronous_commit', 'off', true)
