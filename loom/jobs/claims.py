@@ -185,11 +185,12 @@ def _fence(worker_id: str, entries: Sequence[ItemResult | ItemFailure]) -> Any:
 
 def _finalize_all(
     session: Session, job_ids: set[str], store: Store | None,
-    on_finalized: Callable[[Job], None] | None, now: datetime,
+    on_finalized: Callable[[Job], None] | None, now: datetime, *, drained: bool = False,
 ) -> None:
     # After our commit, in fresh statements: whoever commits the last open item sees no open
-    # items here, and the conditional UPDATE in maybe_finalize picks exactly one winner.
-    finalize_jobs(session, job_ids=job_ids, store=store, on_finalized=on_finalized, now=now)
+    # items here, and the conditional UPDATE in finalize_jobs picks exactly one winner.
+    finalize_jobs(session, job_ids=job_ids, store=store, on_finalized=on_finalized, now=now,
+                  drained=drained)
 
 
 def complete_items(
@@ -213,7 +214,7 @@ def complete_items(
                                                now=now)
         # maybe_finalize checks again under the job row lock; this only skips the calls that
         # would find open items anyway (nearly every batch).
-        _finalize_all(session, drained, store, on_finalized, now)
+        _finalize_all(session, drained, store, on_finalized, now, drained=True)
         return len(won_jobs)
     begin_write(session)
     won = session.execute(

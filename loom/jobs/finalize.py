@@ -50,21 +50,26 @@ def finalize_jobs(
     store: Store | None = None,
     on_finalized: Callable[[Job], None] | None = None,
     now: datetime | None = None,
+    drained: bool = False,
 ) -> list[str]:
     """``maybe_finalize`` for several jobs in a handful of statements, not a dozen per job (a
     batch filled from many small jobs drains several at once). Returns the jobs this call
-    finalised; each job is finalised by exactly one caller, as with ``maybe_finalize``."""
+    finalised; each job is finalised by exactly one caller, as with ``maybe_finalize``.
+    ``drained``: the caller has just seen these jobs without open items (claims_pg.complete),
+    so the lock-free first look is skipped; the check under the job row lock still decides."""
     now = now or utcnow()
     ids = sorted(set(job_ids))
     if not ids:
         return []
-    # Fast path without locks: most calls (every completed batch) find open items.
-    busy = set(session.scalars(
-        select(Item.job_id).where(Item.job_id.in_(ids), Item.status.in_(OPEN_ITEM)).distinct()))
-    ids = [i for i in ids if i not in busy]
-    session.commit()
-    if not ids:
-        return []
+    if not drained:
+        # Fast path without locks: most calls (every completed batch) find open items.
+        busy = set(session.scalars(
+            select(Item.job_id).where(Item.job_id.in_(ids), Item.status.in_(OPEN_ITEM))
+            .distinct()))
+        ids = [i for i in ids if i not in busy]
+        session.commit()
+        if not ids:
+            return []
     begin_write(session)
     # Lock the job rows first (PostgreSQL; in id order, so two finalisers cannot deadlock), then
     # look at the items in a new statement: a concurrent retry_failed or cancel_job holds its
