@@ -26,6 +26,13 @@ from sqlalchemy.orm import Session
 
 from loom.jobs.types import ClaimedItem, ItemResult
 
+# What a claim sets on the rows it takes (this claim's lease, one more attempt); loom.jobs.fill's
+# claim sets the same.
+LEASE_SET = """
+        status = 'running', lease_owner = :worker_id, lease_expires_at = :expires,
+        attempts = items.attempts + 1, available_at = NULL, started_at = :now,
+        finished_at = NULL, updated_at = :now"""
+
 # The claim for a job that is already running (the common case). ``j`` yields the job row when
 # it is claimable at all; items are only picked when it is 'running' (a 'queued' job is first
 # moved to running by _START, below).
@@ -34,13 +41,6 @@ from loom.jobs.types import ClaimedItem, ItemResult
 # statement's transaction; the completion's commit still waits and flushes everything before
 # it). Losing a claim in a database crash is harmless: its items are claimable again, and the
 # worker's completion no longer matches the fence (lease_owner), so nothing finishes twice.
-# What a claim sets on the rows it takes (this claim's lease, one more attempt); loom.jobs.fill's
-# claim sets the same.
-LEASE_SET = """
-        status = 'running', lease_owner = :worker_id, lease_expires_at = :expires,
-        attempts = items.attempts + 1, available_at = NULL, started_at = :now,
-        finished_at = NULL, updated_at = :now"""
-
 _CLAIM = text(f"""
 WITH cfg AS (
     SELECT set_config('synchronous_commit', 'off', true)
