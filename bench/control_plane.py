@@ -29,9 +29,10 @@ from submit_throughput import DEFAULT_PG_ADMIN, pg_drop, pg_scratch  # noqa: E40
 
 def _worker(url: str, chunks: mp.Queue, ready: mp.Barrier, batch: int, out: mp.Queue) -> None:
     from loom import jobs
-    from loom.db import make_engine, make_session_factory
+    from loom.db import WORKER_PING_IDLE_SECONDS, make_engine, make_session_factory
 
-    engine = make_engine(url, pool_size=1)
+    # As a worker process's engine (worker.tasks): pinged only after sitting idle.
+    engine = make_engine(url, pool_size=1, ping_idle_seconds=WORKER_PING_IDLE_SECONDS)
     session_factory = make_session_factory(engine)
     worker_id = f"bench:{os.getpid()}"
     done = 0

@@ -8,10 +8,11 @@ queue instead of failing with "database is locked") and enforced foreign keys.
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,12 +29,26 @@ def is_sqlite(url_or_engine: str | Engine) -> bool:
     return url.startswith("sqlite")
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """Create an engine with Loom's connection settings for SQLite or PostgreSQL."""
+# What a worker process passes as ``ping_idle_seconds``: its connections are checked out several
+# times per batch, and a ping on every checkout was a third of the control plane's client time.
+WORKER_PING_IDLE_SECONDS = 1.0
+
+
+def make_engine(url: str, *, ping_idle_seconds: float | None = None, **kwargs: Any) -> Engine:
+    """Create an engine with Loom's connection settings for SQLite or PostgreSQL.
+
+    PostgreSQL connections are pinged before use, so a database restart does not surface as
+    errors on the next requests: on every checkout by default, or, with ``ping_idle_seconds``,
+    only when the connection sat unused in the pool that long (a hot loop then pays no extra
+    round trip; a restart within that window fails one statement, which invalidates the whole
+    pool, and the caller's outage handling retries)."""
     if not is_sqlite(url):
-        # pre_ping: a PostgreSQL restart must not surface as errors on the next requests.
-        kwargs.setdefault("pool_pre_ping", True)
-        return create_engine(url, **kwargs)
+        if ping_idle_seconds is None:
+            kwargs.setdefault("pool_pre_ping", True)
+            return create_engine(url, **kwargs)
+        engine = create_engine(url, **kwargs)
+        _ping_when_idle(engine, ping_idle_seconds)
+        return engine
 
     if sqlite3.sqlite_version_info < (3, 35):
         # Claims and completions are single UPDATE ... RETURNING statements.
@@ -66,6 +81,27 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def _ping_when_idle(engine: Engine, idle_seconds: float) -> None:
+    """SQLAlchemy's pessimistic disconnect handling, limited to connections idle that long: a
+    DisconnectionError raised at checkout makes the pool replace the connection (it retries the
+    checkout, so a dead connection never reaches the caller)."""
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_conn: Any, record: Any) -> None:
+        if record is not None:
+            record.info["loom_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("loom_idle_since")
+        if since is None or time.monotonic() - since < idle_seconds:
+            return  # new, or used moments ago
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as e:
+            raise exc.DisconnectionError(f"connection dropped while idle: {e}") from e
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -194,10 +194,15 @@ class Item(Base):
         # Expired-lease scans (reconcile): running items by lease expiry.
         Index("ix_items_running_lease", "lease_expires_at",
               postgresql_where=text("status = 'running'"), sqlite_where=text("status = 'running'")),
-        # "Does this job have open items?" after every completed batch (maybe_finalize).
-        Index("ix_items_open", "job_id",
+        # "Does this job have open items?" after every completed batch (maybe_finalize), and
+        # claims in index order that skip the finished items (migration 0008).
+        Index("ix_items_open", "job_id", "index",
               postgresql_where=text("status IN ('queued', 'running')"),
               sqlite_where=text("status IN ('queued', 'running')")),
+        # Items waiting for another attempt: the suspect check before each claim.
+        Index("ix_items_retried", "job_id", "index",
+              postgresql_where=text("status = 'queued' AND attempts > attempts_excused"),
+              sqlite_where=text("status = 'queued' AND attempts > attempts_excused")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

@@ -7,6 +7,7 @@ never write outside the store's root.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 _EXT_RE = re.compile(r"^[A-Za-z0-9]{1,10}$")
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9._=-]+$")
 _STREAM_CHUNK = 1024 * 1024
+# Opening an object refuses a symlink (ELOOP) without an lstat first; where the flag does not
+# exist (Windows), get() checks the path as every other method does.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 # S3's minimum size of every multipart part but the last.
 MIN_PART_SIZE = 5 * 1024 * 1024
 
@@ -154,6 +158,14 @@ class LocalStore:
         self._folders: dict[str, Path] = {}
 
     def _path(self, key: str) -> Path:
+        path = self._unchecked_path(key)
+        if path.is_symlink() and not path.resolve().is_relative_to(self.root):
+            raise InvalidKey(f"invalid storage key {key!r}")
+        return path
+
+    def _unchecked_path(self, key: str) -> Path:
+        """The key's path in a resolved folder inside the root; the object itself may still be
+        a symlink (``_path`` checks; ``get`` opens with O_NOFOLLOW instead, saving an lstat)."""
         folder, _, name = validate_key(key).rpartition("/")
         parent = self._folders.get(folder)
         if parent is None:
@@ -165,10 +177,7 @@ class LocalStore:
                 if len(self._folders) > 4096:
                     self._folders.clear()
                 self._folders[folder] = parent
-        path = parent / name
-        if path.is_symlink() and not path.resolve().is_relative_to(self.root):
-            raise InvalidKey(f"invalid storage key {key!r}")
-        return path
+        return parent / name
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         path = self._path(key)
@@ -203,9 +212,16 @@ class LocalStore:
             raise
 
     def get(self, key: str) -> bytes:
-        path = self._path(key)
+        path = self._unchecked_path(key) if _NOFOLLOW else self._path(key)
         try:
-            return path.read_bytes()
+            try:
+                fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                fd = os.open(self._path(key), os.O_RDONLY)  # a symlink: only if it stays inside
+            with os.fdopen(fd, "rb") as f:
+                return f.read()
         except FileNotFoundError as exc:
             raise InputMissing(f"no object at {key}") from exc
         except OSError as exc:

@@ -141,26 +141,25 @@ class Claiming(EngineState):
 
         t0 = time.perf_counter()
         with self.session_factory() as session:
-            # One session for both reads: the status check costs no extra pool checkout; the
-            # item count and the cap come with it (cached: fixed once the job is published).
-            status, count, cap = jobs.job_head(session, job_id=chunk.job_id)
-            if len(self._job_end_cache) > 10_000:  # one entry per job seen: keep it bounded
-                self._job_end_cache.clear()
-                self._max_attempts_cache.clear()
-            self._job_end_cache.setdefault(chunk.job_id, count)
-            self._max_attempts_cache.setdefault(chunk.job_id, cap)
-            if status == JobStatus.cancelling.value:
-                scope.cancelling = True
-                return []
-            if status not in CLAIMABLE_JOB:
-                # Final (or finalizing): a stale message, or one whose items other processes
-                # took. Nothing to claim, so no further queries.
-                scope.dry = True
-                return []
-            suspects = jobs.suspect_indexes(session, chunk=chunk,
-                                            limit=self.settings.batch_size)
+            # One read (one statement on PostgreSQL): the status, the item count and the cap
+            # (cached: fixed once the job is published), and the chunk's suspects.
+            head = jobs.claim_head(session, chunk=chunk, limit=self.settings.batch_size)
         with self._report_lock:
             report.add_timing("claim", (time.perf_counter() - t0) * 1000.0)
+        if len(self._job_end_cache) > 10_000:  # one entry per job seen: keep it bounded
+            self._job_end_cache.clear()
+            self._max_attempts_cache.clear()
+        self._job_end_cache.setdefault(chunk.job_id, head.item_count)
+        self._max_attempts_cache.setdefault(chunk.job_id, head.max_attempts)
+        if head.status == JobStatus.cancelling.value:
+            scope.cancelling = True
+            return []
+        if head.status not in CLAIMABLE_JOB:
+            # Final (or finalizing): a stale message, or one whose items other processes took.
+            # Nothing to claim, so no further queries.
+            scope.dry = True
+            return []
+        suspects = head.suspects
         if suspects and prefetch:
             return []
         batches: list[Batch] = []

@@ -65,13 +65,14 @@ def get_engine(node: str | None = None) -> Engine:
             # Built before a fork (never on purpose): leave the parent's pool and threads alone.
             _Process.engine = _Process.db_engine = _Process.reconciler = None
         if _Process.engine is None:
-            from loom.db import make_engine, make_session_factory
+            from loom.db import WORKER_PING_IDLE_SECONDS, make_engine, make_session_factory
             from loom.storage import store_from_settings
             from worker.engine import Engine
 
             settings = get_settings()
             _Process.settings = settings
-            _Process.db_engine = make_engine(settings.database_url)
+            _Process.db_engine = make_engine(settings.database_url,
+                                             ping_idle_seconds=WORKER_PING_IDLE_SECONDS)
             _Process.engine = Engine(
                 settings,
                 session_factory=make_session_factory(_Process.db_engine),

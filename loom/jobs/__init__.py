@@ -12,6 +12,8 @@ from loom.jobs.cache import cache_key, cached_outputs, job_uses_cache
 from loom.jobs.catalog import model_versions, record_model_version
 from loom.jobs.chunks import (
     SUSPECT_CODES,
+    ClaimHead,
+    claim_head,
     job_chunks,
     job_head,
     job_item_count,
@@ -81,6 +83,7 @@ from loom.jobs.views import job_dict, job_ref, lineage_dict, result_row
 
 __all__ = [
     "Chunk",
+    "ClaimHead",
     "ClaimedItem",
     "ItemFailure",
     "ItemResult",
@@ -96,6 +99,7 @@ __all__ = [
     "cancel_job",
     "cancel_remaining",
     "claim_fill",
+    "claim_head",
     "claim_items",
     "complete_finalization",
     "complete_finalizations",

@@ -6,11 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from sqlalchemy import select
+from typing import NamedTuple
+
+from sqlalchemy import func, literal_column, select, text, union_all
 from sqlalchemy.orm import Session
 
 from loom.jobs.types import Chunk
-from loom.models import Item, ItemStatus, Job, Outbox, utcnow
+from loom.models import Item, Job, Outbox, utcnow
 
 # Error codes of an earlier attempt after which an item runs alone: its process died
 # (worker_lost, also set when a claim takes an expired lease over) or its batch raised.
@@ -40,6 +42,62 @@ def job_head(session: Session, *, job_id: str) -> tuple[str | None, int, int]:
     return row.status, int(row.item_count or 0), int(row.max_attempts or 1)
 
 
+class ClaimHead(NamedTuple):
+    """What a worker reads before each claim: the job's status, item count and attempt cap, and
+    the chunk's suspects (only looked for while the job is claimable)."""
+
+    status: str | None
+    item_count: int
+    max_attempts: int
+    suspects: list[int]
+
+
+# One statement and no transaction (autocommit) on PostgreSQL: the head and the suspects used to
+# be a BEGIN, two reads and a ROLLBACK before every claim. The suspects are suspect_indexes'.
+_HEAD_PG = text("""
+SELECT j.status, j.item_count, j.max_attempts,
+       CASE WHEN j.status IN ('queued', 'running') THEN ARRAY(
+           SELECT s.index FROM (
+               SELECT i.index FROM items AS i
+               WHERE i.job_id = j.id AND i.index >= :start AND i.index < :end
+                 AND i.status = 'queued' AND i.attempts > i.attempts_excused
+                 AND (i.available_at IS NULL OR i.available_at <= :now)
+                 AND (i.error_code IS NULL OR i.error_code = ANY(CAST(:codes AS text[])))
+               UNION ALL
+               -- Written so that only ix_items_running_lease can serve it (see suspect_indexes)
+               SELECT i.index FROM items AS i
+               WHERE COALESCE(i.job_id, '') = j.id AND i.index + 0 >= :start
+                 AND i.index + 0 < :end AND i.status = 'running' AND i.lease_expires_at < :now
+                 AND i.attempts > i.attempts_excused
+           ) AS s ORDER BY s.index LIMIT :limit) END AS suspects
+FROM jobs AS j WHERE j.id = :job_id
+""")
+
+
+def claim_head(session: Session, *, chunk: Chunk, limit: int,
+               now: datetime | None = None) -> ClaimHead:
+    """``job_head`` and, while the job is claimable, ``suspect_indexes`` of ``chunk``."""
+    now = now or utcnow()
+    if session.get_bind().dialect.name == "postgresql":
+        from loom.jobs.claims_pg import autocommit
+
+        conn = autocommit(session)
+        try:
+            row = conn.execute(_HEAD_PG, {"job_id": chunk.job_id, "start": chunk.start,
+                                          "end": chunk.end, "now": now, "limit": limit,
+                                          "codes": list(SUSPECT_CODES)}).first()
+        finally:
+            session.commit()  # hands the connection back
+        if row is None:
+            return ClaimHead(None, 0, 1, [])
+        return ClaimHead(row.status, int(row.item_count or 0), int(row.max_attempts or 1),
+                         list(row.suspects or []))
+    status, count, cap = job_head(session, job_id=chunk.job_id)
+    suspects = (suspect_indexes(session, chunk=chunk, limit=limit, now=now)
+                if status in ("queued", "running") else [])
+    return ClaimHead(status, count, cap, suspects)
+
+
 def job_chunks(session: Session, *, job_id: str) -> list[Chunk]:
     """The job's chunks in index order (the outbox rows are the chunk registry)."""
     rows = session.execute(
@@ -55,28 +113,31 @@ def suspect_indexes(
 ) -> list[int]:
     """Indexes in the chunk that are claimable again after an attempt that may have crashed its
     process (lease expired) or broken its batch (model_error). Items retried after an I/O error
-    (fetch_failed, storage_error) are no suspects: they run in normal batches."""
+    (fetch_failed, storage_error) are no suspects: they run in normal batches.
+
+    Two index probes, whatever the chunk's size: items waiting for another attempt
+    (ix_items_retried) and running items whose lease expired (ix_items_running_lease). The status
+    terms are literals so that SQLite can match those partial indexes."""
     now = now or utcnow()
-    rows = session.scalars(
-        select(Item.index)
-        .where(
-            Item.job_id == chunk.job_id,
-            Item.index >= chunk.start,
-            Item.index < chunk.end,
-            Item.attempts > Item.attempts_excused,  # an attempt was spent (not excused)
-            (
-                (Item.status == ItemStatus.queued.value)
-                & ((Item.available_at.is_(None)) | (Item.available_at <= now))
-            )
-            | ((Item.status == ItemStatus.running.value) & (Item.lease_expires_at < now)),
-            (Item.status == ItemStatus.running.value)
-            | Item.error_code.is_(None)
-            | Item.error_code.in_(SUSPECT_CODES),
-        )
-        .order_by(Item.index)
-        .limit(limit)
+    in_chunk = (Item.job_id == chunk.job_id, Item.index >= chunk.start, Item.index < chunk.end)
+    retried = select(Item.index).where(
+        *in_chunk,
+        Item.status == literal_column("'queued'"),
+        Item.attempts > Item.attempts_excused,  # an attempt was spent (not excused)
+        (Item.available_at.is_(None)) | (Item.available_at <= now),
+        Item.error_code.is_(None) | Item.error_code.in_(SUSPECT_CODES),
     )
-    return list(rows)
+    expired = select(Item.index).where(
+        # The job test is wrapped so that no (job_id, ...) index can serve it: otherwise SQLite
+        # and PostgreSQL walk every open item of the range to find the (rare) expired leases.
+        func.coalesce(Item.job_id, "") == chunk.job_id,
+        *in_chunk[1:],
+        Item.status == literal_column("'running'"),
+        Item.lease_expires_at < now,
+        Item.attempts > Item.attempts_excused,
+    )
+    both = union_all(retried, expired).subquery()
+    return list(session.scalars(select(both.c.index).order_by(both.c.index).limit(limit)))
 
 
 def suspect_ids(session: Session, *, item_ids: Iterable[int]) -> set[int]:

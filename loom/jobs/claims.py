@@ -11,7 +11,18 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, false, insert, or_, select, tuple_, update
+from sqlalchemy import (
+    and_,
+    bindparam,
+    case,
+    false,
+    insert,
+    literal_column,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.orm import Session, aliased
 
 from loom.db import begin_write
@@ -74,6 +85,9 @@ def claim_items(
             it.job_id == job_id,
             it.index >= start,
             it.index < end,
+            # Implied by the test below, but written as ix_items_open's predicate is, so that
+            # SQLite walks that index (open items in job order) instead of every finished item.
+            it.status.in_([literal_column("'queued'"), literal_column("'running'")]),
             # An item whose spent attempts reached the cap is never claimed again (poison input).
             it.attempts - it.attempts_excused < job.max_attempts,
             or_(

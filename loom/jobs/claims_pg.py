@@ -96,7 +96,7 @@ WHERE id = :job_id AND status = 'queued'
 # far cheaper than binding one Python-dumped array per column); one UPDATE (the fence) decides which rows
 # this worker won, and only those rows get an output and a 'succeeded' event.
 _COMPLETE = text("""
-WITH v AS (
+WITH v AS MATERIALIZED (
     SELECT * FROM json_to_recordset(CAST(:rows AS json)) AS v(
         item_id bigint, attempt integer, kind text, text text, storage_key text,
         content_type text, sha256 text, size_bytes bigint, input_sha256 text, model_name text,
@@ -108,10 +108,13 @@ won AS (
         status = 'succeeded', lease_owner = NULL, lease_expires_at = NULL, error_code = NULL,
         error_message = NULL, finished_at = :now, updated_at = :now
     FROM v
-    -- One primary-key probe per row of v. The status test is written so that no index can
-    -- serve it: otherwise the planner, which cannot estimate the recordset, may scan every
-    -- running item of every worker through an index on status instead.
-    WHERE items.id = v.item_id
+    -- One primary-key probe per row of v, whatever the statistics say: the ids also come as an
+    -- array (= ANY is estimated at its length), and v is parsed once (MATERIALIZED). With only
+    -- the join, a job's first batches (items not yet analysed) were planned as a scan of every
+    -- item, re-parsing the recordset per row. The status test is written so that no index can
+    -- serve it: otherwise the planner may scan every running item of every worker through an
+    -- index on status instead.
+    WHERE items.id = ANY(CAST(:ids AS bigint[])) AND items.id = v.item_id
       AND (items.status = 'running') IS TRUE AND items.lease_owner = :worker_id
       AND (v.attempt IS NULL OR items.attempts = v.attempt)
     RETURNING items.id, items.job_id, items.attempts, v.*
@@ -203,7 +206,8 @@ def complete(
          "duration_ms": sum(r.timings.values()) * 1000.0 if r.timings else None}
         for r in results
     ]
-    params = {"rows": _dumps(rows), "worker_id": worker_id, "now": now}
+    params = {"rows": _dumps(rows), "ids": [r.item_id for r in results], "worker_id": worker_id,
+              "now": now}
     conn = autocommit(session)
     try:
         won = [r.job_id for r in conn.execute(_COMPLETE, params)]

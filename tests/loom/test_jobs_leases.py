@@ -4,13 +4,15 @@ but did not run; on SQLite and PostgreSQL (db_url)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 
-from jobs_helpers import claim, ok, statuses
+from jobs_helpers import LEASE, claim, ok, statuses
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from loom import jobs
-from loom.models import Item, Job
+from loom.errors import FetchFailed, ModelError
+from loom.models import Item, Job, utcnow
 
 
 def test_release_returns_unrun_items_fresh_and_is_fenced(
@@ -40,3 +42,31 @@ def test_release_returns_unrun_items_fresh_and_is_fenced(
     assert all(c.attempts == 2 for c in again)  # attempt numbers never repeat
     assert jobs.release_leases(session, worker_id="w2") == 2
     assert statuses(session, job)[4:] == ["queued", "queued"]
+
+
+def test_claim_head_reads_the_job_and_the_suspects_of_its_range(
+    session: Session, make_job: Callable[..., Job]
+) -> None:
+    """What a worker reads before each claim (one statement on PostgreSQL): the suspects are the
+    items whose last attempt may have killed its process (lease expired) or broken its batch
+    (model_error); an item retried after an I/O error is no suspect."""
+    job = make_job(6, max_attempts=5)
+    now = utcnow()
+    first = claim(session, job, "w1", limit=3, now=now)  # items 0, 1, 2
+    jobs.fail_items(session, worker_id="w1", backoff_seconds=0, now=now, failures=[
+        jobs.ItemFailure(item_id=first[1].id, error=ModelError("batch raised"), attempt=1),
+        jobs.ItemFailure(item_id=first[2].id, error=FetchFailed("timed out"), attempt=1),
+    ])
+    later = now + timedelta(seconds=LEASE + 1)  # item 0's lease has expired
+    whole = jobs.Chunk(job.id, 0, 6)
+    head = jobs.claim_head(session, chunk=whole, limit=10, now=later)
+    assert head == jobs.ClaimHead("running", 6, 5, [0, 1])
+    assert head.suspects == jobs.suspect_indexes(session, chunk=whole, limit=10, now=later)
+    assert jobs.claim_head(session, chunk=jobs.Chunk(job.id, 1, 6), limit=1,
+                           now=later).suspects == [1]
+    assert jobs.claim_head(session, chunk=whole, limit=10, now=now).suspects == [1]  # 0 leased
+
+    jobs.cancel_job(session, job_id=job.id)
+    head = jobs.claim_head(session, chunk=whole, limit=10, now=later)
+    assert head.status in ("cancelling", "cancelled") and head.suspects == []
+    assert jobs.claim_head(session, chunk=jobs.Chunk("nope", 0, 1), limit=1) == (None, 0, 1, [])
