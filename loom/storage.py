@@ -8,6 +8,7 @@ never write outside the store's root.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import re
 import shutil
@@ -156,6 +157,7 @@ class LocalStore:
         # Resolved folders (a job's inputs and outputs share a few): resolving every key's full
         # path cost an lstat per path component per object, several percent of an embedded run.
         self._folders: dict[str, Path] = {}
+        self._seq = itertools.count()
 
     def _path(self, key: str) -> Path:
         path = self._unchecked_path(key)
@@ -180,19 +182,35 @@ class LocalStore:
         return parent / name
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        path = self._path(key)
+        # No symlink check: os.replace swaps the name itself and never writes through a link.
+        path = self._unchecked_path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+            fd, tmp = self._create_temp(path)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                 os.replace(tmp, path)
             except BaseException:
-                Path(tmp).unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)
                 raise
         except OSError as exc:
             raise StorageError(f"could not write {key}: {exc}") from exc
+
+    def _create_temp(self, path: Path) -> tuple[int, Path]:
+        """A new temp file beside ``path`` (its folder made on first use), open for writing.
+        Named by process, thread and a counter instead of mkstemp's random name, and the folder
+        is made only when the open says it is missing: per object, mkstemp and mkdir were most
+        of what a put cost beyond the write itself."""
+        for _ in range(100):
+            tmp = path.with_name(
+                f".tmp-{os.getpid()}-{threading.get_ident()}-{next(self._seq)}{path.suffix}")
+            try:
+                return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
+            except FileNotFoundError:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                continue  # left by a crashed process that had the same pid and thread id
+        raise FileExistsError(f"no free temp name beside {path}")
 
     def put_file(self, key: str, source: Path) -> None:
         """Store a local file under ``key`` without reading it through Python: a hard link when

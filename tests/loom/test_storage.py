@@ -107,6 +107,10 @@ def test_local_store_writes_atomically_inside_its_root(tmp_path: Path) -> None:
     os.symlink(outside / "secret", (root / KEY).parent / "link.png")
     with pytest.raises(InvalidKey):
         s.get(KEY.rsplit("/", 1)[0] + "/link.png")
+    # Writing to that key replaces the link itself; the file it pointed at is untouched.
+    s.put(KEY.rsplit("/", 1)[0] + "/link.png", b"mine", "image/png")
+    assert (outside / "secret").read_bytes() == b"secret"
+    assert s.get(KEY.rsplit("/", 1)[0] + "/link.png") == b"mine"
 
 
 def test_local_store_put_file_links_on_its_filesystem(tmp_path: Path) -> None:
