@@ -197,13 +197,24 @@ def local_rows(local: Local, job_id: str) -> Iterator[dict[str, Any]]:
 
 
 def local_failures(local: Local, job_id: str) -> list[tuple[str, str, str]]:
-    from loom import exports
+    """(file or #index, error code, message) of each failed item: the failed items alone, a
+    page at a time (reading every result row of a 5,000-item job took a third of a second)."""
+    from loom import exports, jobs
 
-    return [
-        (exports.file_name(r) or f"#{r['index']}", r["error"]["code"], r["error"]["message"] or "")
-        for r in local_rows(local, job_id)
-        if r["status"] == "failed" and r.get("error")
-    ]
+    job_id = resolve(local, job_id)
+    found: list[tuple[str, str, str]] = []
+    cursor: str | None = None
+    with local.session_factory() as s:
+        while True:
+            page = jobs.list_items(s, job_id=job_id, tenant_id=local.tenant_id,
+                                   status="failed", limit=1000, cursor=cursor)
+            found.extend(
+                (exports.file_name({"metadata": i.item_metadata, "input": i.input})
+                 or f"#{i.index}", i.error_code or "", i.error_message or "")
+                for i in page.items if i.error_code)
+            if page.next_cursor is None:
+                return found
+            cursor = page.next_cursor
 
 
 def embedded(func: Any) -> Any:
