@@ -53,7 +53,7 @@ class Claiming(EngineState):
                                     now=utcnow())
         if not items:
             self._fill_quiet_until = time.monotonic() + FILL_QUIET_SECONDS
-        self.leases.add(i.id for i in items)
+        self.leases.add((i.id, i.job_id) for i in items)
         with self._report_lock:
             report.add_timing("claim", (time.perf_counter() - t0) * 1000.0)
         scope.fill_dry = len(fresh.items) + len(items) < self.settings.batch_size
@@ -134,7 +134,7 @@ class Claiming(EngineState):
                     limit=limit,
                     lease_seconds=self.settings.lease_seconds,
                 )
-            self.leases.add(i.id for i in items)
+            self.leases.add((i.id, i.job_id) for i in items)
             with self._report_lock:
                 report.add_timing("claim", (time.perf_counter() - t0) * 1000.0)
             return items

@@ -96,8 +96,12 @@ class Finishing(EngineState):
                     reason=reason,
                 )
             if results:
+                # Jobs of which this worker holds other items cannot be drained by this batch:
+                # their completion skips the "any open items left?" read (one round trip).
+                busy = self.leases.jobs(excluding=claimed)
                 won = jobs.complete_items(
-                    session, worker_id=self.worker_id, results=results, store=self.store
+                    session, worker_id=self.worker_id, results=results, store=self.store,
+                    open_jobs=busy,
                 )
             if failures:
                 jobs.fail_items(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -13,8 +13,9 @@ log = logging.getLogger(__name__)
 
 
 class LeaseKeeper:
-    """The set of item ids this worker holds, and a heartbeat thread that extends their leases
-    (``jobs.heartbeat``) every ``interval_seconds`` while ``heartbeating()`` is active.
+    """The item ids this worker holds (with their jobs), and a heartbeat thread that extends
+    their leases (``jobs.heartbeat``) every ``interval_seconds`` while ``heartbeating()`` is
+    active.
 
     A lease lost anyway (a stall longer than the lease) is harmless: completion is fenced, so the
     stale result is dropped and the newer attempt wins."""
@@ -31,20 +32,28 @@ class LeaseKeeper:
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
         self.interval_seconds = interval_seconds
-        self._held: set[int] = set()
+        self._held: dict[int, str] = {}  # item id -> its job id
         self._lock = threading.Lock()
 
-    def add(self, item_ids: Iterable[int]) -> None:
+    def add(self, items: Iterable[tuple[int, str]]) -> None:
+        """Hold these (item id, job id) leases."""
         with self._lock:
-            self._held.update(item_ids)
+            self._held.update(items)
 
     def discard(self, item_ids: Iterable[int]) -> None:
         with self._lock:
-            self._held.difference_update(item_ids)
+            for i in item_ids:
+                self._held.pop(i, None)
 
     def held(self) -> list[int]:
         with self._lock:
             return sorted(self._held)
+
+    def jobs(self, *, excluding: Collection[int] = ()) -> set[str]:
+        """The jobs of the leases held, leaving out ``excluding`` (a batch being completed):
+        each of these jobs still has an open item, this worker's."""
+        with self._lock:
+            return {job for item, job in self._held.items() if item not in excluding}
 
     def beat(self) -> int:
         """Extend every held lease once; returns how many this worker still holds."""

@@ -7,7 +7,7 @@ and was taken over cannot overwrite the newer attempt's state; its UPDATE simply
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -215,17 +215,21 @@ def complete_items(
     store: Store | None = None,
     on_finalized: Callable[[Job], None] | None = None,
     now: datetime | None = None,
+    open_jobs: Collection[str] = (),
 ) -> int:
     """Mark items succeeded and record their outputs, only where this worker holds the lease.
 
     Returns how many items this call completed (the others were lost to another worker).
+    ``open_jobs``: jobs the caller knows still have open items (it holds some of their leases);
+    whether they were drained is not checked (the reconciler finalises any job a wrong hint
+    left behind).
     """
     if not results:
         return 0
     now = now or utcnow()
     if _is_postgresql(session):
         won_jobs, drained = claims_pg.complete(session, worker_id=worker_id, results=results,
-                                               now=now)
+                                               now=now, open_jobs=open_jobs)
         # maybe_finalize checks again under the job row lock; this only skips the calls that
         # would find open items anyway (nearly every batch).
         _finalize_all(session, drained, store, on_finalized, now, drained=True)
@@ -271,7 +275,7 @@ def complete_items(
     session.execute(insert(Output), outputs)
     add_events(session, events)
     session.commit()
-    _finalize_all(session, {w.job_id for w in won}, store, on_finalized, now)
+    _finalize_all(session, {w.job_id for w in won} - set(open_jobs), store, on_finalized, now)
     return len(won)
 
 

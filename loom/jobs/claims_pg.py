@@ -18,7 +18,7 @@ A single statement is atomic, so autocommit does not weaken either.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, text
@@ -192,10 +192,12 @@ _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 def complete(
     session: Session, *, worker_id: str, results: Sequence[ItemResult], now: datetime,
+    open_jobs: Collection[str] = (),
 ) -> tuple[list[str], set[str]]:
     """Fenced completion of a batch in one statement. Returns the job id of every row it won
     (empty when every row was lost to another worker), and the jobs among them that had no
-    open items left once it had committed (candidates for maybe_finalize)."""
+    open items left once it had committed (candidates for maybe_finalize); ``open_jobs`` (known
+    to have open items) are not looked at."""
     rows = [
         {"item_id": r.item_id, "attempt": r.attempt, "kind": r.kind, "text": r.text,
          "storage_key": r.storage_key, "content_type": r.content_type, "sha256": r.sha256,
@@ -211,7 +213,7 @@ def complete(
     conn = autocommit(session)
     try:
         won = [r.job_id for r in conn.execute(_COMPLETE, params)]
-        job_ids = sorted(set(won))
+        job_ids = sorted(set(won) - set(open_jobs))
         still_open = (
             set(conn.execute(_OPEN_JOBS, {"job_ids": job_ids}).scalars()) if job_ids else set()
         )

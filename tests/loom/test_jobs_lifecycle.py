@@ -200,3 +200,31 @@ def test_concurrent_claimers_split_the_items_without_overlap(
     assert errors == []
     claimed = [i for ids in got.values() for i in ids]
     assert len(claimed) == 60 and len(set(claimed)) == 60  # every item once, none twice
+
+
+def test_a_completion_told_its_job_is_still_open_leaves_finalising_to_the_next(
+    session: Session, make_job: Callable[..., Job]
+) -> None:
+    """``open_jobs``: the worker still holds items of the job, so the "drained?" read is
+    skipped; the completion of those items finalises it (and the reconciler, had the hint been
+    wrong)."""
+    job = make_job(4)
+    first = claim(session, job, "w1", limit=2)
+    rest = claim(session, job, "w1", limit=2)
+    assert jobs.complete_items(session, worker_id="w1", results=[ok(c) for c in first],
+                               open_jobs={job.id}) == 2
+    assert jobs.complete_items(session, worker_id="w1", results=[ok(c) for c in rest]) == 2
+    session.commit()
+    assert session.scalar(select(Job.status).where(Job.id == job.id)) == "succeeded"
+
+    # A wrong hint (nothing was left open): the job stays running until the reconciler looks.
+    other = make_job(2)
+    claimed = claim(session, other, "w1", limit=2)
+    assert jobs.complete_items(session, worker_id="w1", results=[ok(c) for c in claimed],
+                               open_jobs={other.id}) == 2
+    session.commit()
+    assert session.scalar(select(Job.status).where(Job.id == other.id)) == "running"
+    report = jobs.reconcile(session, publish=lambda _c: None, stale_after_seconds=3600)
+    assert report.finalized == 1
+    session.commit()
+    assert session.scalar(select(Job.status).where(Job.id == other.id)) == "succeeded"
