@@ -108,12 +108,12 @@ won AS (
         status = 'succeeded', lease_owner = NULL, lease_expires_at = NULL, error_code = NULL,
         error_message = NULL, finished_at = :now, updated_at = :now
     FROM v
-    -- One primary-key probe per row of v, whatever the statistics say: the ids also come as an
-    -- array (= ANY is estimated at its length), and v is parsed once (MATERIALIZED). With only
-    -- the join, a job's first batches (items not yet analysed) were planned as a scan of every
-    -- item, re-parsing the recordset per row. The status test is written so that no index can
-    -- serve it: otherwise the planner may scan every running item of every worker through an
-    -- index on status instead.
+    -- Meant as one primary-key probe per row of v. The ids also come as an array (= ANY is
+    -- estimated at its length) and v is parsed once (MATERIALIZED): on a table not analysed
+    -- yet (a new database's first job) the planner may still choose a scan of the table and a
+    -- nested loop over v, but no longer re-parses the recordset per row (18.5 -> 12.2 ms for
+    -- 128 rows). The status test is written so that no index can serve it: otherwise the
+    -- planner may scan every running item of every worker through an index on status instead.
     WHERE items.id = ANY(CAST(:ids AS bigint[])) AND items.id = v.item_id
       AND (items.status = 'running') IS TRUE AND items.lease_owner = :worker_id
       AND (v.attempt IS NULL OR items.attempts = v.attempt)
