@@ -12,7 +12,6 @@ import itertools
 import os
 import re
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
@@ -182,19 +181,7 @@ class LocalStore:
         return parent / name
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        # No symlink check: os.replace swaps the name itself and never writes through a link.
-        path = self._unchecked_path(key)
-        try:
-            fd, tmp = self._create_temp(path)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-        except OSError as exc:
-            raise StorageError(f"could not write {key}: {exc}") from exc
+        self.put_chunks(key, (data,), content_type)
 
     def _create_temp(self, path: Path) -> tuple[int, Path]:
         """A new temp file beside ``path`` (its folder made on first use), open for writing.
@@ -266,29 +253,18 @@ class LocalStore:
         self, key: str, f: BinaryIO, content_type: str = "application/octet-stream"
     ) -> None:
         """Copy a file object in blocks (memory stays at one block), atomically as ``put``."""
-        path = self._path(key)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    shutil.copyfileobj(f, out, _STREAM_CHUNK)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        except OSError as exc:
-            raise StorageError(f"could not write {key}: {exc}") from exc
+        self.put_chunks(key, iter(lambda: f.read(_STREAM_CHUNK), b""), content_type)
 
     def put_chunks(
         self, key: str, chunks: Iterable[bytes], content_type: str = "application/octet-stream"
     ) -> int:
-        """Temp file in the target directory, then os.replace: readers never see half of it."""
-        path = self._path(key)
+        """Temp file in the target directory, then os.replace: readers never see half of it.
+        No symlink check on the object: os.replace swaps the name and never writes through a
+        link."""
+        path = self._unchecked_path(key)
         size = 0
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+            fd, tmp = self._create_temp(path)
             try:
                 with os.fdopen(fd, "wb") as f:
                     for chunk in chunks:
@@ -296,7 +272,7 @@ class LocalStore:
                         size += len(chunk)
                 os.replace(tmp, path)
             except BaseException:
-                Path(tmp).unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)
                 raise
         except OSError as exc:
             raise StorageError(f"could not write {key}: {exc}") from exc

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -110,61 +110,95 @@ def _final_status(counts: dict[str, int], *, cancel_requested: bool) -> str:
 
 # Bytes per chunk handed to the store while streaming the manifest.
 _MANIFEST_CHUNK = 256 * 1024
+# Jobs finalised together whose items add up to at most this many share one manifest read.
+_SHARED_MANIFEST_ROWS = 1000
+
+
+_MANIFEST_COLUMNS = (Item.index, Item.id, Item.status, Item.error_code, Item.error_message,
+                     Item.item_metadata, Output.text, Output.storage_key, Output.content_type,
+                     Output.sha256)
+
+
+def _manifest_rows(session: Session, *, job_id: str, page_size: int) -> Iterator[Any]:
+    """The job's manifest rows in index order, one keyset page of plain rows at a time."""
+    query = (select(*_MANIFEST_COLUMNS).outerjoin(Output, Output.item_id == Item.id)
+             .where(Item.job_id == job_id).order_by(Item.index).limit(page_size))
+    after = -1
+    while True:
+        rows = session.execute(query.where(Item.index > after)).all()
+        yield from rows
+        if len(rows) < page_size:
+            return
+        after = rows[-1].index
+
+
+def _shared_manifest_rows(session: Session, jobs: Sequence[Job]) -> dict[str, list[Any]]:
+    """The manifest rows of small jobs finalised together (a filled batch drains several at
+    once), in one read instead of one per job; at most ``_SHARED_MANIFEST_ROWS`` rows."""
+    ids: list[str] = []
+    total = 0
+    for job in jobs:
+        if total + job.item_count > _SHARED_MANIFEST_ROWS:
+            continue
+        ids.append(job.id)
+        total += job.item_count
+    if len(ids) < 2:
+        return {}
+    rows: dict[str, list[Any]] = {i: [] for i in ids}
+    for r in session.execute(
+        select(Item.job_id, *_MANIFEST_COLUMNS).outerjoin(Output, Output.item_id == Item.id)
+        .where(Item.job_id.in_(ids)).order_by(Item.job_id, Item.index)
+    ):
+        rows[r.job_id].append(r)
+    return rows
+
+
+def _manifest_bytes(rows: Iterable[Any]) -> Iterator[bytes]:
+    """results.jsonl as byte chunks of about _MANIFEST_CHUNK: one line per row."""
+    succeeded = ItemStatus.succeeded.value
+    buf: list[str] = []
+    size = 0
+    for r in rows:
+        failed = r.status != succeeded
+        line = _manifest_dumps({
+            "index": r.index,
+            "item_id": r.id,
+            "status": r.status,
+            "text": r.text,
+            "output_key": r.storage_key,
+            "content_type": r.content_type,
+            "sha256": r.sha256,
+            "error_code": r.error_code if failed else None,
+            "error_message": r.error_message if failed else None,
+            "metadata": r.item_metadata,
+        }) + "\n"
+        buf.append(line)
+        size += len(line)
+        if size >= _MANIFEST_CHUNK:
+            yield "".join(buf).encode()
+            buf.clear()
+            size = 0
+    if buf:
+        yield "".join(buf).encode()
 
 
 def manifest_chunks(session: Session, *, job_id: str, page_size: int = 1000) -> Iterator[bytes]:
     """results.jsonl as byte chunks: one line per item in index order, read one keyset page of
     plain rows at a time (no ORM objects), so a 1,000,000-item manifest never sits in memory."""
-    succeeded = ItemStatus.succeeded.value
-    query = (
-        select(Item.index, Item.id, Item.status, Item.error_code, Item.error_message,
-               Item.item_metadata, Output.text, Output.storage_key, Output.content_type,
-               Output.sha256)
-        .outerjoin(Output, Output.item_id == Item.id)
-        .where(Item.job_id == job_id)
-        .order_by(Item.index)
-        .limit(page_size)
-    )
-    buf: list[str] = []
-    size = 0
-    after = -1
-    while True:
-        rows = session.execute(query.where(Item.index > after)).all()
-        for r in rows:
-            failed = r.status != succeeded
-            line = _manifest_dumps({
-                "index": r.index,
-                "item_id": r.id,
-                "status": r.status,
-                "text": r.text,
-                "output_key": r.storage_key,
-                "content_type": r.content_type,
-                "sha256": r.sha256,
-                "error_code": r.error_code if failed else None,
-                "error_message": r.error_message if failed else None,
-                "metadata": r.item_metadata,
-            }) + "\n"
-            buf.append(line)
-            size += len(line)
-            if size >= _MANIFEST_CHUNK:
-                yield "".join(buf).encode()
-                buf.clear()
-                size = 0
-        if len(rows) < page_size:
-            break
-        after = rows[-1].index
-    if buf:
-        yield "".join(buf).encode()
+    return _manifest_bytes(_manifest_rows(session, job_id=job_id, page_size=page_size))
 
 
 _manifest_dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def write_manifest(session: Session, *, job: Job, store: Store) -> str:
+def write_manifest(session: Session, *, job: Job, store: Store,
+                   rows: Iterable[Any] | None = None) -> str:
     """Stream results.jsonl into the store (multipart on S3, temp file + rename locally).
-    Returns its storage key."""
+    ``rows``: the manifest rows when the caller read them already. Returns its storage key."""
     key = results_key(job.tenant_id, job.id, "jsonl")
-    store.put_chunks(key, manifest_chunks(session, job_id=job.id), "application/x-ndjson")
+    chunks = (_manifest_bytes(rows) if rows is not None
+              else manifest_chunks(session, job_id=job.id))
+    store.put_chunks(key, chunks, "application/x-ndjson")
     return key
 
 
@@ -210,12 +244,13 @@ def complete_finalizations(
     ):
         counts[job_id][status] = n
     keys: dict[str, str | None] = {}
+    shared = _shared_manifest_rows(session, found) if store is not None else {}
     for job in found:
         if store is None:
             keys[job.id] = None
             continue
         try:
-            keys[job.id] = write_manifest(session, job=job, store=store)
+            keys[job.id] = write_manifest(session, job=job, store=store, rows=shared.get(job.id))
         except LoomError as exc:
             # Stay in "finalizing": the reconciler retries once the store is back.
             log.warning("job %s: could not write results manifest: %s", job.id, exc.message)

@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from loom import jobs, tenants
+from loom.jobs.finalize import manifest_chunks
 from loom.errors import StoreUnavailable
 from loom.storage import LocalStore
 from loom.models import Event, Item, Job, utcnow
@@ -162,6 +163,8 @@ def test_jobs_drained_by_one_batch_finalize_together_and_a_store_failure_holds_o
         assert events(session, job, "finalized") == 1
         key = session.scalar(select(Job.results_key).where(Job.id == job.id))
         assert key is not None and len(store.get(key).splitlines()) == 2
+        # Read for the three jobs at once, written as a job's own streamed manifest is.
+        assert store.get(key) == b"".join(manifest_chunks(session, job_id=job.id))
     # The reconciler's retry, once the store is back; then nobody finalises it again.
     healthy = LocalStore(tmp_path / "store")
     assert jobs.complete_finalization(session, job_id=b.id, store=healthy)
