@@ -1,4 +1,5 @@
-"""The Engine in-process on SQLite + LocalStore, with a fake model (fast, no services)."""
+"""The Engine in-process on SQLite + LocalStore (PostgreSQL where a test needs it: batch fill),
+with a fake model (fast, no services)."""
 
 from __future__ import annotations
 
@@ -434,3 +435,40 @@ def test_a_suspect_is_never_claimed_while_another_batch_is_in_flight(embedded: A
         assert batch.careful and [i.index for i in batch.items] == [5]
         assert batch.prepared == []  # read + decoded only when it runs, alone
     assert report.claimed == 1
+
+
+def test_a_message_whose_items_were_taken_fills_from_compatible_jobs(
+    pg_url: str, make_settings: Any, tmp_path: Any
+) -> None:
+    """PostgreSQL (fill needs it): a message finds its own items already taken (another process
+    filled or lingered over them). It does not end empty-handed while compatible jobs wait: it
+    fills its batches from them at once, and their own messages then find nothing."""
+    from loom import jobs
+    from loom.db import make_engine, make_session_factory
+    from loom.storage import LocalStore
+    from worker.engine import Engine
+
+    eng = make_engine(pg_url)
+    sf = make_session_factory(eng)
+    settings = make_settings(database_url=pg_url, storage_url=f"file://{tmp_path / 'store'}",
+                             batch_size=4, chunk_batches=2, retry_backoff_seconds=0)
+    store = LocalStore(str(tmp_path / "store"))
+    try:
+        taken = submit(sf, task="generate", inputs=[{"prompt": "p"}] * 2, chunk_size=8,
+                       model="fake")
+        waiting = [submit(sf, task="generate", inputs=[{"prompt": "q"}] * 3, chunk_size=8,
+                          model="fake") for _ in range(2)]
+        with sf() as s:
+            assert len(jobs.claim_items(s, job_id=taken, start=0, end=2, worker_id="elsewhere",
+                                        limit=8, lease_seconds=60)) == 2
+        with Engine(settings, session_factory=sf, store=store, worker_id="w-fill",
+                    model_loader=lambda name: FakeModel()) as engine:
+            report = engine.run_chunk(jobs.Chunk(taken, 0, 2))
+            after = [engine.run_chunk(jobs.Chunk(j, 0, 3)) for j in waiting]
+        assert (report.claimed, report.filled, report.succeeded) == (6, 6, 6)
+        assert [r.claimed for r in after] == [0, 0]
+        with sf() as s:
+            assert [jobs.get_job(s, job_id=j).status for j in waiting] == ["succeeded"] * 2
+            assert jobs.get_job(s, job_id=taken).status == "running"  # its items are elsewhere
+    finally:
+        eng.dispose()
