@@ -84,6 +84,8 @@ class EngineState:
     _report_lock: threading.Lock
     _store_down: threading.Event
     _fill_quiet_until: float  # monotonic time before which no fill is tried (worker.claiming)
+    _drained: set[str]  # jobs completions drained, not finalised yet (worker.finishing)
+    _drained_since: float | None
     _job_end_cache: dict[str, int]
     _max_attempts_cache: dict[str, int]
     _max_attempts: Callable[[str], int]

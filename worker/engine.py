@@ -103,6 +103,8 @@ class Engine(Claiming, Finishing, Outages):
         # Set by the finisher when a store call failed for want of a store; claims wait on it.
         self._store_down = threading.Event()
         self._fill_quiet_until = 0.0
+        self._drained: set[str] = set()
+        self._drained_since: float | None = None
 
     # --- models ------------------------------------------------------------------------------
 
@@ -227,6 +229,10 @@ class Engine(Claiming, Finishing, Outages):
                     fut.result()
                 except Exception:
                     log.exception("finishing a batch failed")
+            try:  # the run is over: what it drained is finalised now (on the finisher thread)
+                self._finisher.submit(self.finalize_drained, now=True).result()
+            except Exception:
+                log.exception("finalising drained jobs failed (the reconciler will)")
             for batch in queue:
                 for fut in batch.prepared:
                     fut.cancel()

@@ -216,13 +216,16 @@ def complete_items(
     on_finalized: Callable[[Job], None] | None = None,
     now: datetime | None = None,
     open_jobs: Collection[str] = (),
+    on_drained: Callable[[set[str]], None] | None = None,
 ) -> int:
     """Mark items succeeded and record their outputs, only where this worker holds the lease.
 
     Returns how many items this call completed (the others were lost to another worker).
     ``open_jobs``: jobs the caller knows still have open items (it holds some of their leases);
     whether they were drained is not checked (the reconciler finalises any job a wrong hint
-    left behind).
+    left behind). ``on_drained`` (PostgreSQL): the jobs this completion drained are handed to
+    it, for the caller to finalise (``finalize_jobs(..., drained=True)``), instead of being
+    finalised here.
     """
     if not results:
         return 0
@@ -232,7 +235,11 @@ def complete_items(
                                                now=now, open_jobs=open_jobs)
         # maybe_finalize checks again under the job row lock; this only skips the calls that
         # would find open items anyway (nearly every batch).
-        _finalize_all(session, drained, store, on_finalized, now, drained=True)
+        if on_drained is not None:
+            if drained:
+                on_drained(drained)
+        else:
+            _finalize_all(session, drained, store, on_finalized, now, drained=True)
         return len(won_jobs)
     begin_write(session)
     won = session.execute(
