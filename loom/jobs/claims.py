@@ -14,29 +14,25 @@ from typing import Any
 from sqlalchemy import (
     and_,
     bindparam,
-    case,
     false,
-    insert,
-    literal_column,
     or_,
     select,
     tuple_,
     update,
 )
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from loom.db import begin_write
-from loom.jobs import claims_pg
+from loom.jobs import claims_pg, claims_sqlite
 from loom.jobs.finalize import finalize_jobs, maybe_finalize
 from loom.jobs.types import (
-    CLAIMABLE_JOB,
     MAX_BACKOFF_SECONDS,
     ClaimedItem,
     ItemFailure,
     ItemResult,
     add_events,
 )
-from loom.models import Item, ItemStatus, Job, JobStatus, Output, utcnow
+from loom.models import Item, ItemStatus, Job, JobStatus, utcnow
 from loom.storage import Store
 
 RUNNING = ItemStatus.running.value
@@ -61,7 +57,7 @@ def claim_items(
     """Lease up to ``limit`` claimable items of [start, end) in ONE conditional UPDATE.
 
     PostgreSQL (claims_pg, one statement): the inner SELECT takes row locks with SKIP LOCKED, so
-    concurrent claimers split the rows instead of queueing on them. SQLite (below): BEGIN
+    concurrent claimers split the rows instead of queueing on them. SQLite (claims_sqlite): BEGIN
     IMMEDIATE serialises writers and the UPDATE ... WHERE id IN (SELECT ... LIMIT n) is atomic.
     """
     now = now or utcnow()
@@ -71,95 +67,9 @@ def claim_items(
         return claims_pg.claim(session, job_id=job_id, start=start, end=end,
                                worker_id=worker_id, limit=limit, lease_seconds=lease_seconds,
                                now=now)
-    begin_write(session)
-    job = session.execute(
-        select(Job.status, Job.max_attempts, Job.tenant_id, Job.task, Job.model_name, Job.params)
-        .where(Job.id == job_id)
-    ).one_or_none()
-    if job is None or job.status not in CLAIMABLE_JOB or limit < 1:
-        session.rollback()
-        return []
-
-    def claimable(it: Any) -> Any:
-        return and_(
-            it.job_id == job_id,
-            it.index >= start,
-            it.index < end,
-            # Implied by the test below, but written as ix_items_open's predicate is, so that
-            # SQLite walks that index (open items in job order) instead of every finished item.
-            it.status.in_([literal_column("'queued'"), literal_column("'running'")]),
-            # An item whose spent attempts reached the cap is never claimed again (poison input).
-            it.attempts - it.attempts_excused < job.max_attempts,
-            or_(
-                and_(it.status == QUEUED, or_(it.available_at.is_(None), it.available_at <= now)),
-                and_(it.status == RUNNING, it.lease_expires_at < now),
-            ),
-        )
-
-    if job.status == JobStatus.queued.value:
-        # Job row before item rows: cancel_job locks in that order too, so a claim racing a
-        # cancel on PostgreSQL waits instead of deadlocking. Rolled back if nothing is claimed.
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.queued.value)
-            .values(status=JobStatus.running.value, started_at=now, updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
-
-    # An alias, so the subquery is never correlated to the UPDATE's own "items". A MATERIALIZED
-    # CTE, because PostgreSQL may otherwise plan "id IN (SELECT ... LIMIT n FOR UPDATE SKIP
-    # LOCKED)" as a nested-loop semi-join that re-runs the subquery per row and ignores LIMIT.
-    inner = aliased(Item)
-    picked = (
-        select(inner.id)
-        .where(claimable(inner))
-        .order_by(inner.index)
-        .limit(limit)
-        .with_for_update(skip_locked=True)  # renders nothing on SQLite
-        .cte("picked")
-        .prefix_with("MATERIALIZED")
-    )
-    # RETURNING only sees new values; to know which rows were taken over from an expired lease
-    # (for the lease_expired event) we write a marker unique to this claim into error_message.
-    takeover = f"lease expired; taken over by {worker_id} at {now.isoformat()}"
-    was_running = Item.status == RUNNING
-    rows = session.execute(
-        update(Item)
-        .where(Item.id.in_(select(picked.c.id)), claimable(Item))
-        .values(
-            status=RUNNING,
-            lease_owner=worker_id,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            attempts=Item.attempts + 1,
-            available_at=None,
-            started_at=now,
-            finished_at=None,
-            error_code=case((was_running, "worker_lost"), else_=Item.error_code),
-            error_message=case((was_running, takeover), else_=Item.error_message),
-            updated_at=now,
-        )
-        .returning(Item.id, Item.index, Item.input, Item.attempts, Item.error_message)
-        .execution_options(synchronize_session=False)
-    ).all()
-    if not rows:
-        session.rollback()
-        return []
-
-    events: list[dict[str, Any]] = []
-    for r in rows:
-        if r.error_message == takeover:
-            events.append({"job_id": job_id, "item_id": r.id, "kind": "lease_expired",
-                           "attempt": r.attempts - 1, "message": takeover, "created_at": now})
-        events.append({"job_id": job_id, "item_id": r.id, "kind": "claimed",
-                       "attempt": r.attempts, "worker_id": worker_id, "created_at": now})
-    add_events(session, events)
-    session.commit()
-    return [
-        ClaimedItem(id=r.id, job_id=job_id, tenant_id=job.tenant_id, index=r.index,
-                    task=job.task, model_name=job.model_name, params=dict(job.params or {}),
-                    input=dict(r.input or {}), attempts=r.attempts)
-        for r in sorted(rows, key=lambda r: r.index)
-    ]
+    return claims_sqlite.claim(session, job_id=job_id, start=start, end=end,
+                               worker_id=worker_id, limit=limit, lease_seconds=lease_seconds,
+                               now=now)
 
 
 def heartbeat(
@@ -241,49 +151,11 @@ def complete_items(
         else:
             _finalize_all(session, drained, store, on_finalized, now, drained=True)
         return len(won_jobs)
-    begin_write(session)
-    won = session.execute(
-        update(Item)
-        .where(_fence(worker_id, results))
-        .values(status=ItemStatus.succeeded.value, lease_owner=None, lease_expires_at=None,
-                error_code=None, error_message=None, finished_at=now, updated_at=now)
-        .returning(Item.id, Item.job_id, Item.attempts)
-        .execution_options(synchronize_session=False)
-    ).all()
-    if not won:
-        session.commit()
-        return 0
-    jobs = {
-        j.id: j
-        for j in session.execute(
-            select(Job.id, Job.task, Job.params, Job.model_name)
-            .where(Job.id.in_({w.job_id for w in won}))
-        )
-    }
-    by_id = {r.item_id: r for r in results}
-    outputs: list[dict[str, Any]] = []
-    events: list[dict[str, Any]] = []
-    for w in won:
-        r, job = by_id[w.id], jobs[w.job_id]
-        outputs.append({
-            "item_id": w.id, "job_id": w.job_id, "kind": r.kind, "text": r.text,
-            "storage_key": r.storage_key, "content_type": r.content_type, "sha256": r.sha256,
-            "size_bytes": r.size_bytes, "input_sha256": r.input_sha256,
-            "model_name": r.model_name or job.model_name, "model_version": r.model_version,
-            "weights_sha256": r.weights_sha256, "task": job.task, "params": job.params or {},
-            "seed": r.seed, "attempt": w.attempts, "worker_id": worker_id,
-            "timings": dict(r.timings), "cache_key": r.cache_key, "cached_from": r.cached_from,
-            "created_at": now,
-        })
-        total_ms = sum(r.timings.values()) * 1000.0 if r.timings else None
-        events.append({"job_id": w.job_id, "item_id": w.id, "kind": "succeeded",
-                       "attempt": w.attempts, "worker_id": worker_id,
-                       "duration_ms": total_ms, "created_at": now})
-    session.execute(insert(Output), outputs)
-    add_events(session, events)
-    session.commit()
-    _finalize_all(session, {w.job_id for w in won} - set(open_jobs), store, on_finalized, now)
-    return len(won)
+    n_won, won_jobs = claims_sqlite.complete(session, worker_id=worker_id, results=results,
+                                             now=now)
+    if n_won:
+        _finalize_all(session, won_jobs - set(open_jobs), store, on_finalized, now)
+    return n_won
 
 
 def fail_items(
