@@ -173,7 +173,7 @@ def _env(**loom: Any) -> dict[str, str]:
 def _loom_cmd() -> list[str]:
     script = Path(sys.executable).parent / "loom"
     return [str(script)] if script.exists() else [sys.executable, "-c",
-                                                  "from worker.cli import app; app()"]
+                                                  "from worker.entry import main; main()"]
 
 
 def stop_worker(worker: subprocess.Popen[bytes]) -> None:

@@ -49,6 +49,7 @@ from loom.cli.inputs import (
 )
 from loom.cli.submit import command_for
 from worker import model_commands
+from worker.embedded import start_server
 from worker.local_run import (
     EXIT_NOTHING_SUCCEEDED,
     EXIT_SOME_FAILED,
@@ -181,6 +182,7 @@ def image_command(spec: tasks.TaskSpec) -> Any:
         fmt_ = _format_for(out, fmt)
         opts = DatasetOpts(image_col, {}, id_col, split, limit, sample)
         found = image_sources(paths, spec, opts)
+        start_server()  # its imports run beside what follows (worker.embedded)
         local = open_local()
         try:
             name = _check(spec, model, local)
@@ -232,6 +234,7 @@ def image_text_command(spec: tasks.TaskSpec) -> Any:
         else:
             raise fail(f"give IMAGE {field.upper()}, --{field}s FILE.jsonl, or a dataset")
         single = bool(image and text)
+        start_server()  # its imports run beside what follows (worker.embedded)
         local = open_local()
         try:
             name = _check(spec, model, local)
@@ -284,6 +287,7 @@ def text_command(spec: tasks.TaskSpec) -> Any:
         opts = DatasetOpts(None, {field: text_col}, id_col, split, limit, sample)
         rows = text_rows(spec, text, texts_file, opts)
         items = text_items(spec, rows, choose_seed(seed) if spec.seeded else 0, variants)
+        start_server()  # its imports run beside what follows (worker.embedded)
         local = open_local()
         try:
             name = _check(spec, model, local)
@@ -363,6 +367,7 @@ def run_cmd(job_id: str) -> None:
     """Run a recorded job's open items on this machine (e.g. after ``loom retry`` or Ctrl-C)."""
     from worker.embedded import EngineProcesses
 
+    start_server()
     local = open_local()
     try:
         job_id = _resolved(local, job_id)

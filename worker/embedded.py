@@ -28,9 +28,10 @@ import socket
 import threading
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from loom.config import Settings
+if TYPE_CHECKING:  # pragma: no cover (light to import: the `loom` entry point uses start_server)
+    from loom.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,10 @@ def plan_for(settings: Settings) -> Any:
                        threads=settings.torch_threads)
 
 
-# What the forkserver imports once, before its first fork: what every engine process needs.
-_PRELOAD = ["torch", "pipeline.registry", "worker.engine", "loom.db", "loom.storage"]
+# What the forkserver imports once, before its first fork: what every engine process needs, and
+# worker.engine_server, which lets the server exit without the interpreter's teardown.
+_PRELOAD = ["torch", "pipeline.registry", "worker.engine", "loom.db", "loom.storage",
+            "worker.engine_server"]
 
 
 def _context() -> Any:
@@ -54,6 +57,19 @@ def _context() -> Any:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     return ctx
+
+
+def start_server() -> None:
+    """Start the forkserver the engine processes will be forked from, without waiting for it.
+
+    Its imports (torch and the engine: about 5 s of one core here) are the longest part of an
+    embedded command's start-up; started first, they run beside everything the command does
+    before it needs the engines (reading the inputs, opening the database, recording the job).
+    A command that fails before that leaves nothing behind: the server exits with its parent."""
+    if _context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
 
 
 def _child(settings: Settings, model: str, threads: int, gpu: int | None, worker_id: str,
@@ -125,20 +141,44 @@ class EngineProcesses:
         self._stop = ctx.Event()
         self._children: list[tuple[str, Any, Any]] = []  # (worker_id, process, jobs queue)
         host = socket.gethostname()
-        # Children start with SIGINT ignored (inherited through exec), so a Ctrl-C while they
-        # import torch does not kill them with a traceback; the parent stops them instead.
+        self._worker_ids = [f"cli-{host}-{os.getpid()}-{k}" for k in range(self.processes)]
+        self._starter: threading.Thread | None = None
+        self._start_error: BaseException | None = None
+        if ctx.get_start_method() == "forkserver":
+            # Each start waits until the server has imported torch (seconds): start them on a
+            # thread, so that the caller records the job meanwhile (``run`` waits for them).
+            self._starter = threading.Thread(target=self._start, args=(ctx, plan, threads),
+                                             name="loom-engine-start", daemon=True)
+            self._starter.start()
+            return
+        # Spawned children start with SIGINT ignored (inherited through exec), so a Ctrl-C while
+        # they import torch does not kill them with a traceback; the parent stops them instead.
         main_thread = threading.current_thread() is threading.main_thread()
         old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
         try:
-            self._start(ctx, host, plan, threads)
+            self._start(ctx, plan, threads)
         finally:
             if main_thread:
                 signal.signal(signal.SIGINT, old)
 
-    def _start(self, ctx: Any, host: str, plan: Any, threads: int) -> None:
+    def _start(self, ctx: Any, plan: Any, threads: int) -> None:
+        try:
+            self._start_all(ctx, plan, threads)
+        except BaseException as exc:
+            self._start_error = exc
+            if self._starter is None:
+                raise
+
+    def _started(self) -> None:
+        """Wait until every process is started; re-raise what stopped a start."""
+        if self._starter is not None:
+            self._starter.join()
+        if self._start_error is not None:
+            raise RuntimeError(f"could not start the engine processes: {self._start_error}")
+
+    def _start_all(self, ctx: Any, plan: Any, threads: int) -> None:
         settings = self.settings
-        for k in range(self.processes):
-            worker_id = f"cli-{host}-{os.getpid()}-{k}"
+        for k, worker_id in enumerate(self._worker_ids):
             jobs_q = ctx.SimpleQueue()
             gpu = k % plan.gpus if plan.device == "cuda" and plan.gpus else None
             proc = ctx.Process(target=_child, name=f"loom-engine-{k}", daemon=True,
@@ -153,11 +193,16 @@ class EngineProcesses:
 
     @property
     def worker_ids(self) -> list[str]:
-        return [w for w, _, _ in self._children]
+        return list(self._worker_ids)
 
     def run(self, job_id: str, progress: Progress | None = None) -> None:
         """Run ``job_id`` on every engine process until each sees the job final (or a stop).
         KeyboardInterrupt: stop cleanly (see the module docstring), then re-raise."""
+        try:
+            self._started()
+        except KeyboardInterrupt:
+            self.stop()
+            raise
         for _, _, jobs_q in self._children:
             jobs_q.put(job_id)
         running = {w for w, _, _ in self._children}
@@ -203,6 +248,8 @@ class EngineProcesses:
             db.dispose()
 
     def close(self, timeout: float = 30.0) -> None:
+        if self._starter is not None:
+            self._starter.join()
         for _, proc, jobs_q in self._children:
             if proc.is_alive():
                 try:
@@ -221,5 +268,7 @@ class EngineProcesses:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._starter is not None:
+            self._starter.join()
         if any(p.is_alive() for _, p, _ in self._children):
             self.close()
