@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from functools import cache
+from typing import Any, NamedTuple
 
-from typing import NamedTuple
-
-from sqlalchemy import func, literal_column, select, text, union_all
+from sqlalchemy import Select, bindparam, func, literal_column, select, text, union_all
 from sqlalchemy.orm import Session
 
 from loom.jobs.types import Chunk
@@ -34,9 +34,7 @@ def job_item_count(session: Session, *, job_id: str) -> int:
 def job_head(session: Session, *, job_id: str) -> tuple[str | None, int, int]:
     """(status, item count, max attempts) in one read: what a worker checks before each claim
     and caches (the count and the cap are fixed once the job is published)."""
-    row = session.execute(
-        select(Job.status, Job.item_count, Job.max_attempts).where(Job.id == job_id)
-    ).one_or_none()
+    row = session.execute(_statements()[0], {"p_job": job_id}).one_or_none()
     if row is None:
         return None, 0, 1
     return row.status, int(row.item_count or 0), int(row.max_attempts or 1)
@@ -119,25 +117,39 @@ def suspect_indexes(
     (ix_items_retried) and running items whose lease expired (ix_items_running_lease). The status
     terms are literals so that SQLite can match those partial indexes."""
     now = now or utcnow()
-    in_chunk = (Item.job_id == chunk.job_id, Item.index >= chunk.start, Item.index < chunk.end)
-    retried = select(Item.index).where(
+    return list(session.scalars(_statements()[1], {
+        "p_job": chunk.job_id, "p_start": chunk.start, "p_end": chunk.end, "p_now": now,
+        "p_limit": limit}))
+
+
+@cache
+def _statements() -> tuple[Select[Any], Select[Any]]:
+    """job_head's and suspect_indexes' statements, built once: read before every claim, they
+    cost more to build than to run on SQLite (0.2 ms per item claimed at batch 32)."""
+    jobs, items = Job.__table__, Item.__table__
+    head = (select(jobs.c.status, jobs.c.item_count, jobs.c.max_attempts)
+            .where(jobs.c.id == bindparam("p_job")))
+    now = bindparam("p_now", type_=items.c.available_at.type)
+    in_chunk = (items.c.index >= bindparam("p_start"), items.c.index < bindparam("p_end"))
+    retried = select(items.c.index).where(
+        items.c.job_id == bindparam("p_job"),
         *in_chunk,
-        Item.status == literal_column("'queued'"),
-        Item.attempts > Item.attempts_excused,  # an attempt was spent (not excused)
-        (Item.available_at.is_(None)) | (Item.available_at <= now),
-        Item.error_code.is_(None) | Item.error_code.in_(SUSPECT_CODES),
+        items.c.status == literal_column("'queued'"),
+        items.c.attempts > items.c.attempts_excused,  # an attempt was spent (not excused)
+        items.c.available_at.is_(None) | (items.c.available_at <= now),
+        items.c.error_code.is_(None) | items.c.error_code.in_(SUSPECT_CODES),
     )
-    expired = select(Item.index).where(
+    expired = select(items.c.index).where(
         # The job test is wrapped so that no (job_id, ...) index can serve it: otherwise SQLite
         # and PostgreSQL walk every open item of the range to find the (rare) expired leases.
-        func.coalesce(Item.job_id, "") == chunk.job_id,
-        *in_chunk[1:],
-        Item.status == literal_column("'running'"),
-        Item.lease_expires_at < now,
-        Item.attempts > Item.attempts_excused,
+        func.coalesce(items.c.job_id, "") == bindparam("p_job"),
+        *in_chunk,
+        items.c.status == literal_column("'running'"),
+        items.c.lease_expires_at < now,
+        items.c.attempts > items.c.attempts_excused,
     )
     both = union_all(retried, expired).subquery()
-    return list(session.scalars(select(both.c.index).order_by(both.c.index).limit(limit)))
+    return head, select(both.c.index).order_by(both.c.index).limit(bindparam("p_limit"))
 
 
 def suspect_ids(session: Session, *, item_ids: Iterable[int]) -> set[int]:

@@ -74,14 +74,17 @@ def _claim_statements() -> tuple[Executable, Executable, Executable]:
         .values(status=JobStatus.running.value, started_at=now, updated_at=now)
     )
     # An alias, so the subquery is never correlated to the UPDATE's own "items"; SQLite runs an
-    # uncorrelated IN (SELECT ... LIMIT n) once.
+    # uncorrelated IN (SELECT ... LIMIT n) once, and the UPDATE finds its rows by primary key.
+    # The claimable test is not repeated on them (PostgreSQL's claim must): under BEGIN
+    # IMMEDIATE no other writer runs between the SELECT and the UPDATE of one statement, and
+    # repeating it led SQLite to walk every open item of the range instead.
     inner = _items.alias("picked")
     picked = (select(inner.c.id).where(_claimable(inner)).order_by(inner.c.index)
               .limit(bindparam("p_limit")))
     was_running = _items.c.status == RUNNING
     claim = (
         update(_items)
-        .where(_items.c.id.in_(picked), _claimable(_items))
+        .where(_items.c.id.in_(picked))
         .values(
             status=RUNNING,
             lease_owner=bindparam("p_worker"),
