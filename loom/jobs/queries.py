@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient
 
 from loom.errors import InvalidRequest, NotFound
 from loom.jobs.types import JobProgress, Page, decode_cursor, encode_cursor
@@ -166,9 +166,10 @@ def iter_results(
         for item, output in rows:
             yield item, output
         for item, output in rows:
-            session.expunge(item)
+            # Not session.expunge: its cascade walk was half the cost of exporting a big job.
+            make_transient(item)
             if output is not None:
-                session.expunge(output)
+                make_transient(output)
         after = rows[-1][0].index
         if len(rows) < page_size:
             return
