@@ -1,6 +1,6 @@
 """Submit one 100,000-item job on SQLite and on PostgreSQL; print seconds and rows/s side by side,
-next to the naive alternative: one Celery message per item (``send_task`` in a loop, which is
-what ``.delay()`` does) to a real Redis broker.
+next to the naive alternative: one Celery message per item carrying the same item (``send_task``
+in a loop, which is what ``.delay()`` does) to a real Redis broker.
 
     .venv/bin/python bench/submit_throughput.py [--items 100000] [--chunk-size 128]
         [--broker redis://127.0.0.1:6379/12] [--celery-items N]
@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 
@@ -31,16 +32,18 @@ from loom.models import Item, Outbox
 DEFAULT_PG_ADMIN = "postgresql+psycopg://root@127.0.0.1:5432/postgres"
 
 
-def run(url: str, n_items: int, chunk_size: int) -> tuple[float, int]:
+def make_items(n_items: int) -> list[dict[str, Any]]:
+    """The items both ways of submitting carry: an input and the metadata that travels back."""
+    return [{"input": {"image_key": f"t/jobs/x/inputs/{i:08d}.png"},
+             "metadata": {"file": f"{i}.png"}} for i in range(n_items)]
+
+
+def run(url: str, items: list[dict[str, Any]], chunk_size: int) -> tuple[float, int]:
     upgrade(url)
     engine = make_engine(url)
+    n_items = len(items)
     try:
         session_factory = make_session_factory(engine)
-        items = [
-            {"input": {"image_key": f"t/jobs/x/inputs/{i:08d}.png"},
-             "metadata": {"file": f"{i}.png"}}
-            for i in range(n_items)
-        ]
         with session_factory() as session:
             tenant = tenants.ensure_tenant(session, name="bench")
             t0 = time.perf_counter()
@@ -57,8 +60,10 @@ def run(url: str, n_items: int, chunk_size: int) -> tuple[float, int]:
         engine.dispose()
 
 
-def celery_per_item(broker: str, n_items: int, sample: int) -> tuple[float, int] | None:
-    """Publish one task per item, the naive way. Returns (seconds for all items, items sent)."""
+def celery_per_item(broker: str, items: list[dict[str, Any]],
+                    sample: int) -> tuple[float, int] | None:
+    """Publish one task per item, the naive way, each carrying the same item (input and
+    metadata) as the Loom submission. Returns (seconds for all items, items sent)."""
     import redis
     from celery import Celery
 
@@ -70,6 +75,7 @@ def celery_per_item(broker: str, n_items: int, sample: int) -> tuple[float, int]
         return None
     app = Celery("loom_bench", broker=broker, set_as_current=False)
     app.conf.update(task_serializer="json", broker_connection_retry_on_startup=False)
+    n_items = len(items)
     n = min(sample, n_items)
     try:
         with app.producer_or_acquire() as producer:
@@ -78,8 +84,7 @@ def celery_per_item(broker: str, n_items: int, sample: int) -> tuple[float, int]
                           producer=producer)
             t0 = time.perf_counter()
             for i in range(n):
-                app.send_task("loom.bench_item",
-                              args=["job", i, {"image_key": f"t/jobs/x/inputs/{i:08d}.png"}],
+                app.send_task("loom.bench_item", args=["job", i, items[i]],
                               queue=queue, producer=producer)
             elapsed = time.perf_counter() - t0
         sent = int(redis.Redis.from_url(broker).llen(queue))
@@ -125,18 +130,19 @@ def main() -> None:
     args = parser.parse_args()
 
     results: dict[str, tuple[float, int]] = {}
+    items = make_items(args.items)
     with tempfile.TemporaryDirectory() as tmp:
-        results["sqlite"] = run(f"sqlite:///{Path(tmp) / 'bench.db'}", args.items, args.chunk_size)
+        results["sqlite"] = run(f"sqlite:///{Path(tmp) / 'bench.db'}", items, args.chunk_size)
     admin = os.environ.get("LOOM_BENCH_PG_URL", DEFAULT_PG_ADMIN)
     scratch = pg_scratch(admin)
     if scratch is not None:
         name, url = scratch
         try:
-            results["postgresql"] = run(url, args.items, args.chunk_size)
+            results["postgresql"] = run(url, items, args.chunk_size)
         finally:
             pg_drop(admin, name)
 
-    naive = celery_per_item(args.broker, args.items, args.celery_items or args.items)
+    naive = celery_per_item(args.broker, items, args.celery_items or args.items)
 
     print(f"submit of one {args.items:,}-item job (chunk size {args.chunk_size}; job + items + "
           f"outbox in one transaction)")
