@@ -1,6 +1,8 @@
-"""Control-plane throughput: claim -> complete with a model that returns at once, on PostgreSQL.
+"""Control-plane throughput: claim -> complete with a model that returns at once, on PostgreSQL
+(or, with --db sqlite, on an embedded run's SQLite file).
 
     .venv/bin/python bench/control_plane.py [--items 40000] [--procs 1,4,8] [--batch 32,128,512]
+        [--db postgresql|sqlite]
 
 For every (processes, batch) configuration it creates a scratch database on PostgreSQL
 (LOOM_BENCH_PG_URL, default postgresql+psycopg://root@127.0.0.1:5432/postgres is used only to
@@ -19,7 +21,10 @@ import argparse
 import multiprocessing as mp
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,18 +68,31 @@ def _worker(url: str, chunks: mp.Queue, ready: mp.Barrier, batch: int, out: mp.Q
     out.put(done)
 
 
-def run_config(admin: str, n_items: int, procs: int, batch: int) -> float:
+@contextmanager
+def scratch_database(db: str, admin: str) -> Iterator[str]:
+    """A database URL of its own for one configuration, removed afterwards."""
+    if db == "sqlite":
+        with tempfile.TemporaryDirectory() as tmp:
+            yield f"sqlite:///{Path(tmp) / 'bench.db'}"
+        return
+    scratch = pg_scratch(admin)
+    if scratch is None:
+        raise SystemExit("postgresql unavailable")
+    name, url = scratch
+    try:
+        yield url
+    finally:
+        pg_drop(admin, name)
+
+
+def run_config(db: str, admin: str, n_items: int, procs: int, batch: int) -> float:
     from sqlalchemy import select
 
     from loom import jobs, tenants
     from loom.db import make_engine, make_session_factory, upgrade
     from loom.models import Job
 
-    scratch = pg_scratch(admin)
-    if scratch is None:
-        raise SystemExit("postgresql unavailable")
-    name, url = scratch
-    try:
+    with scratch_database(db, admin) as url:
         upgrade(url)
         engine = make_engine(url)
         session_factory = make_session_factory(engine)
@@ -110,8 +128,6 @@ def run_config(admin: str, n_items: int, procs: int, batch: int) -> float:
         assert done == n_items, (done, n_items)
         assert status == "succeeded", status
         return n_items / elapsed
-    finally:
-        pg_drop(admin, name)
 
 
 def main() -> None:
@@ -120,6 +136,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=40_000)
     parser.add_argument("--procs", default="1,4,8", help="comma-separated process counts")
     parser.add_argument("--batch", default="32", help="comma-separated batch sizes")
+    parser.add_argument("--db", choices=("postgresql", "sqlite"), default="postgresql",
+                        help="sqlite: an embedded run's database (a file in a temp folder)")
     args = parser.parse_args()
     procs = [int(p) for p in args.procs.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
@@ -128,10 +146,10 @@ def main() -> None:
     table: dict[tuple[int, int], float] = {}
     for b in batches:
         for p in procs:
-            table[(p, b)] = run_config(admin, args.items, p, b)
+            table[(p, b)] = run_config(args.db, admin, args.items, p, b)
             print(f"  processes={p} batch={b}: {table[(p, b)]:,.0f} items/s", file=sys.stderr)
 
-    print(f"claim -> complete, {args.items:,} items, PostgreSQL, instant model "
+    print(f"claim -> complete, {args.items:,} items, {args.db}, instant model "
           f"({os.cpu_count()} CPUs); items/s")
     print(f"{'processes':<12}" + "".join(f"{'batch ' + str(b):>14}" for b in batches))
     for p in procs:
