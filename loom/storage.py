@@ -206,6 +206,12 @@ class LocalStore:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
+        if os.path.islink(source):
+            # link(2) on Linux links a symlink itself, not its target (os.link's
+            # follow_symlinks does not change that without a dir fd): the store would hold a
+            # link out of its root, which get() refuses, failing every item of a folder of
+            # symlinked images.
+            source = Path(os.path.realpath(source))
         try:
             try:
                 os.link(source, tmp)

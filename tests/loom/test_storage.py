@@ -127,6 +127,23 @@ def test_local_store_put_file_links_on_its_filesystem(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "store" / "t" / "a").iterdir()) == ["in.png"]
 
 
+def test_local_store_put_file_stores_a_symlinks_target(tmp_path: Path) -> None:
+    """A folder of symlinked images (a dataset laid out by links) is stored by target: link(2)
+    links a symlink itself, which the store would then refuse to read (every item failed with
+    invalid_key)."""
+    store = LocalStore(tmp_path / "store")
+    target = tmp_path / "data" / "real.png"
+    target.parent.mkdir()
+    target.write_bytes(b"\x89PNG\r\n\x1a\nreal")
+    link = tmp_path / "view" / "a.png"
+    link.parent.mkdir()
+    os.symlink(target, link)
+    store.put_file("t/a/in.png", link)
+    stored = tmp_path / "store" / "t/a/in.png"
+    assert not stored.is_symlink() and os.stat(stored).st_ino == target.stat().st_ino
+    assert store.get("t/a/in.png") == target.read_bytes()
+
+
 def test_s3_presigned_url_serves_the_bytes(s3_bucket: str, s3_endpoint: str) -> None:
     s = S3Store.from_url(s3_bucket, endpoint_url=s3_endpoint)
     try:
