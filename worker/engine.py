@@ -307,10 +307,15 @@ class Engine(Claiming, Finishing, Outages):
         if chunks:
             chunks = [jobs.Chunk(job_id, min(c.start for c in chunks),
                                  max(c.end for c in chunks), max(c.priority for c in chunks))]
+        # Idle polls start short: the usual wait is for another process's last batch, and the
+        # job's end was noticed up to a whole poll late.
+        wait = min(0.05, poll_seconds)
         while not self.should_stop():
             claimed = 0
             for chunk in chunks:
                 claimed += self.run_chunk(chunk, progress=progress).claimed
+            if claimed:
+                wait = min(0.05, poll_seconds)
             if self.should_stop():
                 break
             status = self._job_status(job_id)
@@ -329,7 +334,8 @@ class Engine(Claiming, Finishing, Outages):
                 status = self._job_status(job_id)
                 if status is None or status in terminal:
                     break
-                time.sleep(poll_seconds)  # backoff of retried items, or leases held elsewhere
+                time.sleep(wait)  # backoff of retried items, or leases held elsewhere
+                wait = min(wait * 2, poll_seconds)
         with self.session_factory() as session:
             return jobs.get_job(session, job_id=job_id)
 

@@ -24,10 +24,41 @@ def runs_engines(argv: list[str]) -> bool:
 
 
 def main() -> None:
-    if runs_engines(sys.argv):
-        from worker.embedded import start_server
+    if not runs_engines(sys.argv):
+        from worker.cli import app
 
-        start_server()
+        app()
+        return
+    from worker.embedded import start_server
+
+    start_server()
     from worker.cli import app
 
-    app()
+    try:
+        app()  # Typer ends with SystemExit(code) when it returns normally
+    except SystemExit as exc:
+        code = exc.code
+    else:
+        code = 0
+    _exit_now(code)
+
+
+def _exit_now(code: int | str | None) -> None:
+    """End an embedded command without the interpreter's teardown: freeing every module of a
+    process that imported SQLAlchemy, pydantic and rich took 0.3-0.5 s after the results were
+    written. Nothing is left to tear down by then: the command closed its database and its
+    engine processes (and the forkserver exits with us), and stdout and stderr are flushed
+    here. An uncaught exception does not come here: it ends the process as usual."""
+    import logging
+    import os
+
+    if isinstance(code, str):  # SystemExit("message"): printed, exit status 1
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more can be written
+            pass
+    os._exit(code or 0)
