@@ -1,11 +1,12 @@
 """Embedded runs on the whole machine: several engine processes on one recorded job.
 
-``EngineProcesses`` starts the engine processes as soon as a command knows it will run a model,
-so their torch import and model load overlap with the caller recording the job and storing its
-inputs. They are forks of a multiprocessing *forkserver* that imported torch once (importing it
-in every process took about 1.6 s of CPU each, on the cores the caller needs to record the job);
-the server is a clean interpreter that never ran a torch op nor touched CUDA, so a fork of it is
-as safe as a spawned process. Where there is no forkserver, they are spawned. Each process
+The engine processes are forks of a multiprocessing *forkserver* that imported torch once
+(importing it in every process took about 1.6 s of CPU each, on the cores the caller needs to
+record the job); the server is a clean interpreter that never ran a torch op nor touched CUDA, so
+a fork of it is as safe as a spawned process. Its imports are the longest part of start-up, so
+the ``loom`` entry point starts it first (``start_server``), and ``EngineProcesses`` asks it for
+the processes on a thread (each request waits until the server is ready): the caller records the
+job and stores its inputs meanwhile. Where there is no forkserver, they are spawned. Each process
 sizes torch to its share of the host (``worker.sizing``: processes x threads = usable cores, one
 process per GPU on CUDA), then waits for the job id and runs ``Engine.run_job`` on it. SQLite in
 WAL mode with BEGIN IMMEDIATE claims keeps the processes from taking the same item; completion is

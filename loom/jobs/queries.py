@@ -148,8 +148,9 @@ def iter_results(
 ) -> Iterator[tuple[Item, Output | None]]:
     """Yield (item, output or None) in index order, one page at a time (never all rows).
 
-    Each page's objects are expunged once yielded, so the session does not accumulate a whole
-    100k-item job; what the caller holds stays readable (already loaded, detached).
+    Each page's objects leave the session once yielded (made transient), so the session does
+    not accumulate a whole 100k-item job; what the caller holds stays readable (its columns
+    are loaded; a relationship reads as empty).
     """
     get_job(session, job_id=job_id, tenant_id=tenant_id)
     after = -1

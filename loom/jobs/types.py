@@ -128,7 +128,8 @@ def decode_cursor(cursor: str, n: int) -> list[Any]:
 
 # Every column a caller may name; one statement built once (the ORM's bulk insert cost more
 # than the rows' own insert on SQLite).
-_EVENT_COLUMNS = tuple(c.name for c in Event.__table__.columns if c.name not in ("id", "created_at"))
+_EVENT_COLUMNS = tuple(c.name for c in Event.__table__.columns
+                       if c.name not in ("id", "created_at"))
 _INSERT_EVENTS = insert(Event.__table__)
 
 
