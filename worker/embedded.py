@@ -67,10 +67,19 @@ def start_server() -> None:
     embedded command's start-up; started first, they run beside everything the command does
     before it needs the engines (reading the inputs, opening the database, recording the job).
     A command that fails before that leaves nothing behind: the server exits with its parent."""
-    if _context().get_start_method() == "forkserver":
-        from multiprocessing import forkserver
+    if _context().get_start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
 
+    # The server inherits SIGINT ignored through exec: a Ctrl-C during its imports would
+    # otherwise kill it with a traceback; the caller stops the engines cleanly instead.
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+    try:
         forkserver.ensure_running()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, old)
 
 
 def _child(settings: Settings, model: str, threads: int, gpu: int | None, worker_id: str,
