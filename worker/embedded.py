@@ -90,6 +90,7 @@ def _child(settings: Settings, model: str, threads: int, gpu: int | None, worker
         from worker import sizing
 
         sizing.apply_threads(threads)
+        sizing.tune_allocator()
         if gpu is not None:
             import torch
 

@@ -11,6 +11,9 @@ use (CPU affinity, then the cgroup v2/v1 CPU quota) and the visible GPUs, and pl
 
 ``LOOM_WORKER_PROCESSES`` / Celery's ``-c`` and ``LOOM_TORCH_THREADS`` override the plan.
 
+A model process also keeps its freed tensor buffers for the next batch instead of returning them
+to the kernel (``tune_allocator``, glibc's mallopt; glibc's own MALLOC_* variables override it).
+
 Several ``loom worker`` invocations on one host must not oversubscribe it (OpenMP threads that
 spin-wait on shared cores collapse throughput 10x). Each model process therefore holds a
 host-local slot: an ``flock``-ed file under the runtime directory. A process sizes its torch pool
@@ -170,6 +173,40 @@ def apply_threads(threads: int, *, interop: bool = True) -> int:
     return threads
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# Buffers up to this size come from the heap and are reused, not mmap'ed and unmapped per call
+# (32 MiB is glibc's own ceiling for its adaptive threshold).
+MMAP_THRESHOLD_BYTES = 32 << 20
+# Free memory at the top of the heap that stays in the process instead of going back to the
+# kernel: a model's per-batch buffers come back every batch.
+TRIM_THRESHOLD_BYTES = 512 << 20
+_GLIBC_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def tune_allocator() -> bool:
+    """Keep a model process's freed tensor buffers for the next batch (glibc only; call before
+    the model runs). Returns whether it changed anything.
+
+    With glibc's defaults, a batch's activations are handed back to the kernel when freed
+    (munmap, or a trimmed heap) and the next batch faults them in again, zero-filled: page
+    faults were 14% of an engine process's CPU on a generate job; tuned, the bare model loop
+    ran 5-13% faster on caption and 17-26% on generate, and Loom's workers 5-14%. Left alone when the user set glibc's own MALLOC_* variables
+    or a ``glibc.malloc`` tunable: theirs win."""
+    if any(k in os.environ for k in _GLIBC_MALLOC_ENV) or \
+            "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has it as a no-op; macOS has none)
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and \
+        bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
 def runtime_dir() -> Path:
     """Host-local directory for the slot files (per user: other users' workers are theirs)."""
     base = os.environ.get("LOOM_RUNTIME_DIR") or os.environ.get("XDG_RUNTIME_DIR")
@@ -193,6 +230,7 @@ class HostShare:
         self._file: IO[Any] | None = None
         self._checked = 0.0
         self.threads = 0
+        self.allocator_tuned = False
 
     def acquire(self) -> int:
         """Take the lowest free slot (an exclusive flock held for the life of the process)."""
@@ -232,6 +270,7 @@ class HostShare:
         """Acquire a slot and size torch to the share; returns the threads."""
         self.acquire()
         self.threads = apply_threads(self.fair_threads())
+        self.allocator_tuned = tune_allocator()
         self._checked = time.monotonic()
         return self.threads
 

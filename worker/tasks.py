@@ -116,8 +116,9 @@ def size_process(settings: Settings) -> HostShare:
         import torch
 
         torch.cuda.set_device((share.slot or 0) % p.gpus)
-    log.info("loom worker process %d: slot %s, %d torch thread(s), %s", os.getpid(), share.slot,
-                threads, p.describe())
+    log.info("loom worker process %d: slot %s, %d torch thread(s), %s; allocator %s",
+             os.getpid(), share.slot, threads, p.describe(),
+             "tuned" if share.allocator_tuned else "as configured")
     _Process.share = share
     return share
 

@@ -138,3 +138,45 @@ def test_loom_worker_prints_its_plan_and_honours_the_overrides() -> None:
     assert "3 model process(es) x 1 torch thread(s)" in env.stderr
     flag = _loom_worker("-c", "1")
     assert f"1 model process(es) x {p.cores} torch thread(s)" in flag.stderr
+
+
+_MMAPPED_AFTER_4MB = """
+import ctypes, sys
+from worker import sizing
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = (ctypes.c_size_t,)
+tuned = sizing.tune_allocator() if sys.argv[1] == "tune" else False
+before = libc.mallinfo2().hblks
+block = libc.malloc(4 << 20)
+print(tuned, libc.mallinfo2().hblks - before)
+"""
+
+
+def _mmapped_after_4mb(mode: str, **env: str) -> tuple[str, int]:
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", _MMAPPED_AFTER_4MB, mode], cwd=ROOT,
+                         env={**base, **env}, capture_output=True, text=True, check=True)
+    tuned, mapped = out.stdout.split()
+    return tuned, int(mapped)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION")
+                    is None, reason="glibc's mallopt")
+def test_tuned_allocator_keeps_batch_sized_buffers_in_the_heap() -> None:
+    # glibc's default: a 4 MiB buffer is its own mapping, unmapped (and faulted in again) per
+    # batch. Tuned: it comes from the heap and is reused.
+    assert _mmapped_after_4mb("default") == ("False", 1)
+    assert _mmapped_after_4mb("tune") == ("True", 0)
+    # The user's own glibc settings win.
+    assert _mmapped_after_4mb("tune", MALLOC_TRIM_THRESHOLD_="131072")[0] == "False"
+    assert _mmapped_after_4mb("tune", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536") == (
+        "False", 1)
