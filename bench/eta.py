@@ -3,15 +3,19 @@
 Renders N shapes-world scenes (half PNG, half JPEG) and, for caption and generate, measures:
 
   bare        the model loop alone (read file, decode, model call, batch B; generate also encodes
-              and writes the PNG), as 1 process x all threads and as P processes x 1 thread; the
-              best is the LIMIT the other modes are judged against (model load not timed)
+              and writes the PNG), as 1 process x all threads and as P processes x 1 thread, with
+              the allocator tuned as Loom's model processes tune it; the best is the LIMIT the
+              other modes are judged against (model load not timed)
   embedded    `loom caption DIR --out F` / `loom generate --prompts F --out DIR`, the real CLI in
-              a subprocess, wall clock from start to exit (start-up and writing results included)
+              a subprocess, wall clock from start to exit (start-up and writing results included);
+              its timeline, read from the run's database afterwards: the first claim, the steady
+              rate up to the last result, the tail, and the ceiling they put on the ratio
   local       distributed: `loom worker` (the README's one command per host) on PostgreSQL + Redis
               with a local file store; from submit to the job's final status
   s3          the same with an S3 endpoint (a moto_server this script starts)
   store       that endpoint's own get/put rate at the worker's I/O concurrency; the s3 mode is
-              judged against min(limit, store rate)
+              judged against min(limit, store rate), and also shown against 1 / (1/limit +
+              1/store), the bound when the endpoint shares this host's cores (moto here)
   ray         Ray Data with the same model (map_batches over an actor pool), when ray is installed
               (pip install 'loom[bench]')
 
