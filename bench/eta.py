@@ -37,11 +37,8 @@ import json
 import multiprocessing as mp
 import os
 import queue as queue_mod
-import random
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,12 +47,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import (  # the shared bench helpers; importing it puts the project on sys.path
+    MAX_PIXELS,
+    ROOT,
+    Services,
+    loom_cmd,
+    env_for,
+    producer,
+    render_inputs,
+    stop_worker,
+)
 
 ALL_MODES = ("bare", "embedded", "local", "s3", "store", "ray")
 STAGES = ("claim", "fetch", "decode", "infer", "encode", "upload", "complete")
-MAX_PIXELS = 40_000_000  # Settings.max_image_pixels
 IO_THREADS = 4  # worker.engine.Engine's default I/O pool per process
 
 
@@ -79,28 +83,6 @@ class Result:
 
 
 # --- inputs ------------------------------------------------------------------------------------
-
-
-def render_inputs(work: Path, n: int, seed: int = 0) -> tuple[list[Path], list[str]]:
-    from pipeline import data
-
-    rng = random.Random(seed)
-    images = work / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    paths, prompts = [], []
-    for i in range(n):
-        scene = data.sample_scene(rng)
-        path = images / (f"{i:05d}.png" if i % 2 == 0 else f"{i:05d}.jpg")
-        if not path.exists():
-            img = data.render(scene)
-            if path.suffix == ".png":
-                img.save(path)
-            else:
-                img.save(path, quality=90)
-        paths.append(path)
-        prompts.append(data.caption(scene))
-    (work / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    return paths, prompts
 
 
 # --- bare loop ---------------------------------------------------------------------------------
@@ -172,32 +154,6 @@ def bare(task: str, inputs: list[Any], processes: int, threads: int, batch: int,
 # --- helpers for the Loom modes --------------------------------------------------------------
 
 
-def _env(**loom: Any) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    env.update({f"LOOM_{k.upper()}": str(v) for k, v in loom.items() if v is not None})
-    return env
-
-
-def _loom_cmd() -> list[str]:
-    script = Path(sys.executable).parent / "loom"
-    return [str(script)] if script.exists() else [sys.executable, "-c",
-                                                  "from worker.entry import main; main()"]
-
-
-def stop_worker(worker: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the `loom worker` process group (started with start_new_session), then SIGKILL."""
-    try:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(worker.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        worker.wait()
-
-
 def read_stages(directory: Path) -> tuple[dict[str, float], int]:
     """Summed stage times of every engine's snapshot (``items``: the items they finished)."""
     total: dict[str, float] = {}
@@ -229,7 +185,7 @@ def settled_stages(directory: Path, before: dict[str, float], n: int,
 def embedded(task: str, n: int, work: Path, batch: int, device: str) -> Result:
     home = work / f"embedded-{task}-{secrets.token_hex(3)}"
     stages = home / "stages"
-    env = _env(home=home, device=device, batch_size=batch, stage_log=stages)
+    env = env_for(home=home, device=device, batch_size=batch, stage_log=stages)
     # --no-cache: every mode must run the model (the same inputs go through each mode).
     if task == "caption":
         args = ["caption", str(work / "images"), "--out", str(home / "captions.jsonl"),
@@ -239,7 +195,7 @@ def embedded(task: str, n: int, work: Path, batch: int, device: str) -> Result:
                 "--seed", "0", "--no-cache"]
     started = time.time()
     t0 = time.perf_counter()
-    proc = subprocess.run([*_loom_cmd(), *args], env=env, capture_output=True, text=True,
+    proc = subprocess.run([*loom_cmd(), *args], env=env, capture_output=True, text=True,
                           cwd=str(work))
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -285,96 +241,6 @@ def item_times(db: Path, started: float) -> tuple[float | None, float | None]:
 
 
 # --- distributed ---------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Services:
-    """A fresh PostgreSQL database, the Redis DB given, and (for s3) a moto_server of our own."""
-
-    def __init__(self, pg_admin: str, redis_url: str) -> None:
-        import psycopg
-
-        self.pg_admin = pg_admin
-        self.db = f"loom_eta_{secrets.token_hex(4)}"
-        with psycopg.connect(pg_admin, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{self.db}"')
-            user = conn.info.user
-            host, port = conn.info.host, conn.info.port
-        self.database_url = f"postgresql+psycopg://{user}@{host}:{port}/{self.db}"
-        from loom.db import upgrade
-
-        upgrade(self.database_url)
-        self.redis_url = redis_url
-        self.moto: subprocess.Popen[bytes] | None = None
-        self.s3_endpoint: str | None = None
-
-    def start_moto(self) -> str:
-        if self.s3_endpoint:
-            return self.s3_endpoint
-        import httpx
-
-        binary = Path(sys.executable).parent / "moto_server"
-        exe = str(binary) if binary.exists() else shutil.which("moto_server")
-        if not exe:
-            raise RuntimeError("moto_server is not installed (pip install 'moto[server]')")
-        port = _free_port()
-        self.moto = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{url}/moto-api/", timeout=1.0)
-                break
-            except httpx.HTTPError:
-                if self.moto.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.2)
-        for k, v in {"AWS_ACCESS_KEY_ID": "eta", "AWS_SECRET_ACCESS_KEY": "eta",
-                     "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            os.environ.setdefault(k, v)
-        import boto3
-
-        boto3.client("s3", endpoint_url=url).create_bucket(Bucket="eta")
-        self.s3_endpoint = url
-        return url
-
-    def close(self) -> None:
-        if self.moto is not None:
-            self.moto.terminate()
-            try:
-                self.moto.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.moto.kill()
-                self.moto.wait()
-        import psycopg
-
-        with psycopg.connect(self.pg_admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
-
-
-def producer(loom_env: dict[str, Any]) -> tuple[Any, ...]:
-    """What a bench needs to submit to a `loom worker` started with ``loom_env``: (settings,
-    store, database engine, session factory, Celery app, publish, tenant id)."""
-    from loom.config import Settings
-    from loom.db import make_engine, make_session_factory
-    from loom.storage import store_from_settings
-    from loom.tenants import ensure_tenant
-    from worker.app import make_celery, make_publisher
-
-    settings = Settings(**{k: v for k, v in loom_env.items() if v is not None})
-    db = make_engine(settings.database_url)
-    sf = make_session_factory(db)
-    celery_app = make_celery(settings)
-    with sf() as s:
-        tenant = ensure_tenant(s, name="local").id
-    return (settings, store_from_settings(settings), db, sf, celery_app,
-            make_publisher(celery_app), tenant)
 
 
 def distributed(task: str, paths: list[Path], prompts: list[str], svc: Services, work: Path,
@@ -428,8 +294,8 @@ def distributed(task: str, paths: list[Path], prompts: list[str], svc: Services,
     log_path = work / f"worker-{mode}-{task}.log"
     with log_path.open("wb") as log:
         worker = subprocess.Popen(
-            [*_loom_cmd(), "worker", "-n", f"eta-{secrets.token_hex(3)}@%h", "-l", "warning"],
-            env=_env(**loom_env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [*loom_cmd(), "worker", "-n", f"eta-{secrets.token_hex(3)}@%h", "-l", "warning"],
+            env=env_for(**loom_env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         run(items[: batch * 2])  # warm-up: the processes are up and the model loaded
         before, _ = settled_stages(stages, {}, batch * 2)

@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import eta  # noqa: E402  (bench/eta.py: inputs, services, the worker command)
+import harness  # noqa: E402  (bench/harness.py: inputs, services, the worker command)
 
 # Seconds between looks at the bulk phases' jobs (the same for the small jobs and the one big job;
 # at most this much is added to either time).
@@ -56,7 +56,7 @@ def model_ms(path: Path, n: int) -> float:
     times = []
     for _ in range(n + 3):
         t0 = time.perf_counter()
-        model.caption([media.decode_image(path.read_bytes(), max_pixels=eta.MAX_PIXELS)])
+        model.caption([media.decode_image(path.read_bytes(), max_pixels=harness.MAX_PIXELS)])
         times.append((time.perf_counter() - t0) * 1000.0)
     return statistics.median(times[3:])
 
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
     n = a.jobs * a.size
     work = Path(tempfile.mkdtemp(prefix="loom-small-"))
-    paths, _ = eta.render_inputs(work, n)
-    svc = eta.Services(a.pg, a.redis)
+    paths, _ = harness.render_inputs(work, n)
+    svc = harness.Services(a.pg, a.redis)
     # The worker's reconciler publishes every unpublished outbox row it finds: it would start the
     # held jobs (below) while they are still being recorded, before the clock starts (it did:
     # 1,000 items/s, above the bare model loop). Nothing here needs it: no worker is killed.
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                                     broker_url=svc.redis_url, auth="off", device="cpu",
                                     storage_url=f"file://{work / 'store'}",
                                     reconcile_interval_seconds=3600)
-    settings, store, db, sf, celery_app, publish, tenant = eta.producer(loom_env)
+    settings, store, db, sf, celery_app, publish, tenant = harness.producer(loom_env)
     items = []
     for i, p in enumerate(paths):
         key = input_key(tenant, "small", i, p.suffix.lstrip("."))
@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     log_path = work / "worker.log"
     with log_path.open("wb") as log:
         worker = subprocess.Popen(
-            [*eta._loom_cmd(), "worker", "-n", f"small-{secrets.token_hex(3)}@%h", "-l",
-             "warning"], env=eta._env(**loom_env), stdout=log, stderr=subprocess.STDOUT,
+            [*harness.loom_cmd(), "worker", "-n", f"small-{secrets.token_hex(3)}@%h", "-l",
+             "warning"], env=harness.env_for(**loom_env), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
     try:
         wait([submit(items[:64])], 0.05)  # warm-up: processes up, model loaded
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         wait([submit(items)], BULK_POLL)
         big_s = time.perf_counter() - t0
     finally:
-        eta.stop_worker(worker)
+        harness.stop_worker(worker)
         celery_app.close()
         db.dispose()
         svc.close()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import eta  # noqa: E402 - the shared bench helpers (scenes, services, the loom command)
+import harness  # noqa: E402 - the shared bench helpers (scenes, services, the loom command)
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -61,8 +61,8 @@ def main() -> int:
     from worker.app import make_celery, make_publisher
 
     work = Path(tempfile.mkdtemp(prefix="loom-mem-"))
-    paths, _ = eta.render_inputs(work, args.scenes)
-    svc = eta.Services(args.pg, args.redis)
+    paths, _ = harness.render_inputs(work, args.scenes)
+    svc = harness.Services(args.pg, args.redis)
     loom_env = dict(home=work / "home", database_url=svc.database_url, broker_url=svc.redis_url,
                     storage_url=f"file://{work / 'store'}", auth="off", device="cpu")
     settings = Settings(**loom_env)
@@ -79,8 +79,8 @@ def main() -> int:
         store.put(keys[-1], p.read_bytes())
     log_path = work / "worker.log"
     with log_path.open("wb") as log:
-        worker = subprocess.Popen([*eta._loom_cmd(), "worker", "-l", "warning"],
-                                  env=eta._env(**loom_env), stdout=log,
+        worker = subprocess.Popen([*harness.loom_cmd(), "worker", "-l", "warning"],
+                                  env=harness.env_for(**loom_env), stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     samples: list[tuple[int, float]] = []
     try:
