@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="loom-small-"))
     paths, _ = harness.render_inputs(work, n)
     svc = harness.Services(a.pg, a.redis)
-    # The worker's reconciler publishes every unpublished outbox row it finds: it would start the
-    # held jobs (below) while they are still being recorded, before the clock starts (it did:
-    # 1,000 items/s, above the bare model loop). Nothing here needs it: no worker is killed.
+    # The worker's reconciler publishes every unpublished outbox row it finds: it could start the
+    # held jobs (below) while they are still being recorded, before the clock starts. Nothing
+    # here needs it: no worker is killed.
     loom_env: dict[str, Any] = dict(home=work / "home", database_url=svc.database_url,
                                     broker_url=svc.redis_url, auth="off", device="cpu",
                                     storage_url=f"file://{work / 'store'}",

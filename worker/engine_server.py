@@ -17,8 +17,7 @@ import os
 
 atexit.register(os._exit, 0)
 
-# Work every engine process would otherwise repeat after its fork, on the way to its first
-# claim: the ORM's mapper configuration (done by the first query: 0.1 s) and the image plugins.
+# The warm-up described above.
 from PIL import Image  # noqa: E402
 from sqlalchemy.orm import configure_mappers  # noqa: E402
 

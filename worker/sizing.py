@@ -191,8 +191,9 @@ def tune_allocator() -> bool:
     With glibc's defaults, a batch's activations are handed back to the kernel when freed
     (munmap, or a trimmed heap) and the next batch faults them in again, zero-filled: page
     faults were 14% of an engine process's CPU on a generate job; tuned, the bare model loop
-    ran 5-13% faster on caption and 17-26% on generate, and Loom's workers 5-14%. Left alone when the user set glibc's own MALLOC_* variables
-    or a ``glibc.malloc`` tunable: theirs win."""
+    ran 5-13% faster on caption and 17-26% on generate, and Loom's workers 5-14%. Left alone
+    when the user set glibc's own MALLOC_* variables or a ``glibc.malloc`` tunable: theirs
+    win."""
     if any(k in os.environ for k in _GLIBC_MALLOC_ENV) or \
             "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
