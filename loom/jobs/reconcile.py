@@ -10,7 +10,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, exists, or_, select, update
+from sqlalchemy import Select, and_, bindparam, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from loom.db import begin_write
@@ -99,26 +99,42 @@ def stale_chunks(session: Session, *, now: datetime, stale_after_seconds: float,
                  limit: int = 1000) -> list[Any]:
     """Published chunks with claimable queued items and no recent message: either the last
     publish is older than stale_after, or an item became claimable (backoff over) after it."""
+    rows = session.execute(stale_chunks_query(now=now, stale_after_seconds=stale_after_seconds,
+                                              limit=limit)).all()
+    session.commit()
+    return list(rows)
+
+
+def stale_chunks_query(*, now: datetime, stale_after_seconds: float, limit: int) -> Select[Any]:
+    """The query of ``stale_chunks`` (its test reads PostgreSQL's plan for it)."""
     cutoff = now - timedelta(seconds=stale_after_seconds)
-    waiting = exists().where(
-        Item.job_id == Outbox.job_id,
-        Item.index >= Outbox.chunk_start,
-        Item.index < Outbox.chunk_end,
-        Item.status == ItemStatus.queued.value,
-        or_(Item.available_at.is_(None), Item.available_at <= now),
-        or_(Outbox.published_at < cutoff,
-            and_(Item.available_at.is_not(None), Item.available_at > Outbox.published_at)),
+    # One index probe per chunk (ix_items_open: job_id, index), stopped at the first waiting
+    # item. Written as EXISTS, PostgreSQL's planner made it a hash semi-join on job_id alone and
+    # checked every chunk against every queued item of its job: 2.5 s for one 100,000-item job,
+    # growing with the square of the job's size, every reconcile of every worker process.
+    waiting = (
+        select(Item.id)
+        .where(
+            Item.job_id == Outbox.job_id,
+            Item.index >= Outbox.chunk_start,
+            Item.index < Outbox.chunk_end,
+            Item.status == ItemStatus.queued.value,
+            or_(Item.available_at.is_(None), Item.available_at <= now),
+            or_(Outbox.published_at < cutoff,
+                and_(Item.available_at.is_not(None), Item.available_at > Outbox.published_at)),
+        )
+        .limit(1)
+        .correlate(Outbox)
+        .scalar_subquery()
     )
-    stmt = (
+    return (
         select(Outbox.id, Outbox.job_id, Outbox.chunk_start, Outbox.chunk_end, Outbox.priority)
         .join(Job, Job.id == Outbox.job_id)
-        .where(Outbox.published_at.is_not(None), Job.status.in_(CLAIMABLE_JOB), waiting)
+        .where(Outbox.published_at.is_not(None), Job.status.in_(CLAIMABLE_JOB),
+               waiting.is_not(None))
         .order_by(Outbox.priority.desc(), Outbox.published_at)
         .limit(limit)
     )
-    rows = session.execute(stmt).all()
-    session.commit()
-    return list(rows)
 
 
 def reconcile(
