@@ -81,6 +81,7 @@ class EngineState:
     worker_id: str
     leases: LeaseKeeper
     _io: ThreadPoolExecutor
+    decode_on_model_thread: bool
     _report_lock: threading.Lock
     _store_down: threading.Event
     _fill_quiet_until: float  # monotonic time before which no fill is tried (worker.claiming)

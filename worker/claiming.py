@@ -14,7 +14,7 @@ from loom.finetune import TASK as FINETUNE
 from loom.jobs.types import CLAIMABLE_JOB
 from loom.models import JobStatus, utcnow
 from worker.batches import Batch, ChunkReport, EngineState, Scope
-from worker.inputs import prepare
+from worker.inputs import load, prepare
 
 if TYPE_CHECKING:  # pragma: no cover
     from concurrent.futures import Future
@@ -191,8 +191,10 @@ class Claiming(EngineState):
         return batches
 
     def _start_loading(self, items: list[ClaimedItem]) -> list[Future[Prepared]]:
-        """Read and decode the items' inputs in the I/O pool."""
-        return [self._io.submit(prepare, item, settings=self.settings, store=self.store)
+        """Read the items' inputs in the I/O pool, and decode them there too unless the model
+        thread decodes them (``decode_on_model_thread``)."""
+        step = load if self.decode_on_model_thread else prepare
+        return [self._io.submit(step, item, settings=self.settings, store=self.store)
                 for item in items]
 
     def _job_end(self, chunk: Chunk) -> int:

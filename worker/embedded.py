@@ -83,7 +83,7 @@ def start_server() -> None:
 
 
 def _child(settings: Settings, model: str, threads: int, gpu: int | None, worker_id: str,
-           jobs_q: Any, events_q: Any, stop: Any) -> None:
+           jobs_q: Any, events_q: Any, stop: Any, decode_on_model_thread: bool) -> None:
     """One engine process: size torch, load the model, then run the jobs it is sent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (stop event)
     try:
@@ -102,7 +102,7 @@ def _child(settings: Settings, model: str, threads: int, gpu: int | None, worker
         db = make_engine(settings.database_url)
         engine = Engine(settings, session_factory=make_session_factory(db),
                         store=store_from_settings(settings), worker_id=worker_id,
-                        should_stop=stop.is_set)
+                        should_stop=stop.is_set, decode_on_model_thread=decode_on_model_thread)
         try:
             from loom import tasks
 
@@ -147,6 +147,10 @@ class EngineProcesses:
         if settings.torch_threads:
             threads = settings.torch_threads
         self.threads = threads
+        from worker import sizing
+
+        self.decode_on_model_thread = sizing.decodes_on_model_thread(
+            plan.device, processes=self.processes, threads=threads, cores=plan.cores)
         ctx = _context()
         self._events: Any = ctx.Queue()
         self._stop = ctx.Event()
@@ -194,7 +198,7 @@ class EngineProcesses:
             gpu = k % plan.gpus if plan.device == "cuda" and plan.gpus else None
             proc = ctx.Process(target=_child, name=f"loom-engine-{k}", daemon=True,
                                args=(settings, self.model, threads, gpu, worker_id, jobs_q,
-                                     self._events, self._stop))
+                                     self._events, self._stop, self.decode_on_model_thread))
             proc.start()
             self._children.append((worker_id, proc, jobs_q))
 

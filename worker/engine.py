@@ -42,7 +42,7 @@ from worker.cache import ResultCache
 from worker.claiming import Claiming
 from worker.finishing import Finishing
 from worker.inference import ModelCache, ModelLoader, infer
-from worker.inputs import prepare
+from worker.inputs import decode_input, prepare
 from worker.leases import LeaseKeeper
 from worker.outages import (
     OUTAGE_BACKOFF_MAX_SECONDS,
@@ -74,8 +74,13 @@ class Engine(Claiming, Finishing, Outages):
         model_loader: ModelLoader | None = None,
         io_threads: int = 4,
         should_stop: Callable[[], bool] | None = None,
+        decode_on_model_thread: bool = False,
     ) -> None:
         self.settings = settings
+        # Where inputs are decoded: beside the model in the I/O pool (a GPU host: the model
+        # thread mostly waits on the device), or on the model thread just before the batch runs
+        # (a CPU host whose cores the model processes fill: worker.sizing explains why).
+        self.decode_on_model_thread = decode_on_model_thread
         # Polled between batches: a clean stop (Ctrl-C on an embedded run) finishes the batch in
         # flight, gives the leases of claimed-but-unrun items back, and returns.
         self.should_stop = should_stop or (lambda: False)
@@ -156,11 +161,13 @@ class Engine(Claiming, Finishing, Outages):
                     prepared = [f.result() for f in batch.prepared]
                 next_claim: Future[list[Batch]] | None = None
                 if not batch.careful and not queue:
-                    # Overlap: claim + decode the next batch beside the model, off its thread.
+                    # Overlap: claim + read (+ decode) the next batch beside the model.
                     next_claim = self._claimer.submit(self._claim, scope, report, prefetch=True)
                 try:
                     served, prepared = self.cache.split(prepared, settle=drain,
                                                          job_id=chunk.job_id)
+                    for p in prepared:  # those the I/O pool only read (the rest: no-op)
+                        decode_input(p, settings=self.settings)
                     outputs, bad, info, infer_ms = infer(self.models, prepared)
                     outputs += served
                 finally:

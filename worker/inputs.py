@@ -46,6 +46,7 @@ class Prepared:
     cache_key: str | None = None  # set by the result cache once the model's weights are known
     timings: dict[str, float] = field(default_factory=dict)
     error: LoomError | None = None
+    data: bytes | None = None  # read by ``load``, not decoded yet (``decode_input``)
 
     @property
     def ok(self) -> bool:
@@ -99,6 +100,12 @@ def decode(data: bytes, *, settings: Settings) -> Image:
 def prepare(item: ClaimedItem, *, settings: Settings, store: Store) -> Prepared:
     """Read + decode one item's input as its task's spec says. Never raises for input problems
     (they land in ``error``)."""
+    return decode_input(load(item, settings=settings, store=store), settings=settings)
+
+
+def load(item: ClaimedItem, *, settings: Settings, store: Store) -> Prepared:
+    """The first half of ``prepare``: check the input, read its bytes (kept in ``data`` for
+    ``decode_input``). Never raises for input problems (they land in ``error``)."""
     prep = Prepared(item=item)
     try:
         spec = tasks.REGISTRY.get(item.task)
@@ -118,7 +125,7 @@ def prepare(item: ClaimedItem, *, settings: Settings, store: Store) -> Prepared:
             return prep
         t0 = time.perf_counter()
         data = read_bytes(item, settings=settings, store=store)
-        t1 = time.perf_counter()
+        prep.timings["fetch_ms"] = (time.perf_counter() - t0) * 1000.0
         prep.input_sha256 = hashlib.sha256(data).hexdigest()
         expected = item.input.get("sha256")
         if expected and str(expected).lower() != prep.input_sha256:
@@ -126,13 +133,31 @@ def prepare(item: ClaimedItem, *, settings: Settings, store: Store) -> Prepared:
             raise InputMismatch(
                 f"input sha256 is {prep.input_sha256}; the item expects {expected}"
             )
-        prep.image = decode(data, settings=settings)
-        t2 = time.perf_counter()
-        prep.timings = {"fetch_ms": (t1 - t0) * 1000.0, "decode_ms": (t2 - t1) * 1000.0}
-    except LoomError as exc:
-        prep.error = exc
-    except Exception as exc:  # unexpected: fail this item (retryable), not the batch
-        err = LoomError(f"unexpected error reading input: {type(exc).__name__}: {exc}")
-        err.transient = True
-        prep.error = err
+        prep.data = data
+    except Exception as exc:
+        prep.error = _as_item_error(exc)
     return prep
+
+
+def decode_input(prep: Prepared, *, settings: Settings) -> Prepared:
+    """The second half of ``prepare``: decode the bytes ``load`` read (if any) into the image.
+    Never raises for input problems (they land in ``error``)."""
+    data, prep.data = prep.data, None
+    if data is None or prep.error is not None:
+        return prep
+    t0 = time.perf_counter()
+    try:
+        prep.image = decode(data, settings=settings)
+    except Exception as exc:
+        prep.error = _as_item_error(exc)
+    prep.timings["decode_ms"] = (time.perf_counter() - t0) * 1000.0
+    return prep
+
+
+def _as_item_error(exc: Exception) -> LoomError:
+    if isinstance(exc, LoomError):
+        return exc
+    # Unexpected: fail this item (retryable), not the batch.
+    err = LoomError(f"unexpected error reading input: {type(exc).__name__}: {exc}")
+    err.transient = True
+    return err

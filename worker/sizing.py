@@ -152,6 +152,16 @@ def plan(
 # --- applying it inside a model process ------------------------------------------------------
 
 
+def decodes_on_model_thread(device: str, *, processes: int, threads: int, cores: int) -> bool:
+    """Whether each model thread decodes its batch's inputs itself, just before the batch runs,
+    instead of an I/O thread decoding them beside it: on a CPU host whose cores the model
+    processes fill. There, a decode beside the model only takes the model's own core from it,
+    at a price: interleaved with the model's work it made that work 5-10% slower (caption,
+    ``bench/eta.py``: 622-634 -> 666-678 items/s). With a core to spare, or on a GPU the model
+    thread mostly waits on, decoding beside the model overlaps."""
+    return device == "cpu" and processes * threads >= cores
+
+
 def thread_env(threads: int) -> dict[str, str]:
     """Environment for a child that will import torch: its OpenMP/MKL pools start this wide."""
     return {k: str(threads) for k in THREAD_ENV}

@@ -40,6 +40,7 @@ class _Process:
     engine: Engine | None = None
     reconciler: Reconciler | None = None
     share: HostShare | None = None  # this process's slot among the host's model processes
+    decode_on_model_thread = False  # set by size_process (worker.sizing.decodes_on_model_thread)
     pid: int | None = None  # the process that built the above (a fork must not inherit them)
 
 
@@ -78,6 +79,7 @@ def get_engine(node: str | None = None) -> Engine:
                 session_factory=make_session_factory(_Process.db_engine),
                 store=store_from_settings(settings),
                 worker_id=worker_id(node),
+                decode_on_model_thread=_Process.decode_on_model_thread,
             )
             _Process.pid = os.getpid()
         return _Process.engine
@@ -116,9 +118,12 @@ def size_process(settings: Settings) -> HostShare:
         import torch
 
         torch.cuda.set_device((share.slot or 0) % p.gpus)
-    log.info("loom worker process %d: slot %s, %d torch thread(s), %s; allocator %s",
-             os.getpid(), share.slot, threads, p.describe(),
-             "tuned" if share.allocator_tuned else "as configured")
+    _Process.decode_on_model_thread = sizing.decodes_on_model_thread(
+        p.device, processes=p.processes, threads=threads, cores=p.cores)
+    log.info("loom worker process %d: slot %s, %d torch thread(s), %s; allocator %s; inputs "
+             "decoded %s", os.getpid(), share.slot, threads, p.describe(),
+             "tuned" if share.allocator_tuned else "as configured",
+             "on the model thread" if _Process.decode_on_model_thread else "beside the model")
     _Process.share = share
     return share
 

@@ -53,6 +53,20 @@ def test_overrides_win() -> None:
     assert (p.processes, p.threads) == (3, 1)
 
 
+def test_the_model_thread_decodes_only_on_a_cpu_host_it_fills() -> None:
+    for cores in (1, 2, 8, 64):
+        p = sizing.plan(device="cpu", cores=cores, gpus=0)
+        assert sizing.decodes_on_model_thread(p.device, processes=p.processes,
+                                              threads=p.threads, cores=p.cores)
+    # A core left over (the user asked for fewer threads): the I/O pool decodes on it.
+    assert not sizing.decodes_on_model_thread("cpu", processes=1, threads=1, cores=2)
+    assert sizing.decodes_on_model_thread("cpu", processes=3, threads=1, cores=2)
+    # On a GPU the model thread mostly waits on the device: decoding beside it overlaps.
+    p = sizing.plan(device="auto", cores=32, gpus=4)
+    assert not sizing.decodes_on_model_thread(p.device, processes=p.processes,
+                                              threads=p.threads, cores=p.cores)
+
+
 def test_cuda_plan_is_one_process_per_gpu() -> None:
     p = sizing.plan(device="auto", cores=32, gpus=4)
     assert (p.device, p.processes) == ("cuda", 4)

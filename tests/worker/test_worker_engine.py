@@ -22,12 +22,12 @@ from worker_helpers import (
 )
 
 
-def make_engine_(embedded: Any, model: Any, worker_id: str = "w-test") -> Any:
+def make_engine_(embedded: Any, model: Any, worker_id: str = "w-test", **kwargs: Any) -> Any:
     from worker.engine import Engine
 
     settings, sf, store = embedded
     return Engine(settings, session_factory=sf, store=store, worker_id=worker_id,
-                  model_loader=lambda name: model)
+                  model_loader=lambda name: model, **kwargs)
 
 
 def items_of(sf: Any, job_id: str) -> list[Any]:
@@ -93,7 +93,8 @@ def test_generate_uploads_png_before_pointing_at_it(embedded: Any) -> None:
     assert derive_seed(job_id, 5) == derive_seed(job_id, 5) != derive_seed(job_id, 4)
 
 
-def test_bad_inputs_fail_alone_with_clear_codes(embedded: Any) -> None:
+@pytest.mark.parametrize("on_model_thread", [False, True], ids=["io-pool", "model-thread"])
+def test_bad_inputs_fail_alone_with_clear_codes(embedded: Any, on_model_thread: bool) -> None:
     import os
 
     _, sf, store = embedded
@@ -105,7 +106,7 @@ def test_bad_inputs_fail_alone_with_clear_codes(embedded: Any) -> None:
     inputs.append({"image_key": f"{tenant}/jobs/nope/inputs/00000000.png"})  # missing object
     inputs.append({})  # no image at all
     job_id = submit(sf, task="caption", inputs=inputs, chunk_size=16, model="fake")
-    with make_engine_(embedded, FakeModel()) as engine:
+    with make_engine_(embedded, FakeModel(), decode_on_model_thread=on_model_thread) as engine:
         assert engine.run_job(job_id).status == "completed_with_errors"
     got = {it.index: (it.status, it.error_code) for it in items_of(sf, job_id)}
     assert got == {
@@ -120,6 +121,46 @@ def test_bad_inputs_fail_alone_with_clear_codes(embedded: Any) -> None:
         8: ("failed", "invalid_input"),
     }
     assert all(it.error_message for it in items_of(sf, job_id) if it.status == "failed")
+
+
+@pytest.mark.parametrize("on_model_thread", [False, True], ids=["io-pool", "model-thread"])
+def test_inputs_are_decoded_on_the_thread_the_host_plan_names(
+    embedded: Any, monkeypatch: pytest.MonkeyPatch, on_model_thread: bool
+) -> None:
+    """The I/O pool always reads; it decodes too unless the model thread does (a CPU host
+    whose cores the model processes fill: worker.sizing.decodes_on_model_thread)."""
+    import threading
+
+    from worker import inputs
+
+    real, read_on, decoded_on = inputs.decode, [], []
+    real_read = inputs.read_bytes
+
+    def decode(data: bytes, **kwargs: Any) -> Any:
+        decoded_on.append(threading.current_thread().name)
+        return real(data, **kwargs)
+
+    def read_bytes(item: Any, **kwargs: Any) -> bytes:
+        read_on.append(threading.current_thread().name)
+        return real_read(item, **kwargs)
+
+    monkeypatch.setattr(inputs, "decode", decode)
+    monkeypatch.setattr(inputs, "read_bytes", read_bytes)
+    settings, sf, store = embedded
+    keys = upload_inputs(store, tenant_id(sf), [shape_png(i) for i in range(40)])
+    job_id = submit(sf, task="caption", inputs=[{"image_key": k} for k in keys], chunk_size=16,
+                    model="fake")
+    model = FakeModel()
+    with make_engine_(embedded, model, decode_on_model_thread=on_model_thread) as engine:
+        assert engine.run_job(job_id).status == "succeeded"
+    assert len(decoded_on) == len(read_on) == 40
+    assert all(name.startswith("loom-io") for name in read_on)
+    here = threading.current_thread().name  # run_job runs the model on the calling thread
+    if on_model_thread:
+        assert set(decoded_on) == {here}
+    else:
+        assert all(name.startswith("loom-io") for name in decoded_on)
+    assert len(outputs_of(sf, job_id)) == 40
 
 
 def test_unknown_model_fails_items_not_the_worker(embedded: Any) -> None:
