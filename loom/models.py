@@ -188,7 +188,8 @@ class Item(Base):
     __tablename__ = "items"
     __table_args__ = (
         UniqueConstraint("job_id", "index"),
-        Index("ix_items_job_status", "job_id", "status"),
+        # Progress counts by status (index only), and a chunk's queued items (migration 0009).
+        Index("ix_items_job_status", "job_id", "status", "index"),
         # Partial indexes (migration 0002): entries exist only while an item is open, so a
         # completion adds none, and they stay as small as the work in flight.
         # Expired-lease scans (reconcile): running items by lease expiry.
