@@ -154,6 +154,28 @@ def test_stale_chunk_scan_probes_each_chunk_by_index_on_postgresql(
         # (EXPLAIN gives rows per loop).
         examined = sum((n.get("Rows Removed by Filter", 0) + n.get("Actual Rows", 0))
                        * n.get("Actual Loops", 1) for n in on_items)
-        joined_away = sum(n.get("Rows Removed by Join Filter", 0) for n in nodes)
-        assert examined <= 10_000 and joined_away == 0, (analyzed, examined, joined_away)
+        # A join may drop each chunk once (the busy/stale test sits there), never chunk x item.
+        joined_away = sum(n.get("Rows Removed by Join Filter", 0) * n.get("Actual Loops", 1)
+                          for n in nodes)
+        assert examined <= 10_000 and joined_away <= 2 * 625, (analyzed, examined, joined_away)
     session.rollback()
+
+
+def test_a_job_that_a_worker_is_running_keeps_its_waiting_chunks_unrepublished(
+    session: Session, make_job: Callable[..., Job]
+) -> None:
+    """A chunk waiting long in the broker's queue is not lost while a worker holds a live lease
+    on the job (it claims across the job): republishing it would only queue a duplicate. Once
+    no lease is live, the waiting chunks are republished."""
+    job = make_job(12, chunk_size=4)
+    t0 = utcnow()
+    jobs.publish_pending(session, publish=lambda c: None, now=t0)
+    later = t0 + timedelta(seconds=301)
+    (c,) = claim(session, job, "w", limit=1, now=later)
+    sent: list[Chunk] = []
+    report = jobs.reconcile(session, publish=sent.append, stale_after_seconds=300, now=later)
+    assert report.republished == 0 and sent == []
+    jobs.complete_items(session, worker_id="w", results=[ok(c)], now=later)
+    report = jobs.reconcile(session, publish=sent.append, stale_after_seconds=300,
+                            now=later + timedelta(seconds=1))
+    assert report.republished == 3 and sorted(c.start for c in sent) == [0, 4, 8]
