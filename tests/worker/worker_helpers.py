@@ -385,3 +385,31 @@ def submit_finetune(session_factory: Any, store: Any, *, rows: list[Any], name: 
         if publish is not None:
             jobs.publish_pending(s, publish=publish, job_id=job.id)
         return job.id
+
+
+def make_engine_(embedded: Any, model: Any, worker_id: str = "w-test", **kwargs: Any) -> Any:
+    """An Engine on the ``embedded`` fixture's (settings, session factory, store), serving
+    ``model`` under every name."""
+    from worker.engine import Engine
+
+    settings, sf, store = embedded
+    return Engine(settings, session_factory=sf, store=store, worker_id=worker_id,
+                  model_loader=lambda name: model, **kwargs)
+
+
+def items_of(sf: Any, job_id: str) -> list[Any]:
+    from sqlalchemy import select
+
+    from loom.models import Item
+
+    with sf() as s:
+        return list(s.scalars(select(Item).where(Item.job_id == job_id).order_by(Item.index)))
+
+
+def outputs_of(sf: Any, job_id: str) -> list[Any]:
+    from sqlalchemy import select
+
+    from loom.models import Output
+
+    with sf() as s:
+        return list(s.scalars(select(Output).where(Output.job_id == job_id)))
