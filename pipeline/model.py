@@ -225,13 +225,13 @@ class ShapesModel:
             out = greedy(self.module.decoder, z, zv, tok.bos_id, tok.eos_id)
         return [tok.decode(row) for row in out.tolist()]
 
-    @torch.inference_mode()
     def unknown_words(self, text: str) -> list[str]:
         return self.tok.unknown_words(text)
 
     def vocabulary(self) -> list[str]:
         return sorted(self.tok.word_vocabulary())
 
+    @torch.inference_mode()
     def caption(self, images: list[Image.Image], beams: int = 1) -> list[str]:
         if not images:
             return []
