@@ -251,8 +251,8 @@ def distributed(task: str, paths: list[Path], prompts: list[str], svc: Services,
             jobs.publish_pending(s, publish=publish, job_id=job.id)
         submitted = time.perf_counter() - t0
         while True:
-            with sf() as s:
-                status = jobs.get_job(s, job_id=job.id).status
+            with sf() as s:  # one scalar read per poll: the poll's cost is charged to Loom
+                status = jobs.job_status(s, job_id=job.id)
             if status in ("succeeded", "completed_with_errors", "failed", "cancelled"):
                 break
             if worker.poll() is not None:
