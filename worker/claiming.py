@@ -170,8 +170,10 @@ class Claiming(EngineState):
                 batches = [Batch(items, careful=True)]
                 break
         if not batches:
-            items = claim(chunk.start, chunk.end, self.settings.batch_size)
-            scope.dry = len(items) < self.settings.batch_size
+            size = self.settings.batch_size
+            want = size * self.settings.claim_batches
+            items = claim(chunk.start, chunk.end, want)
+            scope.dry = len(items) < want
             if not items:
                 return []
             with self.session_factory() as session:
@@ -181,8 +183,8 @@ class Claiming(EngineState):
             retried = [i for i in items if i.id in suspect]
             # Race with an expiring lease: run the others together first, then each suspect
             # alone.
-            if fresh:
-                batches.append(Batch(fresh, careful=False))
+            batches.extend(Batch(fresh[k:k + size], careful=False)
+                           for k in range(0, len(fresh), size))
             batches.extend(Batch([i], careful=True) for i in retried)
         for batch in batches:
             report.claimed += len(batch.items)

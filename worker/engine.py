@@ -1,8 +1,9 @@
 """The batching engine: claim -> read/decode -> model -> upload -> fenced complete.
 
 One Engine per worker process (or per embedded CLI run). ``run_chunk`` drains one chunk
-[start, end) of a job: it claims up to ``batch_size`` items at a time under a lease, heartbeats the
-leases from a background thread, and overlaps the three stages: while the model runs batch N on
+[start, end) of a job: it claims ``claim_batches`` batches of up to ``batch_size`` items at a time
+(one statement) under a lease, heartbeats the leases from a background thread, and overlaps the
+three stages: while the model runs batch N on
 the calling thread, batch N+1 is claimed and its inputs are read and decoded in an I/O thread pool,
 and batch N-1's outputs are uploaded and completed by a finisher thread.
 

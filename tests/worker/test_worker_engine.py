@@ -175,7 +175,9 @@ def test_cancel_between_batches(embedded: Any) -> None:
 
     with make_engine_(embedded, Canceller()) as engine:
         report = engine.run_chunk(jobs.Chunk(job_id, 0, 16))
-        assert report.claimed <= 8  # the first batch and at most the prefetched next one
+        # The first claim (claim_batches = 2 batches of 4); the next claim, made beside the
+        # second batch, sees the cancel.
+        assert report.claimed <= 8
     counts: dict[str, int] = {}
     for it in items_of(sf, job_id):
         counts[it.status] = counts.get(it.status, 0) + 1
@@ -185,6 +187,33 @@ def test_cancel_between_batches(embedded: Any) -> None:
     assert counts["cancelled"] == 16 - counts["succeeded"]
     with sf() as s:
         assert jobs.get_job(s, job_id=job_id).status == "cancelled"
+
+
+@pytest.mark.parametrize("claim_batches", [1, 2, 3])
+def test_one_claim_takes_claim_batches_batches_and_runs_them_one_by_one(
+        embedded: Any, claim_batches: int) -> None:
+    """A claim statement takes ``claim_batches`` batches (its fixed cost paid once for them);
+    the model still sees batches of ``batch_size``. One claim stamps its items' started_at."""
+    from loom import jobs
+    from worker.engine import Engine
+
+    settings, sf, store = embedded
+    settings = settings.model_copy(update={"claim_batches": claim_batches})
+    job_id = submit(sf, task="generate", inputs=[{"prompt": "p"}] * 18, chunk_size=18,
+                    model="fake")
+    model = FakeModel()
+    with Engine(settings, session_factory=sf, store=store, worker_id="w-claims",
+                model_loader=lambda name: model) as engine:
+        report = engine.run_chunk(jobs.Chunk(job_id, 0, 18))
+    assert (report.claimed, report.succeeded) == (18, 18)
+    assert model.calls == [("generate", 4)] * 4 + [("generate", 2)]  # batch_size 4
+    claims: dict[Any, list[int]] = {}
+    for it in sorted(items_of(sf, job_id), key=lambda it: it.index):
+        claims.setdefault(it.started_at, []).append(it.index)
+    per_claim = 4 * claim_batches
+    assert sorted(len(c) for c in claims.values()) == sorted(
+        [per_claim] * (18 // per_claim) + ([18 % per_claim] if 18 % per_claim else []))
+    assert all(c == list(range(c[0], c[0] + len(c))) for c in claims.values())
 
 
 @pytest.mark.parametrize("linger", [10.0, 0.0])
