@@ -41,6 +41,9 @@ class Result:
     # embedded: seconds from the command's start to its first claim and to its last result
     first_claim: float | None = None
     last_result: float | None = None
+    # bare: seconds from spawning the processes until the slowest was ready to run (interpreter,
+    # imports, model load), what a program that only ran this loop would also pay
+    startup: float | None = None
 
     @property
     def rate(self) -> float:
@@ -64,6 +67,7 @@ def _bare_child(task: str, work: list[Any], threads: int, batch: int, device: st
     torch.set_num_threads(threads)
     sizing.tune_allocator()  # as Loom's engine processes do: part of the best configuration
     model = registry.load("loom-shapes", device=device)
+    ready = time.perf_counter()  # CLOCK_MONOTONIC: comparable with the parent's clock
 
     def run(chunk: list[Any]) -> None:
         if task == "caption":
@@ -80,7 +84,7 @@ def _bare_child(task: str, work: list[Any], threads: int, batch: int, device: st
     t0 = time.perf_counter()
     for k in range(0, len(work), batch):
         run(work[k:k + batch])
-    results.put((t0, time.perf_counter(), len(work)))
+    results.put((t0, time.perf_counter(), len(work), ready))
 
 
 def bare(task: str, inputs: list[Any], processes: int, threads: int, batch: int, device: str,
@@ -92,9 +96,10 @@ def bare(task: str, inputs: list[Any], processes: int, threads: int, batch: int,
     shares = [inputs[k::processes] for k in range(processes)]
     procs = [ctx.Process(target=_bare_child, args=(task, share, threads, batch, device, str(out),
                                                    barrier, results)) for share in shares]
+    spawned = time.perf_counter()
     for p in procs:
         p.start()
-    got: list[tuple[float, float, int]] = []
+    got: list[tuple[float, float, int, float]] = []
     try:
         while len(got) < len(procs):
             try:
@@ -113,7 +118,17 @@ def bare(task: str, inputs: list[Any], processes: int, threads: int, batch: int,
     note = "model load not timed" + ("; PNG encode + write on the model thread"
                                      if task == "generate" else "")
     return Result(task, f"bare {processes}x{threads}", sum(g[2] for g in got), t1 - t0,
-                  processes=processes, note=note)
+                  processes=processes, note=note, startup=max(g[3] for g in got) - spawned)
+
+
+def bare_as_program(best: Result) -> Result:
+    """The best bare loop as a program run from the shell would go: its processes' start-up
+    (interpreter, torch import, model load) plus the timed loop. The embedded command pays the
+    same start-up, which no torch program avoids; this row says what Loom adds to it."""
+    assert best.startup is not None
+    return Result(best.task, f"{best.mode} as program", best.items, best.startup + best.seconds,
+                  processes=best.processes,
+                  note=f"start-up {best.startup:.2f}s (interpreter, imports, model load) included")
 
 
 # --- helpers for the Loom modes --------------------------------------------------------------

@@ -30,6 +30,11 @@ def test_eta_runs_bare_and_embedded_on_a_few_scenes(tmp_path: Path) -> None:
         line = next(ln for ln in out.splitlines() if ln.startswith(task) and " embedded " in ln)
         assert float(line.split()[5]) > 0  # items/s over the limit: a ratio was printed
         assert f"stages {task} embedded" in out
+        # the best bare loop again with its processes' start-up, which must take some time
+        program = next(ln for ln in out.splitlines()
+                       if ln.startswith(task) and " as program " in ln)
+        assert float(program.split("start-up ")[1].split("s ")[0]) > 0
+        assert "of the bare loop as a program" in line
         # read back from the run's own database: the first claim precedes the last result
         timeline = next(ln for ln in out.splitlines() if ln.startswith(f"timeline {task} "))
         first = float(timeline.split("first claim at ")[1].split("s,")[0])
