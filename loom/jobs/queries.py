@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select
-from sqlalchemy.orm import Session, make_transient
+from sqlalchemy.orm import Bundle, Session
 
 from loom.errors import InvalidRequest, NotFound
 from loom.jobs.types import JobProgress, Page, decode_cursor, encode_cursor
@@ -143,20 +143,33 @@ def job_progress(
                        done=done, items_per_second=rate, eta_seconds=eta)
 
 
+# What a result row reads (loom.jobs.views.result_row), as plain rows: building ORM objects
+# (identity map, instance state, then detaching them) was two thirds of exporting a job's
+# results (0.2 s for 5,000 captions, after the embedded command's last item).
+_ITEM_COLUMNS = Bundle(
+    "item", Item.id, Item.index, Item.status, Item.item_metadata, Item.input, Item.error_code,
+    Item.error_message, Item.attempts, Item.started_at, Item.finished_at)
+_OUTPUT_COLUMNS = Bundle(
+    "output", Output.id, Output.kind, Output.text, Output.storage_key, Output.content_type,
+    Output.sha256, Output.size_bytes, Output.model_name, Output.model_version,
+    Output.weights_sha256, Output.seed, Output.attempt, Output.worker_id, Output.input_sha256,
+    Output.timings, Output.cached_from)
+
+
 def iter_results(
     session: Session, *, job_id: str, tenant_id: str | None = None, page_size: int = 1000
-) -> Iterator[tuple[Item, Output | None]]:
+) -> Iterator[tuple[Any, Any | None]]:
     """Yield (item, output or None) in index order, one page at a time (never all rows).
 
-    Each page's objects leave the session once yielded (made transient), so the session does
-    not accumulate a whole 100k-item job; what the caller holds stays readable (its columns
-    are loaded; a relationship reads as empty).
+    Each is a read-only row with the attributes of ``Item`` / ``Output`` that a result row
+    shows (``loom.jobs.views.result_row``), not an ORM object: nothing joins the session, so a
+    100k-item job never accumulates there.
     """
     get_job(session, job_id=job_id, tenant_id=tenant_id)
     after = -1
     while True:
         rows = session.execute(
-            select(Item, Output)
+            select(_ITEM_COLUMNS, _OUTPUT_COLUMNS)
             .outerjoin(Output, Output.item_id == Item.id)
             .where(Item.job_id == job_id, Item.index > after)
             .order_by(Item.index)
@@ -165,12 +178,7 @@ def iter_results(
         if not rows:
             return
         for item, output in rows:
-            yield item, output
-        for item, output in rows:
-            # Not session.expunge: its cascade walk was half the cost of exporting a big job.
-            make_transient(item)
-            if output is not None:
-                make_transient(output)
+            yield item, (output if output.id is not None else None)
         after = rows[-1][0].index
         if len(rows) < page_size:
             return
