@@ -1,8 +1,8 @@
 """The ``loom`` console script: the torch-free ``loom.cli`` app plus the embedded commands that run
 the model in this process (one per task in the registry: ``caption``, ``ask``, ``generate``,
-``embed``; ``search`` and ``run``), ``worker`` and ``train``; ``models`` and ``finetune`` come
-from worker.model_commands. Heavy imports (torch, the pipeline, the engine) happen inside the
-commands.
+``embed``; ``search`` and ``run``); ``models`` and ``finetune`` come from worker.model_commands,
+``worker`` and ``train`` from worker.host_commands. Heavy imports (torch, the pipeline, the
+engine) happen inside the commands.
 
 Embedded mode: SQLite + a local store under LOOM_HOME (default ./.loom); every command records a
 real job, so ``loom jobs``, ``loom status ID`` and ``loom results ID`` work on it afterwards.
@@ -11,8 +11,6 @@ real job, so ``loom jobs``, ``loom status ID`` and ``loom results ID`` work on i
 # No postponed annotations: the command builders put closure values (a task's field names)
 # into the Typer annotations, which must be evaluated where they are written.
 
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -48,7 +46,7 @@ from loom.cli.inputs import (
     text_rows,
 )
 from loom.cli.submit import command_for
-from worker import model_commands
+from worker import host_commands, model_commands
 from worker.embedded import start_server
 from worker.local_run import (
     EXIT_NOTHING_SUCCEEDED,
@@ -387,50 +385,7 @@ def run_cmd(job_id: str) -> None:
         local.close()
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-             add_help_option=False)
-def worker(ctx: typer.Context) -> None:
-    """Run the Celery worker for this host (queue "loom"): one invocation per host starts the
-    model processes that fill it (one per GPU; on CPU processes x torch threads = usable cores).
-    LOOM_WORKER_PROCESSES / -c and LOOM_TORCH_THREADS override; extra args go to celery."""
-    from loom.config import Settings
-    from worker import sizing
-
-    args = list(ctx.args)
-    given: int | None = None
-    for i, a in enumerate(args):  # -c N, -cN, --concurrency N, --concurrency=N
-        value = None
-        if a in ("-c", "--concurrency") and i + 1 < len(args):
-            value = args[i + 1]
-        elif a.startswith("--concurrency="):
-            value = a.split("=", 1)[1]
-        elif a.startswith("-c") and a[2:].isdigit():
-            value = a[2:]
-        if value is not None and value.isdigit() and int(value) > 0:
-            given = int(value)
-    settings = Settings()
-    plan = sizing.plan(device=settings.device, processes=given or settings.worker_processes,
-                       threads=settings.torch_threads)
-    env = dict(os.environ)
-    # The children read these: the planned share (threads = cores / processes on the host)...
-    env["LOOM_WORKER_PROCESSES"] = str(plan.processes)
-    # ...and start their OpenMP pools that wide (torch is imported after the fork).
-    for k, v in sizing.thread_env(plan.threads).items():
-        env.setdefault(k, v)
-    err.print(f"loom worker: {plan.describe()}")
-    argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "loom"]
-    if given is None:
-        argv += ["-c", str(plan.processes)]
-    os.execve(sys.executable, argv + args, env)
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-             add_help_option=False)
-def train(ctx: typer.Context) -> None:
-    """Train the shapes model (pipeline.train); arguments are passed through (--help for them)."""
-    from pipeline.train import main
-
-    raise typer.Exit(main(list(ctx.args)) or 0)
+host_commands.register(app)
 
 
 def main() -> None:  # pragma: no cover
