@@ -144,8 +144,8 @@ def job_progress(
 
 
 # What a result row reads (loom.jobs.views.result_row), as plain rows: building ORM objects
-# (identity map, instance state, then detaching them) was two thirds of exporting a job's
-# results (0.2 s for 5,000 captions, after the embedded command's last item).
+# (identity map, instance state, then detaching them) made exporting 5,000 captions, after the
+# embedded command's last item, take 0.174 s instead of 0.111 s.
 _ITEM_COLUMNS = Bundle(
     "item", Item.id, Item.index, Item.status, Item.item_metadata, Item.input, Item.error_code,
     Item.error_message, Item.attempts, Item.started_at, Item.finished_at)

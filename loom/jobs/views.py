@@ -71,7 +71,8 @@ def output_dict(output: Output) -> dict[str, Any]:
 
 
 def result_row(item: Item, output: Output | None) -> dict[str, Any]:
-    """One item as every export and listing sees it: ``{"index", "item_id", "status",
+    """One item (an ORM object, or a plain row of ``iter_results`` with the same attributes)
+    as every export and listing sees it: ``{"index", "item_id", "status",
     "metadata", "input", "output" | None, "error" | None, "lineage" | None, "attempts",
     "started_at", "finished_at"}``."""
     return {
