@@ -19,7 +19,7 @@ from loom import tasks
 TaskName = Literal[tuple(tasks.names())]  # type: ignore[valid-type]
 ResultFormat = Literal["jsonl", "csv", "coco", "parquet", "webdataset"]
 ResultView = Literal["full", "table"]
-TEXT_INPUTS = tuple(dict.fromkeys(t for spec in tasks.REGISTRY.values() for t in spec.texts))
+TEXT_INPUTS = tuple(dict.fromkeys(t for spec in tasks.inference() for t in spec.texts))
 
 
 def json_problem(value: Any) -> str | None:
@@ -83,7 +83,7 @@ ItemIn = create_model(
     __base__=_ItemBase,
     __doc__="One unit of work: an image source (image_url | image_key | image_base64) for the "
     "tasks that take an image, plus the task's text inputs (" + ", ".join(
-        f"{s.name}: {', '.join(s.texts) or 'none'}" for s in tasks.REGISTRY.values()) + ").",
+        f"{s.name}: {', '.join(s.texts) or 'none'}" for s in tasks.inference()) + ").",
     image_url=(str | None, Field(
         None, description="http(s) URL fetched by the worker (through the SSRF guard).")),
     image_key=(str | None, Field(

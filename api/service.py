@@ -15,13 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from fastapi import BackgroundTasks
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from api.deps import Runtime
 from api.schemas import ItemError, ItemIn, ItemOut, JobOut, JobRequest, OutputOut
-from loom import fetch, jobs, media, storage, tasks
+from loom import fetch, jobs, media, storage, storage_keys, tasks
 from loom.errors import (
     BlockedUrl,
     FetchFailed,
@@ -32,7 +33,7 @@ from loom.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from loom.models import Item, Job, Output, new_id
+from loom.models import Item, Job, JobStatus, Output, new_id
 
 log = logging.getLogger("loom.api")
 T = TypeVar("T")
@@ -61,7 +62,7 @@ def check_tenant_key(key: str, tenant_id: str, where: str) -> None:
     """Storage keys given by callers must be valid for the store (the store's own check, so a
     worker never meets a key it refuses: 422) and lie inside their tenant prefix (else: 404)."""
     try:
-        storage.validate_key(key)
+        storage_keys.validate_key(key)
     except InvalidKey as exc:
         raise InvalidKey(f"{where}: {exc.message}") from None
     if not key.startswith(f"{tenant_id}/"):
@@ -350,6 +351,24 @@ def retrying(session: Session, fn: Callable[[], T], attempts: int = 4) -> T:
             log.info("retrying after %s (attempt %d)", type(exc.orig).__name__, attempt)
             time.sleep(0.05 * attempt)
     raise AssertionError("unreachable")
+
+
+def cancel(session: Session, rt: Runtime, *, job_id: str, tenant_id: str,
+           background: BackgroundTasks) -> Job:
+    """Cancel the job; when that finalised it (nothing was running), its webhook is sent after
+    the response, from a session of its own (the reconciler retries what fails)."""
+    job = retrying(session, lambda: jobs.cancel_job(
+        session, job_id=job_id, tenant_id=tenant_id, store=rt.store))
+    if job.status == JobStatus.cancelled.value and job.webhook_url:
+        background.add_task(send_webhooks, rt, [job.id])
+    return job
+
+
+def send_webhooks(rt: Runtime, job_ids: list[str]) -> None:
+    from loom import webhooks
+
+    with rt.session_factory() as session:
+        webhooks.send_due_quietly(session, job_ids=job_ids)
 
 
 def publish(session: Session, rt: Runtime, job_id: str) -> None:

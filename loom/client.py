@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from loom import storage
+from loom import s3
 from loom.errors import InputMissing, LoomError
 
 TERMINAL = frozenset({"succeeded", "completed_with_errors", "failed", "cancelled"})
@@ -349,7 +349,7 @@ class Client:
                 if data is not None:
                     raw = data
                 elif str(path).lower().startswith("s3://"):
-                    raw = storage.read_uri(str(path), endpoint_url=s3_endpoint_url)
+                    raw = s3.read_uri(str(path), endpoint_url=s3_endpoint_url)
                 else:
                     raw = Path(str(path)).read_bytes()
             except (OSError, InputMissing) as exc:  # fails its own item, not the submission

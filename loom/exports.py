@@ -19,7 +19,6 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from loom import tasks
-from loom.finetune import TASK as FINETUNE
 from loom.errors import InvalidRequest
 
 PAGE = 1000
@@ -101,7 +100,7 @@ def csv_record(row: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-TEXT_INPUTS = tuple(dict.fromkeys(t for s in tasks.REGISTRY.values() for t in s.texts))
+TEXT_INPUTS = tuple(dict.fromkeys(t for s in tasks.inference() for t in s.texts))
 CSV_COLUMNS = ("index", "item_id", "status", "file", "image", *TEXT_INPUTS, "seed", "text",
                "output_url", "error_code", "error_message", "model", "model_version")
 
@@ -246,8 +245,8 @@ def stream(
     ``size_of``: the COCO images' width and height (see ``coco_chunks``)."""
     if view not in VIEWS:
         raise InvalidRequest(f"view: expected one of {', '.join(VIEWS)}, got {view!r}")
-    if job["task"] == FINETUNE and (fmt == "coco" or view == "table"):
-        raise InvalidRequest("a finetune job's result is a model version (loom models, GET "
+    if not tasks.get(job["task"]).tabular and (fmt == "coco" or view == "table"):
+        raise InvalidRequest(f"a {job['task']} job's result is a model version (loom models, GET "
                              "/v1/models); export it as jsonl or csv in the full view")
     if fmt == "coco":
         return coco_chunks(rows, job, size_of)

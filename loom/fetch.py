@@ -378,23 +378,6 @@ def fetch_url(
         return _read_capped(response, max_bytes, deadline, timeout, url)
 
 
-def post_json(
-    url: str,
-    body: bytes,
-    *,
-    timeout: float,
-    policy: AddressPolicy = WEBHOOK_POLICY,
-    resolver: Resolver | None = None,
-    ssl_context: ssl.SSLContext | None = None,
-) -> int:
-    """POST a JSON body through the SSRF guard (every redirect hop checked); the final status.
-    Raises BlockedUrl / InvalidInput / InputMissing / FetchFailed like ``fetch_url``."""
-    with open_guarded("POST", url, policy=policy, timeout=timeout, resolver=resolver,
-                      ssl_context=ssl_context, content=body,
-                      headers={"Content-Type": "application/json"}) as (response, _, _deadline):
-        return response.status_code
-
-
 def _status_error(status: int, url: str) -> FetchFailed | InputMissing:
     if status >= 500 or status in _TRANSIENT_4XX:
         return FetchFailed(f"{url!r} answered HTTP {status}")

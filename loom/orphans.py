@@ -17,15 +17,12 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from loom.models import Job
+from loom import jobs
 from loom.storage import Store
 
 log = logging.getLogger(__name__)
-
-_IN_BATCH = 500
 
 
 def sweep_orphans(session: Session, store: Store, *, grace_seconds: float,
@@ -38,15 +35,9 @@ def sweep_orphans(session: Session, store: Store, *, grace_seconds: float,
     cutoff = now - timedelta(seconds=grace_seconds)
     removed = 0
     for tenant in store.list_dirs(""):
-        folders = store.list_dirs(f"{tenant}/jobs/")
-        known: set[str] = set()
-        for i in range(0, len(folders), _IN_BATCH):
-            batch = folders[i:i + _IN_BATCH]
-            known.update(session.scalars(select(Job.id).where(Job.id.in_(batch))))
-        session.rollback()  # end the read transaction before the slow store calls
-        for job_id in folders:
-            if job_id in known:
-                continue
+        # The read transaction ends inside, before the slow store calls below.
+        orphans = jobs.orphaned_job_ids(session, job_ids=store.list_dirs(f"{tenant}/jobs/"))
+        for job_id in orphans:
             for key, modified in list(store.list_objects(f"{tenant}/jobs/{job_id}/")):
                 if modified <= cutoff:
                     store.delete(key)

@@ -1,6 +1,7 @@
 """S3 (any S3-compatible endpoint: AWS, MinIO, moto): the process's cached boto3 clients,
 ``S3Store`` (the ``loom.storage.Store`` protocol over a bucket and prefix), and reading the
-``s3://`` image paths of a dataset. Reached as ``loom.storage.S3Store`` and so on."""
+``s3://`` image paths of a dataset. ``loom.storage.store_from_url`` builds an S3Store for an
+``s3://`` storage URL; the key rules both stores share are in loom/storage_keys.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 from loom.errors import InputMissing, StorageError
-from loom.storage import _STREAM_CHUNK, MIN_PART_SIZE, _dir_prefix, validate_key
+from loom.storage_keys import STREAM_CHUNK, dir_prefix, validate_key
+
+# S3's minimum size of every multipart part but the last.
+MIN_PART_SIZE = 5 * 1024 * 1024
 
 # One client per process and configuration: boto3 clients are thread-safe (sessions are not)
 # and each owns a connection pool, so creating one per request would waste sockets and time.
@@ -193,7 +197,7 @@ class S3Store:
             raise StorageError(f"could not read {key}: {exc}") from exc
         body = response["Body"]
         try:
-            yield from body.iter_chunks(_STREAM_CHUNK)
+            yield from body.iter_chunks(STREAM_CHUNK)
         finally:
             body.close()
 
@@ -281,7 +285,7 @@ class S3Store:
         """Names of the 'directories' directly under ``prefix`` ('' or 'a/b/')."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        rel = _dir_prefix(prefix)
+        rel = dir_prefix(prefix)
         full = f"{self.prefix}/{rel}" if self.prefix else rel
         out: list[str] = []
         try:
@@ -298,7 +302,7 @@ class S3Store:
         """(key, last modified, UTC) of every object under ``prefix``."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        rel = _dir_prefix(prefix)
+        rel = dir_prefix(prefix)
         full = f"{self.prefix}/{rel}" if self.prefix else rel
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(

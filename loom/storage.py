@@ -16,22 +16,19 @@ import threading
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
 from loom.errors import InputMissing, InvalidKey, LoomError, StorageError
+from loom.storage_keys import STREAM_CHUNK, dir_prefix, is_segment, validate_key
 
 if TYPE_CHECKING:
     from loom.config import Settings
 
 _EXT_RE = re.compile(r"^[A-Za-z0-9]{1,10}$")
-_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._=-]+$")
-_STREAM_CHUNK = 1024 * 1024
 # Opening an object refuses a symlink (ELOOP) without an lstat first; where the flag does not
 # exist (Windows), get() checks the path as every other method does.
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-# S3's minimum size of every multipart part but the last.
-MIN_PART_SIZE = 5 * 1024 * 1024
 
 
 @runtime_checkable
@@ -83,27 +80,7 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, StorageError) and exc.code != "invalid_key"
 
 
-# --- keys ---------------------------------------------------------------------------------------
-
-
-def validate_key(key: str) -> str:
-    """Refuse anything but relative, '/'-separated keys of safe segments (no '..', no '/x', no
-    percent-escapes). Raises ``InvalidKey`` (permanent). The API checks caller-given keys with
-    this same function at submit, so a key a store would refuse never reaches a worker."""
-    if not isinstance(key, str) or not key or len(key) > 1024 or key.startswith("/"):
-        raise InvalidKey(f"invalid storage key {str(key)[:200]!r}")
-    for segment in key.split("/"):
-        if segment in ("", ".", "..") or not _SEGMENT_RE.match(segment):
-            raise InvalidKey(f"invalid storage key {key[:200]!r}")
-    return key
-
-
-def _dir_prefix(prefix: str) -> str:
-    """'' (the root) or a valid key prefix ending in '/'."""
-    if prefix:
-        validate_key(prefix.rstrip("/"))
-        return prefix.rstrip("/") + "/"
-    return ""
+# --- keys (the rules every key obeys: loom/storage_keys.py) -------------------------------------
 
 
 def _ext(ext: str) -> str:
@@ -252,14 +229,14 @@ class LocalStore:
         except FileNotFoundError as exc:
             raise InputMissing(f"no object at {key}") from exc
         with f:
-            while block := f.read(_STREAM_CHUNK):
+            while block := f.read(STREAM_CHUNK):
                 yield block
 
     def put_stream(
         self, key: str, f: BinaryIO, content_type: str = "application/octet-stream"
     ) -> None:
         """Copy a file object in blocks (memory stays at one block), atomically as ``put``."""
-        self.put_chunks(key, iter(lambda: f.read(_STREAM_CHUNK), b""), content_type)
+        self.put_chunks(key, iter(lambda: f.read(STREAM_CHUNK), b""), content_type)
 
     def put_chunks(
         self, key: str, chunks: Iterable[bytes], content_type: str = "application/octet-stream"
@@ -293,9 +270,9 @@ class LocalStore:
 
     def list_dirs(self, prefix: str) -> list[str]:
         """Names of the 'directories' directly under ``prefix`` ('' or 'a/b/')."""
-        base = self.root / _dir_prefix(prefix)
+        base = self.root / dir_prefix(prefix)
         try:
-            return sorted(p.name for p in base.iterdir() if p.is_dir() and _SEGMENT_RE.match(p.name))
+            return sorted(p.name for p in base.iterdir() if p.is_dir() and is_segment(p.name))
         except FileNotFoundError:
             return []
         except OSError as exc:
@@ -303,7 +280,7 @@ class LocalStore:
 
     def list_objects(self, prefix: str) -> Iterator[tuple[str, datetime]]:
         """(key, last modified, UTC) of every object under ``prefix``; temp files excluded."""
-        base = self.root / _dir_prefix(prefix)
+        base = self.root / dir_prefix(prefix)
         for dirpath, _dirs, files in os.walk(base):
             for name in sorted(files):
                 if name.startswith(".tmp-"):
@@ -317,19 +294,7 @@ class LocalStore:
                 yield key, datetime.fromtimestamp(mtime, tz=timezone.utc)
 
 
-# --- S3 (loom/s3.py) ----------------------------------------------------------------------------
-
-_S3_NAMES = frozenset({"S3Store", "s3_client", "close_clients", "parse_s3_url", "read_uri"})
-
-
-def __getattr__(name: str) -> Any:
-    """``storage.S3Store`` and the S3 helpers live in loom/s3.py (boto3 is imported there, on
-    first use); they stay reachable here, where every caller looks for a store."""
-    if name in _S3_NAMES:
-        from loom import s3
-
-        return getattr(s3, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# --- choosing a store (S3Store lives in loom/s3.py, which never imports this module) ------------
 
 
 def store_from_url(

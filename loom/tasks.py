@@ -25,7 +25,8 @@ from typing import Any, Literal
 
 from loom.errors import InvalidRequest, LoomError
 
-OutputKind = Literal["text", "image", "vector"]
+# "model": the job's one output is a registered model version (finetune), not a row per input.
+OutputKind = Literal["text", "image", "vector", "model"]
 IMAGE_SOURCES = ("image_url", "image_key")
 # Seeds are JSON-safe integers (a JavaScript client must not round them) and fit torch's
 # generator; a job's base seed plus its item count must stay inside the same range.
@@ -69,10 +70,25 @@ class TaskSpec:
     output_column: str = "text"  # the column holding the output in table exports
     params: tuple[Param, ...] = ()
     cli_name: str = ""  # the CLI command (``loom <cli_name>``); defaults to the task name
+    # The worker handler that runs its items (worker/handlers.py): "infer" runs a batch of
+    # items in one call of ``method``; any other handler runs each item alone, on the model
+    # thread, with nothing else in flight (training).
+    handler: str = "infer"
 
     @property
     def command(self) -> str:
         return self.cli_name or self.name
+
+    @property
+    def batched(self) -> bool:
+        """Items run in batched model calls: inference tasks, which a model serves (its
+        ``info.tasks``), whose batches other jobs' items may fill, with one result per input."""
+        return self.handler == "infer"
+
+    @property
+    def tabular(self) -> bool:
+        """Its results are one row per input, so table views and dataset formats apply."""
+        return self.output != "model"
 
     @property
     def input_fields(self) -> tuple[str, ...]:
@@ -207,12 +223,24 @@ REGISTRY: dict[str, TaskSpec] = {
                  params=(SEED,)),
         TaskSpec("embed", "embed each image as a fixed-size vector (dedupe, search)",
                  method="embed", image=True, output="vector", output_column="vector"),
+        # One item: a rows manifest, a base model and hyperparameters (loom/finetune.py checks
+        # them); its output is the registered model version. Submitted by /v1/finetunes and
+        # ``loom finetune``, run by worker/handlers.py's finetune handler.
+        TaskSpec("finetune", "fine-tune a model on labelled rows into a new model version",
+                 method="", image=False, output="model", output_column="model",
+                 handler="finetune"),
     )
 }
 
 
+def inference() -> list[TaskSpec]:
+    """The tasks models serve (batched): what /v1/jobs takes and the CLI has a command for."""
+    return [s for s in REGISTRY.values() if s.batched]
+
+
 def names() -> list[str]:
-    return list(REGISTRY)
+    """The names of the inference tasks (``inference``)."""
+    return [s.name for s in inference()]
 
 
 def get(name: str) -> TaskSpec:
@@ -223,7 +251,7 @@ def get(name: str) -> TaskSpec:
 
 
 def by_command(command: str) -> TaskSpec:
-    return next(s for s in REGISTRY.values() if s.command == command)
+    return next(s for s in inference() if s.command == command)
 
 
 # --- models the control plane knows without loading them ------------------------------------
@@ -277,5 +305,5 @@ def caps_for(model: str, recorded: Mapping[str, ModelCaps] | None = None) -> Mod
 __all__ = [
     "BUILTIN_MODELS", "HF_CAPS", "REGISTRY", "SEED_MAX", "ModelCaps", "Param",
     "TaskSpec", "by_command", "caps_for", "check_model", "check_seed", "derive_seed", "get",
-    "item_seed", "json_safe", "names",
+    "inference", "item_seed", "json_safe", "names",
 ]

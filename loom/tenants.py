@@ -7,14 +7,16 @@ so that authentication is one indexed lookup plus a constant-time comparison.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from loom.db import begin_write
 from loom.errors import InvalidRequest, NotFound
 from loom.models import ApiKey, Tenant, utcnow
 
@@ -94,3 +96,21 @@ def authenticate(session: Session, *, secret: str) -> Tenant | None:
     if found is None:
         return None
     return session.get(Tenant, found.tenant_id)
+
+
+def webhook_secret(session: Session, *, tenant_id: str) -> str:
+    """The tenant's webhook signing secret (Standard Webhooks: ``whsec_`` + base64 of 24
+    bytes), made on first use; two first uses at once agree on one."""
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise NotFound(f"no tenant {tenant_id!r}")
+    if tenant.webhook_secret:
+        return tenant.webhook_secret
+    begin_write(session)
+    candidate = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    session.execute(update(Tenant).where(Tenant.id == tenant_id, Tenant.webhook_secret.is_(None))
+                    .values(webhook_secret=candidate))
+    session.commit()
+    secret = session.scalar(select(Tenant.webhook_secret).where(Tenant.id == tenant_id))
+    assert secret
+    return secret

@@ -1,27 +1,32 @@
 """What one chunk run holds (the report it returns, the scope it claims from, its batches), and
-the engine state its stages share.
+what the engine's stages know of the jobs they touch.
 
-Shared by the engine (worker.engine) and its stages (worker.claiming, worker.finishing).
+Shared by the engine (worker.engine) and its stages (worker.claiming, worker.runner,
+worker.finishing, worker.handlers).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from loom import jobs
+
 if TYPE_CHECKING:  # pragma: no cover
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from sqlalchemy.orm import Session, sessionmaker
 
     from loom.config import Settings
-    from loom.jobs import Chunk, ClaimedItem
     from loom.storage import Store
-    from worker.inputs import Prepared
     from worker.leases import LeaseKeeper
+
+    from loom.errors import LoomError
+    from loom.jobs import Chunk, ClaimedItem
+    from worker.inputs import Prepared
 
 Progress = Callable[[int], None]  # called with the number of items a batch finished
 
@@ -44,6 +49,8 @@ class ChunkReport:
     batches: int = 0
     seconds: float = 0.0
     timings_ms: dict[str, float] = field(default_factory=dict)  # summed stage times
+    # The claimer, the model thread and the finisher add to one report from three threads.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add_timing(self, name: str, ms: float) -> None:
         self.timings_ms[name] = self.timings_ms.get(name, 0.0) + ms
@@ -71,23 +78,52 @@ class Batch:
     prepared: list[Future[Prepared]] = field(default_factory=list)
 
 
-class EngineState:
-    """What the engine's stages (worker.claiming, worker.finishing, worker.outages) read from the
-    engine that mixes them in: declared once, set by ``Engine.__init__``."""
+@dataclass(frozen=True)
+class StageParts:
+    """What the engine's stages share, explicitly: the process's settings and connections, its
+    lease keeper, the I/O pool (inputs read and decoded, outputs encoded and uploaded) and the
+    facts of the jobs seen. Each stage keeps the rest of its state to itself."""
 
     settings: Settings
     session_factory: sessionmaker[Session]
     store: Store
     worker_id: str
     leases: LeaseKeeper
-    _io: ThreadPoolExecutor
-    decode_on_model_thread: bool
-    _report_lock: threading.Lock
-    _store_down: threading.Event
-    _fill_quiet_until: float  # monotonic time before which no fill is tried (worker.claiming)
-    _drained: set[str]  # jobs completions drained, not finalised yet (worker.finishing)
-    _drained_since: float | None
-    _job_end_cache: dict[str, int]
-    _max_attempts_cache: dict[str, int]
-    _max_attempts: Callable[[str], int]
-    _await_store: Callable[[], None]
+    facts: JobFacts
+    io: ThreadPoolExecutor
+
+
+class JobFacts:
+    """What stays fixed about a job once it is published, read once per process: its item count
+    (the end of the range a lingering claim may take) and its attempt cap. A claim's head read
+    fills both for free (``seen``); the rest are read on demand."""
+
+    LIMIT = 10_000  # one entry per job seen: bounded
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self.session_factory = session_factory
+        self._item_count: dict[str, int] = {}
+        self._max_attempts: dict[str, int] = {}
+
+    def seen(self, job_id: str, *, item_count: int, max_attempts: int) -> None:
+        if len(self._item_count) > self.LIMIT:
+            self._item_count.clear()
+            self._max_attempts.clear()
+        self._item_count.setdefault(job_id, item_count)
+        self._max_attempts.setdefault(job_id, max_attempts)
+
+    def item_count(self, job_id: str) -> int:
+        if job_id not in self._item_count:
+            with self.session_factory() as session:
+                self._item_count[job_id] = jobs.job_item_count(session, job_id=job_id)
+        return self._item_count[job_id]
+
+    def max_attempts(self, job_id: str) -> int:
+        if job_id not in self._max_attempts:
+            with self.session_factory() as session:
+                self._max_attempts[job_id] = jobs.job_max_attempts(session, job_id=job_id)
+        return self._max_attempts[job_id]
+
+    def final(self, item: ClaimedItem, error: LoomError) -> bool:
+        """Whether a failure of ``item`` ends it: permanent, or its attempts are spent."""
+        return not error.transient or item.attempts >= self.max_attempts(item.job_id)

@@ -4,26 +4,18 @@ with no inference (``loom.jobs.cache`` holds the key and the lookup)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from loom import jobs, tasks
 from loom.errors import LoomError
-from worker.outputs import info_field
+from worker.model_info import info_field
+from worker.outputs import Cached
 
 if TYPE_CHECKING:  # pragma: no cover
-    from loom.models import Output
     from worker.inference import ModelCache
     from worker.inputs import Prepared
-
-
-@dataclass(frozen=True)
-class Cached:
-    """A model output that was not computed: the earlier output it reuses."""
-
-    output: Output
 
 
 class ResultCache:

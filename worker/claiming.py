@@ -1,6 +1,7 @@
-"""Claiming (the engine's first stage): batches under a lease from the chunk, then from the rest
-of its job while ``chunk_linger_seconds`` allows; suspects run alone; a clean stop gives back
-what was claimed but not run. A mixin of worker.engine.Engine, which owns the state it uses.
+"""The claimer (the engine's first stage): batches under a lease from the chunk, then from the
+rest of its job while ``chunk_linger_seconds`` allows, then filled from other jobs; suspects run
+alone; a clean stop gives back what was claimed but not run. The inputs of a claimed batch start
+loading in the I/O pool at once.
 """
 
 from __future__ import annotations
@@ -9,11 +10,10 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from loom import jobs
-from loom.finetune import TASK as FINETUNE
+from loom import jobs, tasks
 from loom.jobs.types import CLAIMABLE_JOB
 from loom.models import JobStatus, utcnow
-from worker.batches import Batch, ChunkReport, EngineState, Scope
+from worker.batches import Batch, ChunkReport, Scope, StageParts
 from worker.inputs import load, prepare
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from loom.jobs import Chunk, ClaimedItem
     from worker.inputs import Prepared
+    from worker.outages import OutageGuard
 
 
 # After a fill that found nothing, a process does not ask again for this long. Skipping a fill
@@ -29,8 +30,24 @@ if TYPE_CHECKING:  # pragma: no cover
 FILL_QUIET_SECONDS = 0.1
 
 
-class Claiming(EngineState):
-    def _claim(self, scope: Scope, report: ChunkReport, *, prefetch: bool = False) -> list[Batch]:
+class Claimer:
+    def __init__(self, parts: StageParts, *, outages: OutageGuard,
+                 decode_on_model_thread: bool) -> None:
+        self.settings = parts.settings
+        self.session_factory = parts.session_factory
+        self.store = parts.store
+        self.worker_id = parts.worker_id
+        self.leases = parts.leases
+        self.facts = parts.facts
+        self.io = parts.io
+        self.outages = outages
+        # Where inputs are decoded: beside the model in the I/O pool (a GPU host: the model
+        # thread mostly waits on the device), or on the model thread just before the batch runs
+        # (a CPU host whose cores the model processes fill: worker.sizing explains why).
+        self.decode_on_model_thread = decode_on_model_thread
+        self._fill_quiet_until = 0.0  # monotonic time before which no fill is tried
+
+    def claim(self, scope: Scope, report: ChunkReport, *, prefetch: bool = False) -> list[Batch]:
         """Claim the next batch(es) from the chunk and, once it is dry, from the rest of its job
         (while ``chunk_linger_seconds`` allows); once the job is dry too, fill the batch from
         other jobs (``batch_fill``). Their inputs start loading at once."""
@@ -59,7 +76,7 @@ class Claiming(EngineState):
         if not items:
             self._fill_quiet_until = time.monotonic() + FILL_QUIET_SECONDS
         self.leases.add((i.id, i.job_id) for i in items)
-        with self._report_lock:
+        with report.lock:
             report.add_timing("claim", (time.perf_counter() - t0) * 1000.0)
         scope.fill_dry = len(fresh.items) + len(items) < self.settings.batch_size
         if not items:
@@ -118,10 +135,10 @@ class Claiming(EngineState):
         (a crash of the running batch would burn one of its attempts); it waits until nothing
         else is in flight. A suspect's input is read and decoded only once it runs (alone).
         A job seen cancelling sets ``scope.cancelling`` and claims nothing."""
-        if self._store_down.is_set():
+        if self.outages.store_is_down:
             if prefetch:
                 return []  # claim again once the batch in flight is done and the store is back
-            self._await_store()
+            self.outages.await_store()
 
         def claim(start: int, end: int, limit: int) -> list[ClaimedItem]:
             t0 = time.perf_counter()
@@ -136,7 +153,7 @@ class Claiming(EngineState):
                     lease_seconds=self.settings.lease_seconds,
                 )
             self.leases.add((i.id, i.job_id) for i in items)
-            with self._report_lock:
+            with report.lock:
                 report.add_timing("claim", (time.perf_counter() - t0) * 1000.0)
             return items
 
@@ -145,13 +162,9 @@ class Claiming(EngineState):
             # One read (one statement on PostgreSQL): the status, the item count and the cap
             # (cached: fixed once the job is published), and the chunk's suspects.
             head = jobs.claim_head(session, chunk=chunk, limit=self.settings.batch_size)
-        with self._report_lock:
+        with report.lock:
             report.add_timing("claim", (time.perf_counter() - t0) * 1000.0)
-        if len(self._job_end_cache) > 10_000:  # one entry per job seen: keep it bounded
-            self._job_end_cache.clear()
-            self._max_attempts_cache.clear()
-        self._job_end_cache.setdefault(chunk.job_id, head.item_count)
-        self._max_attempts_cache.setdefault(chunk.job_id, head.max_attempts)
+        self.facts.seen(chunk.job_id, item_count=head.item_count, max_attempts=head.max_attempts)
         if head.status == JobStatus.cancelling.value:
             scope.cancelling = True
             return []
@@ -188,7 +201,8 @@ class Claiming(EngineState):
             batches.extend(Batch([i], careful=True) for i in retried)
         for batch in batches:
             report.claimed += len(batch.items)
-            if not batch.careful and batch.items[0].task != FINETUNE:
+            # A task with a handler of its own (training) reads its inputs itself.
+            if not batch.careful and tasks.get(batch.items[0].task).batched:
                 batch.prepared = self._start_loading(batch.items)
         return batches
 
@@ -196,23 +210,15 @@ class Claiming(EngineState):
         """Read the items' inputs in the I/O pool, and decode them there too unless the model
         thread decodes them (``decode_on_model_thread``)."""
         step = load if self.decode_on_model_thread else prepare
-        return [self._io.submit(step, item, settings=self.settings, store=self.store)
+        return [self.io.submit(step, item, settings=self.settings, store=self.store)
                 for item in items]
 
     def _job_end(self, chunk: Chunk) -> int:
         """The job's item count (fixed once it is published), at least the chunk's end."""
-        if chunk.job_id not in self._job_end_cache:
-            with self.session_factory() as session:
-                self._job_end_cache[chunk.job_id] = jobs.job_item_count(
-                    session, job_id=chunk.job_id)
-            if len(self._job_end_cache) > 10_000:
-                self._job_end_cache.clear()
-        return max(chunk.end, self._job_end_cache.get(chunk.job_id, chunk.end))
+        return max(chunk.end, self.facts.item_count(chunk.job_id))
 
-    def _release(self, batches: deque[Batch]) -> None:
+    def release(self, batches: deque[Batch]) -> None:
         """Give back the leases of claimed batches that will not run (a clean stop)."""
-        from loom import jobs
-
         ids = [i.id for b in batches for i in b.items]
         for b in batches:
             for fut in b.prepared:

@@ -33,38 +33,36 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from loom import jobs
+from loom import jobs, tasks
 from loom.config import Settings
-from loom.errors import LoomError, ModelError
-from loom.finetune import TASK as FINETUNE
 from loom.models import Job, JobStatus, utcnow
-from worker.batches import Batch, ChunkReport, Progress, Scope
+from worker.batches import Batch, ChunkReport, JobFacts, Progress, Scope, StageParts
 from worker.cache import ResultCache
-from worker.claiming import Claiming
-from worker.finishing import Finishing
-from worker.inference import ModelCache, ModelLoader, infer
-from worker.inputs import decode_input, prepare
+from worker.claiming import Claimer
+from worker.finishing import Finisher
+from worker.handlers import HANDLERS, HandlerContext
+from worker.inference import ModelCache, ModelLoader
 from worker.leases import LeaseKeeper
 from worker.outages import (
     OUTAGE_BACKOFF_MAX_SECONDS,
     OUTAGE_BACKOFF_MIN_SECONDS,
-    Outages,
+    OutageGuard,
     is_outage,
 )
+from worker.runner import Runner
+from worker.webhook_sender import WebhookSender
 
 if TYPE_CHECKING:  # pragma: no cover
-    from loom.jobs import Chunk, ItemFailure, ItemResult
+    from loom.jobs import Chunk
     from loom.storage import Store
 
 log = logging.getLogger(__name__)
 
-# Kept importable from here (tests and callers name them so).
-_Scope, _Batch = Scope, Batch
 __all__ = ["OUTAGE_BACKOFF_MAX_SECONDS", "OUTAGE_BACKOFF_MIN_SECONDS", "ChunkReport", "Engine",
            "Progress", "is_outage"]
 
 
-class Engine(Claiming, Finishing, Outages):
+class Engine:
     def __init__(
         self,
         settings: Settings,
@@ -78,10 +76,6 @@ class Engine(Claiming, Finishing, Outages):
         decode_on_model_thread: bool = False,
     ) -> None:
         self.settings = settings
-        # Where inputs are decoded: beside the model in the I/O pool (a GPU host: the model
-        # thread mostly waits on the device), or on the model thread just before the batch runs
-        # (a CPU host whose cores the model processes fill: worker.sizing explains why).
-        self.decode_on_model_thread = decode_on_model_thread
         # Polled between batches: a clean stop (Ctrl-C on an embedded run) finishes the batch in
         # flight, gives the leases of claimed-but-unrun items back, and returns.
         self.should_stop = should_stop or (lambda: False)
@@ -91,38 +85,35 @@ class Engine(Claiming, Finishing, Outages):
         self.models = ModelCache(
             settings, session_factory=session_factory, model_loader=model_loader, store=store
         )
-        self.cache = ResultCache(session_factory, self.models)
-        self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="loom-io")
-        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loom-finish")
-        self._claimer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loom-claim")
         self.stages_ms: dict[str, float] = {}  # this process's summed stage times (all chunks)
         self.items_done = 0
+        self._stages_lock = threading.Lock()
         self.leases = LeaseKeeper(
             session_factory=session_factory,
             worker_id=worker_id,
             lease_seconds=settings.lease_seconds,
             interval_seconds=min(settings.heartbeat_seconds, settings.lease_seconds / 3.0),
         )
-        self._report_lock = threading.Lock()
-        self._max_attempts_cache: dict[str, int] = {}
-        self._job_end_cache: dict[str, int] = {}
-        # Set by the finisher when a store call failed for want of a store; claims wait on it.
-        self._store_down = threading.Event()
-        self._fill_quiet_until = 0.0
-        self._drained: set[str] = set()
-        self._drained_since: float | None = None
-
-    # --- models ------------------------------------------------------------------------------
+        self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="loom-io")
+        self._claim_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loom-claim")
+        parts = StageParts(settings=settings, session_factory=session_factory, store=store,
+                           worker_id=worker_id, leases=self.leases,
+                           facts=JobFacts(session_factory), io=self._io)
+        self.webhooks = WebhookSender(session_factory)
+        self.outages = OutageGuard(session_factory=session_factory, store=store,
+                                   worker_id=worker_id, leases=self.leases)
+        self.claimer = Claimer(parts, outages=self.outages,
+                               decode_on_model_thread=decode_on_model_thread)
+        self.runner = Runner(settings, store=store, models=self.models,
+                             cache=ResultCache(session_factory, self.models))
+        self.finisher = Finisher(parts, outages=self.outages, webhooks=self.webhooks)
+        ctx = HandlerContext(parts=parts, models=self.models, webhooks=self.webhooks,
+                             should_stop=self.should_stop)
+        self.handlers = {name: make(ctx) for name, make in HANDLERS.items()}
 
     def model(self, name: str) -> Any:
         """The model called ``name``, loaded once per process; raises a LoomError for items."""
         return self.models.get(name)
-
-    def _max_attempts(self, job_id: str) -> int:
-        if job_id not in self._max_attempts_cache:
-            with self.session_factory() as session:
-                self._max_attempts_cache[job_id] = jobs.job_max_attempts(session, job_id=job_id)
-        return self._max_attempts_cache[job_id]
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -145,40 +136,28 @@ class Engine(Claiming, Finishing, Outages):
                 pending.popleft().result()  # re-raises a finisher failure (DB down, ...)
 
         scope = Scope(chunk, time.monotonic() + self.settings.chunk_linger_seconds)
-        queue.extend(self._claim(scope, report))
+        queue.extend(self.claimer.claim(scope, report))
         while queue:
             batch = queue.popleft()
-            if batch.items[0].task == FINETUNE:
+            spec = tasks.get(batch.items[0].task)
+            if not spec.batched:
                 drain()
-                self._train(batch, scope, report, progress)
+                self.handlers[spec.handler].run(batch, scope, report, progress)
             else:
                 if batch.careful:
                     drain()  # nothing else in flight while a possible poison runs
-                    prepared = [
-                        prepare(item, settings=self.settings, store=self.store)
-                        for item in batch.items
-                    ]
-                else:
-                    prepared = [f.result() for f in batch.prepared]
+                prepared = self.runner.prepared(batch)
                 next_claim: Future[list[Batch]] | None = None
                 if not batch.careful and not queue:
                     # Overlap: claim + read (+ decode) the next batch beside the model.
-                    next_claim = self._claimer.submit(self._claim, scope, report, prefetch=True)
+                    next_claim = self._claim_thread.submit(
+                        self.claimer.claim, scope, report, prefetch=True)
                 try:
-                    served, prepared = self.cache.split(prepared, settle=drain,
-                                                         job_id=chunk.job_id)
-                    for p in prepared:  # those the I/O pool only read (the rest: no-op)
-                        decode_input(p, settings=self.settings)
-                    outputs, bad, info, infer_ms = infer(self.models, prepared)
-                    outputs += served
+                    out = self.runner.run(prepared, settle=drain, job_id=chunk.job_id)
                 finally:
                     if next_claim is not None:
                         queue.extend(next_claim.result())
-                pending.append(
-                    self._finisher.submit(
-                        self._finish, batch, outputs, bad, info, infer_ms, report, progress
-                    )
-                )
+                pending.append(self.finisher.submit(batch, out, report, progress))
                 drain(keep=0 if batch.careful else 1)
                 if queue and queue[0].careful:
                     drain()
@@ -191,6 +170,7 @@ class Engine(Claiming, Finishing, Outages):
                         job_id=chunk.job_id,
                         worker_id=self.worker_id,
                         store=self.store,
+                        on_finalized=self.webhooks.finalized,
                     )
                 queue.clear()
                 break
@@ -199,10 +179,10 @@ class Engine(Claiming, Finishing, Outages):
                 break
             if not queue:
                 drain()
-                queue.extend(self._claim(scope, report))
+                queue.extend(self.claimer.claim(scope, report))
         drain()
         if queue and self.should_stop():
-            self._release(queue)
+            self.claimer.release(queue)
             queue.clear()
 
     def run_chunk(self, chunk: Chunk, progress: Progress | None = None) -> ChunkReport:
@@ -228,7 +208,7 @@ class Engine(Claiming, Finishing, Outages):
                             pending.popleft().result()
                         except Exception:
                             log.exception("finishing a batch failed during an outage")
-                    self._give_back_held(exc)
+                    self.outages.give_back_held(exc)
                     raise
         finally:
             # On an error, let in-flight work settle before the leases stop being extended.
@@ -238,7 +218,7 @@ class Engine(Claiming, Finishing, Outages):
                 except Exception:
                     log.exception("finishing a batch failed")
             try:  # the run is over: what it drained is finalised now (on the finisher thread)
-                self._finisher.submit(self.finalize_drained, now=True).result()
+                self.finisher.finalize_now()
             except Exception:
                 log.exception("finalising drained jobs failed (the reconciler will)")
             for batch in queue:
@@ -247,53 +227,6 @@ class Engine(Claiming, Finishing, Outages):
             report.seconds = time.perf_counter() - t_start
             self._record_stages(report)
         return report
-
-    def _train(self, batch: Batch, scope: Scope, report: ChunkReport,
-               progress: Progress | None) -> None:
-        """A finetune job's item (worker.finetune) on this thread, nothing else in flight; the
-        lease keeper heartbeats its lease while it trains. Stopped between steps: a cancel
-        request cancels it, a clean stop (Ctrl-C) gives its lease back for the next run."""
-        from worker.finetune import run_finetune
-
-        for item in batch.items:
-            result: ItemResult | None = None
-            failure: ItemFailure | None = None
-            try:
-                result = run_finetune(item, settings=self.settings,
-                                      session_factory=self.session_factory, store=self.store,
-                                      models=self.models, should_stop=self.should_stop)
-            except Exception as exc:
-                if is_outage(exc):
-                    raise  # run_chunk gives the lease back, attempt excused
-                err = exc if isinstance(exc, LoomError) else ModelError(
-                    f"finetune failed: {type(exc).__name__}: {exc}")
-                log.warning("finetune %s failed: %s", item.job_id, err)
-                failure = jobs.ItemFailure(item_id=item.id, error=err, attempt=item.attempts)
-            with self.session_factory() as session:
-                if result is not None:
-                    won = jobs.complete_items(session, worker_id=self.worker_id,
-                                              results=[result], store=self.store)
-                    report.succeeded += won
-                    report.fenced += 1 - won
-                elif failure is not None:
-                    jobs.fail_items(session, worker_id=self.worker_id, failures=[failure],
-                                    backoff_seconds=self.settings.retry_backoff_seconds,
-                                    store=self.store)
-                    cap = self._max_attempts(item.job_id)
-                    if not failure.error.transient or item.attempts >= cap:
-                        report.failed += 1
-                    else:
-                        report.retried += 1
-                elif jobs.job_status(session, job_id=item.job_id) in ("cancelling", "cancelled"):
-                    scope.cancelling = True
-                else:
-                    jobs.release_leases(session, worker_id=self.worker_id, item_ids=[item.id])
-            self.leases.discard([item.id])
-            report.batches += 1
-            final = result is not None or (failure is not None and (
-                not failure.error.transient or item.attempts >= self._max_attempts(item.job_id)))
-            if progress is not None and final:
-                progress(1)
 
     def run_job(
         self, job_id: str, progress: Progress | None = None, *, poll_seconds: float = 0.5
@@ -334,11 +267,13 @@ class Engine(Claiming, Finishing, Outages):
                     # No reconciler runs in embedded mode: expired leases (a crashed earlier run)
                     # at the attempt cap end failed here, the others become claimable again.
                     jobs.free_expired_leases(session, now=utcnow())
-                    jobs.maybe_finalize(session, job_id=job_id, store=self.store)
+                    jobs.maybe_finalize(session, job_id=job_id, store=self.store,
+                                        on_finalized=self.webhooks.finalized)
                     if self._job_status(job_id) == JobStatus.finalizing.value:
                         # The manifest write failed (store down): finish it, as the reconciler
                         # does in distributed mode; until the store is back, poll.
-                        jobs.complete_finalization(session, job_id=job_id, store=self.store)
+                        jobs.complete_finalization(session, job_id=job_id, store=self.store,
+                                                   on_finalized=self.webhooks.finalized)
                 status = self._job_status(job_id)
                 if status is None or status in terminal:
                     break
@@ -350,7 +285,7 @@ class Engine(Claiming, Finishing, Outages):
     def _record_stages(self, report: ChunkReport) -> None:
         """Add a chunk's stage times to the process totals; with LOOM_STAGE_LOG set, write them
         to ``{stage_log}/{worker_id}.json`` (what bench/eta.py reads for its breakdown)."""
-        with self._report_lock:
+        with self._stages_lock:
             for k, v in report.timings_ms.items():
                 self.stages_ms[k] = self.stages_ms.get(k, 0.0) + v
             self.items_done += report.succeeded + report.failed
@@ -368,9 +303,10 @@ class Engine(Claiming, Finishing, Outages):
             os.replace(tmp, path / f"{name}.json")
 
     def close(self) -> None:
-        self._claimer.shutdown(wait=True, cancel_futures=True)
+        self._claim_thread.shutdown(wait=True, cancel_futures=True)
         self._io.shutdown(wait=True, cancel_futures=True)
-        self._finisher.shutdown(wait=True, cancel_futures=True)
+        self.finisher.close()
+        self.webhooks.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -20,7 +20,7 @@ def runs_engines(argv: list[str]) -> bool:
         return False
     from loom import tasks
 
-    return argv[1] in _RUNS_HERE or argv[1] in {s.command for s in tasks.REGISTRY.values()}
+    return argv[1] in _RUNS_HERE or argv[1] in {s.command for s in tasks.inference()}
 
 
 def main() -> None:

@@ -1,23 +1,26 @@
-"""The finishing stage (the finisher thread): a batch's outputs encoded and stored (off the model
-thread), then completed, failed or given back in one transaction per batch, fenced by lease. A
-mixin of worker.engine.Engine, which owns the state it uses.
+"""The finisher (the engine's last stage, on a thread of its own): a batch's outputs encoded and
+stored (off the model thread), then completed, failed or given back in one transaction per
+batch, fenced by lease; the jobs that drains are finalised, a few batches' worth together, and
+their webhooks handed to the sender.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from loom import jobs, tasks
 from loom.errors import InfrastructureError, LoomError, ModelError
-from worker.batches import Batch, ChunkReport, EngineState, Progress
+from worker.batches import Batch, ChunkReport, Progress, StageParts
 from worker.outputs import store_output
 
 if TYPE_CHECKING:  # pragma: no cover
     from loom.jobs import ItemFailure, ItemResult
-    from worker.inputs import Prepared
+    from worker.outages import OutageGuard
+    from worker.runner import BatchOutput
+    from worker.webhook_sender import WebhookSender
 
 log = logging.getLogger("worker.engine")
 
@@ -25,24 +28,45 @@ log = logging.getLogger("worker.engine")
 FINALIZE_GROUP_SECONDS = 0.2
 
 
-class Finishing(EngineState):
-    def _finish(
-        self,
-        batch: Batch,
-        outputs: list[tuple[Prepared, Any]],
-        bad: list[Prepared],
-        info: Any,
-        infer_ms: float,
-        report: ChunkReport,
-        progress: Progress | None,
-    ) -> None:
+class Finisher:
+    def __init__(self, parts: StageParts, *, outages: OutageGuard,
+                 webhooks: WebhookSender) -> None:
+        self.settings = parts.settings
+        self.session_factory = parts.session_factory
+        self.store = parts.store
+        self.worker_id = parts.worker_id
+        self.leases = parts.leases
+        self.facts = parts.facts
+        self.io = parts.io  # encoding and uploading images and vectors leave this thread
+        self.outages = outages
+        self.webhooks = webhooks
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loom-finish")
+        self._drained: set[str] = set()  # jobs completions drained, not finalised yet
+        self._drained_since: float | None = None
+
+    def submit(self, batch: Batch, out: BatchOutput, report: ChunkReport,
+               progress: Progress | None) -> Future[None]:
+        """Finish ``batch`` on the finisher thread; the future raises what finishing raised
+        (the database is down, ...)."""
+        return self._thread.submit(self._finish, batch, out, report, progress)
+
+    def finalize_now(self) -> None:
+        """The chunk run is over: what it drained is finalised now (on the finisher thread)."""
+        self._thread.submit(self.finalize_drained, now=True).result()
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True, cancel_futures=True)
+
+    def _finish(self, batch: Batch, out: BatchOutput, report: ChunkReport,
+                progress: Progress | None) -> None:
+        outputs, bad, info, infer_ms = out.outputs, out.bad, out.info, out.infer_ms
         n = len(outputs)
         futures: list[Future[ItemResult]] = []
         kind = tasks.get(batch.items[0].task).output
         for prep, out in outputs:
             timings = {**prep.timings, "infer_ms": infer_ms, "infer_batch_size": float(n)}
             if kind != "text":  # encoding and uploading leave the finisher thread
-                futures.append(self._io.submit(
+                futures.append(self.io.submit(
                     store_output, kind, prep, out, info, timings, store=self.store))
             else:
                 done: Future[ItemResult] = Future()
@@ -78,16 +102,12 @@ class Finishing(EngineState):
         won = 0
         # A filled batch holds items of several jobs (loom.jobs.fill): each has its job's cap.
         claimed = {i.id: i for i in batch.items}
-        permanent = sum(
-            1 for f in failures
-            if not f.error.transient
-            or claimed[f.item_id].attempts >= self._max_attempts(claimed[f.item_id].job_id)
-        )
+        permanent = sum(1 for f in failures if self.facts.final(claimed[f.item_id], f.error))
         t_complete = time.perf_counter()
         released = 0
         if outage:
             # Before the release: a claim racing it must wait for the store, not spin.
-            self._store_down.set()
+            self.outages.store_down()
         with self.session_factory() as session:
             if outage:
                 reason = str(outage[0].error)
@@ -105,6 +125,7 @@ class Finishing(EngineState):
                 won = jobs.complete_items(
                     session, worker_id=self.worker_id, results=results, store=self.store,
                     open_jobs=busy, on_drained=self._drained.update,
+                    on_finalized=self.webhooks.finalized,
                 )
             if failures:
                 jobs.fail_items(
@@ -113,10 +134,11 @@ class Finishing(EngineState):
                     failures=failures,
                     backoff_seconds=self.settings.retry_backoff_seconds,
                     store=self.store,
+                    on_finalized=self.webhooks.finalized,
                 )
         complete_ms = (time.perf_counter() - t_complete) * 1000.0
         self.leases.discard(i.id for i in batch.items)
-        with self._report_lock:
+        with report.lock:
             report.add_timing("complete", complete_ms)
             report.batches += 1
             report.succeeded += won
@@ -137,7 +159,7 @@ class Finishing(EngineState):
         t_final = time.perf_counter()
         # Holding nothing else (an idle worker's last batch): no batch will follow to group with.
         self.finalize_drained(now=not self.leases.held())
-        with self._report_lock:
+        with report.lock:
             report.add_timing("complete", (time.perf_counter() - t_final) * 1000.0)
 
     def finalize_drained(self, *, now: bool = False) -> None:
@@ -159,4 +181,5 @@ class Finishing(EngineState):
             return
         job_ids, self._drained, self._drained_since = self._drained, set(), None
         with self.session_factory() as session:
-            jobs.finalize_jobs(session, job_ids=job_ids, store=self.store, drained=True)
+            jobs.finalize_jobs(session, job_ids=job_ids, store=self.store, drained=True,
+                               on_finalized=self.webhooks.finalized)

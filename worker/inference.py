@@ -20,7 +20,7 @@ from loom import tasks
 from loom.config import Settings
 from loom.errors import InvalidInput, LoomError, ModelError, UnsupportedTask
 from worker.inputs import Prepared
-from worker.outputs import info_field
+from worker.model_info import info_field
 
 if TYPE_CHECKING:  # pragma: no cover
     from loom.storage import Store

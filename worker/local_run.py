@@ -54,7 +54,7 @@ def _stored(local: Local, job_id: str, pairs: Iterable[Pair]) -> Iterator[dict[s
     one bounded window at a time, so a million-row table never sits in memory."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from loom import storage
+    from loom import s3, storage
     from loom.errors import InputMissing, StorageError
 
     linkable = isinstance(local.store, storage.LocalStore)
@@ -75,7 +75,7 @@ def _stored(local: Local, job_id: str, pairs: Iterable[Pair]) -> Iterator[dict[s
                 pass  # read below, so that the item fails with the reason
         try:
             if isinstance(path, str):
-                data = storage.read_uri(path, endpoint_url=local.settings.s3_endpoint_url)
+                data = s3.read_uri(path, endpoint_url=local.settings.s3_endpoint_url)
             else:
                 data = path if isinstance(path, bytes) else path.read_bytes()
         except (OSError, InputMissing) as exc:  # the item fails with the reason, not the job

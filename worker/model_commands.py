@@ -44,18 +44,13 @@ def _labelled(local: Local, job_id: str, table: str, *, image_col: str | None,
 
 def _show_events(local: Local, job_id: str, stop: threading.Event) -> None:
     """Print the job's training events as they arrive (step, loss, registration)."""
-    from sqlalchemy import select
-
-    from loom.models import Event
+    from loom import jobs
 
     seen = 0
     while True:
         last = stop.is_set()  # one more read after the run ended: its final events
         with local.session_factory() as s:
-            rows = s.execute(select(Event.id, Event.kind, Event.message).where(
-                Event.job_id == job_id, Event.id > seen,
-                Event.kind.in_(("training_started", "training", "registered")))
-                .order_by(Event.id)).all()
+            rows = jobs.training_events(s, job_id=job_id, after_id=seen)
         for r in rows:
             seen = r.id
             d = json.loads(r.message or "{}")
@@ -202,7 +197,7 @@ def report(local: Local, job: dict[str, Any]) -> None:
     from worker.local_run import EXIT_NOTHING_SUCCEEDED
 
     with local.session_factory() as s:
-        found = s.scalars(_registered_for(job["id"])).first()
+        found = jobs.registered_for_job(s, job_id=job["id"])
         info = jobs.model_dict(found) if found is not None else None
     if info is None:
         from loom.cli.common import local_failures, print_failures
@@ -217,11 +212,3 @@ def report(local: Local, job: dict[str, Any]) -> None:
                   + (f"; held-out {scores}" if scores else "")
                   + (f"; new words: {' '.join(m['new_words'])}" if m.get("new_words") else ""))
     console.print(f"use it: loom caption IMAGES --model {info['name']}")
-
-
-def _registered_for(job_id: str) -> Any:
-    from sqlalchemy import select
-
-    from loom.models import RegisteredModel
-
-    return select(RegisteredModel).where(RegisteredModel.job_id == job_id)

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loom.errors import LoomError, StorageError, StoreUnavailable
+from worker.model_info import info_field
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
 
     from loom.jobs import ItemResult
+    from loom.models import Output
     from loom.storage import Store
     from worker.inputs import Prepared
 
@@ -41,11 +44,13 @@ def upload(store: Store, key: str, data: bytes, content_type: str) -> None:
         raise StoreUnavailable(f"upload of {key} failed: {type(exc).__name__}: {exc}") from exc
 
 
-def info_field(info: Any, name: str, default: Any = None) -> Any:
-    """Read one field of ``model.info`` (a dataclass, an object or a dict)."""
-    if isinstance(info, dict):
-        return info.get(name, default)
-    return getattr(info, name, default)
+@dataclass(frozen=True)
+class Cached:
+    """A model output that was not computed: the earlier output it reuses. The result cache
+    (worker/cache.py) hands these out in place of model outputs; ``store_output`` turns them
+    into results, so the type lives here and the cache imports it."""
+
+    output: Output
 
 
 def _lineage(prep: Prepared, info: Any, timings: dict[str, float]) -> dict[str, Any]:
@@ -138,7 +143,7 @@ def vector_result(
     )
 
 
-def cached_result(prep: Prepared, cached: Any, timings: dict[str, float]) -> ItemResult:
+def cached_result(prep: Prepared, cached: Cached, timings: dict[str, float]) -> ItemResult:
     """An item answered by an earlier output: the same text or object, its model lineage, and
     ``cached_from`` naming it; nothing is inferred or uploaded."""
     from loom.jobs import ItemResult
@@ -159,9 +164,7 @@ def store_output(
     kind: str, prep: Prepared, out: Any, info: Any, timings: dict[str, float], *, store: Store
 ) -> ItemResult:
     """The result of one output of the task's output kind (``TaskSpec.output``), or of a
-    cached one (``worker.cache.Cached``)."""
-    from worker.cache import Cached
-
+    cached one (``Cached``)."""
     if isinstance(out, Cached):
         return cached_result(prep, out, timings)
     if kind == "text":

@@ -80,6 +80,6 @@ def webhook_secret(session: SessionDep, caller: CallerDep) -> dict[str, str]:
     use). Verify ``webhook-signature`` = ``v1,`` + base64 HMAC-SHA256 of
     ``{webhook-id}.{webhook-timestamp}.{body}`` keyed with the base64-decoded part after
     ``whsec_``."""
-    from loom import webhooks
+    from loom import tenants
 
-    return {"secret": webhooks.tenant_secret(session, tenant_id=caller.tenant_id)}
+    return {"secret": tenants.webhook_secret(session, tenant_id=caller.tenant_id)}

@@ -6,7 +6,18 @@ import hashlib
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Header, Path, Query, Request, UploadFile, status
+from fastapi import (
+    APIRouter,
+    BackgroundTasks,
+    File,
+    Form,
+    Header,
+    Path,
+    Query,
+    Request,
+    UploadFile,
+    status,
+)
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
@@ -29,8 +40,9 @@ from api.schemas import (
     VerifyOut,
     VerifyReportOut,
 )
-from loom import datasets, exports, vectors
+from loom import exports, vectors
 from loom import files as stored_files
+from loom import results as results_out
 from loom import jobs as core
 from loom.errors import InvalidRequest
 from loom.models import ItemStatus, JobStatus
@@ -246,13 +258,7 @@ def results(
                 yield exports.with_url(row, lambda o: service.output_url(rt, base, o))
 
     media, ext = exports.MEDIA_TYPES[format]
-    if format in datasets.OUTPUT_FORMATS:  # every column, images embedded (webdataset)
-        body = datasets.stream_rows(format, rows(), task=job.task,
-                                    images=datasets.store_images(rt.store),
-                                    vectors=datasets.store_vectors(rt.store))
-    else:
-        body = exports.stream(format, rows(), job=core.job_dict(job), view=view,
-                              size_of=exports.store_size(rt.store) if format == "coco" else None)
+    body = results_out.stream(format, rows(), job=core.job_dict(job), store=rt.store, view=view)
     return StreamingResponse(
         body,
         media_type=media,
@@ -285,10 +291,11 @@ def dedupe(
 
 
 @router.post("/{job_id}/cancel", responses={**ERRORS, 409: {"model": ErrorResponse}})
-def cancel(job_id: JobIdPath, session: SessionDep, rt: RuntimeDep, caller: CallerDep) -> JobOut:
+def cancel(job_id: JobIdPath, session: SessionDep, rt: RuntimeDep, caller: CallerDep,
+           background: BackgroundTasks) -> JobOut:
     """Cancel: queued items at once, running ones at the workers' next batch boundary."""
-    job = service.retrying(session, lambda: core.cancel_job(
-        session, job_id=job_id, tenant_id=caller.tenant_id, store=rt.store))
+    job = service.cancel(session, rt, job_id=job_id, tenant_id=caller.tenant_id,
+                         background=background)
     return service.job_out(session, job)
 
 

@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from api import service
 from api.deps import UI_COOKIE, Runtime, RuntimeDep, SessionDep
 from loom import jobs as core
-from loom import webhooks
+from loom import results as results_out
 from loom.errors import InputMissing, InvalidRequest, NotFound, Unauthorized
 from loom.jobs import page
 from loom.models import JobStatus
@@ -29,7 +29,6 @@ HERE = Path(__file__).resolve().parents[1]
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 router = APIRouter(prefix="/ui", include_in_schema=False)
 THUMB_PIXELS = 256
-FORMATS = ("jsonl", "csv", "coco")
 
 
 def _tenant(request: Request, rt: Runtime, session: Session) -> str | None:
@@ -121,7 +120,7 @@ def job_page(job_id: str, request: Request, rt: RuntimeDep, session: SessionDep)
     parents = []
     if job.parent_job_id:
         parents = [core.get_job(session, job_id=job.parent_job_id, tenant_id=tenant_id)]
-    return _render(request, "job.html", job=info, formats=FORMATS, parents=parents,
+    return _render(request, "job.html", job=info, formats=results_out.TEXT_FORMATS, parents=parents,
                    samples=page.samples(session, job_id=job.id, tenant_id=tenant_id),
                    data=_data(session, job.id, tenant_id), auth=rt.settings.auth_enabled)
 
@@ -133,7 +132,7 @@ def _data(session: Session, job_id: str, tenant_id: str) -> dict[str, Any]:
         "failures": page.failures(session, job_id=job_id, tenant_id=tenant_id),
         "webhooks": [{**d, "next_attempt_at": str(d["next_attempt_at"] or ""),
                       "created_at": str(d["created_at"])}
-                     for d in webhooks.deliveries_for_job(session, job_id=job_id)],
+                     for d in core.job_deliveries(session, job_id=job_id)],
     }
 
 
@@ -153,12 +152,11 @@ def job_data(job_id: str, request: Request, rt: RuntimeDep, session: SessionDep)
 
 @router.post("/jobs/{job_id}/{action}")
 def job_action(job_id: str, action: str, request: Request, rt: RuntimeDep,
-               session: SessionDep) -> Response:
+               session: SessionDep, background: BackgroundTasks) -> Response:
     tenant_id = _need(request, rt, session)
     _same_origin(request)
     if action == "cancel":
-        service.retrying(session, lambda: core.cancel_job(
-            session, job_id=job_id, tenant_id=tenant_id, store=rt.store))
+        service.cancel(session, rt, job_id=job_id, tenant_id=tenant_id, background=background)
     elif action == "retry":
         n = service.retrying(session, lambda: core.retry_failed(
             session, job_id=job_id, tenant_id=tenant_id))

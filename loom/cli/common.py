@@ -37,7 +37,6 @@ ApiOpt = Annotated[
 KeyOpt = Annotated[
     str | None, typer.Option("--api-key", envvar="LOOM_API_KEY", help="API key (remote mode).")
 ]
-FORMATS = ("jsonl", "csv", "coco")
 VIEWS = ("full", "table")
 TERMINAL = ("succeeded", "completed_with_errors", "failed", "cancelled")
 

@@ -11,7 +11,6 @@ from typing import Annotated, Any
 import typer
 
 from loom.cli.common import (
-    FORMATS,
     VIEWS,
     ApiOpt,
     KeyOpt,
@@ -135,7 +134,8 @@ def follow_events(c: Any, job_id: str) -> dict[str, Any] | None:
 
 def results(
     job_id: str,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="jsonl | csv | coco")] = "jsonl",
+    fmt: Annotated[str, typer.Option(
+        "--format", "-f", help="jsonl | csv | coco | parquet | webdataset | hf")] = "jsonl",
     view: Annotated[str, typer.Option(
         help="full: every field; table: the task's own columns (what embedded runs write)",
     )] = "full",
@@ -145,57 +145,45 @@ def results(
 ) -> None:
     """Write a job's results (one row per item) as JSONL, CSV, COCO, Parquet, WebDataset or a
     Hugging Face dataset folder (the last three with -o)."""
-    from loom import datasets
+    from loom import datasets, results
 
-    if fmt not in FORMATS and fmt not in datasets.OUTPUT_FORMATS:
-        raise fail(f"--format must be one of {', '.join((*FORMATS, *datasets.OUTPUT_FORMATS))}")
-    if fmt in datasets.OUTPUT_FORMATS:
-        if out is None:
-            raise fail(f"--format {fmt} writes files: give -o PATH")
-        if api:
-            if fmt == "hf":
-                raise fail("--format hf is written embedded; remotely use --format parquet "
-                           "(datasets.load_dataset('parquet', data_files=...) opens it)")
-        else:
-            def write(local: Local) -> None:
-                from loom import jobs
-
-                jid = resolve(local, job_id)
-                with local.session_factory() as s:
-                    task = jobs.get_job(s, job_id=jid, tenant_id=local.tenant_id).task
-                written = datasets.write_rows(fmt, local_rows(local, jid), out, task=task,
-                                              images=datasets.store_images(local.store),
-                                              vectors=datasets.store_vectors(local.store))
-                err.print(f"wrote {written.rows} rows to {out}")
-
-            embedded(write)
-            return
+    if fmt not in results.FORMATS:
+        raise fail(f"--format must be one of {', '.join(results.FORMATS)}")
     if view not in VIEWS:
         raise fail(f"--view must be one of {', '.join(VIEWS)}")
-    sink = out.open("wb") if out else sys.stdout.buffer
-    try:
-        if api:
-            def fetch(c: Any) -> None:
-                for chunk in c.results(job_id, format=fmt, view=view):
-                    sink.write(chunk)
-
-            remote(fetch, api, api_key)
-        else:
-            def run(local: Local) -> None:
-                from loom import exports, jobs
-
-                jid = resolve(local, job_id)
-                with local.session_factory() as s:
-                    job = jobs.job_dict(jobs.get_job(s, job_id=jid, tenant_id=local.tenant_id))
-                for chunk in exports.stream(fmt, local_rows(local, jid), job=job, view=view):
-                    sink.write(chunk)
-
-            embedded(run)
-    finally:
+    if fmt in datasets.OUTPUT_FORMATS and out is None:
+        raise fail(f"--format {fmt} writes files: give -o PATH")
+    if api and fmt not in results.STREAMED:
+        raise fail(f"--format {fmt} is written embedded; remotely use --format parquet "
+                   "(datasets.load_dataset('parquet', data_files=...) opens it)")
+    if api:
+        sink = out.open("wb") if out else sys.stdout.buffer
+        try:
+            remote(lambda c: sink.writelines(c.results(job_id, format=fmt, view=view)),
+                   api, api_key)
+        finally:
+            if out:
+                sink.close()
         if out:
-            sink.close()
-    if out:
-        err.print(f"wrote {out}")
+            err.print(f"wrote {out}")
+        return
+
+    def run(local: Local) -> None:
+        from loom import jobs
+
+        jid = resolve(local, job_id)
+        with local.session_factory() as s:
+            job = jobs.job_dict(jobs.get_job(s, job_id=jid, tenant_id=local.tenant_id))
+        if out is None:
+            sys.stdout.buffer.writelines(
+                results.stream(fmt, local_rows(local, jid), job=job, store=local.store,
+                               view=view))
+            return
+        n = results.write(fmt, local_rows(local, jid), out, job=job, store=local.store,
+                          view=view)
+        err.print(f"wrote {n} rows to {out}" if n is not None else f"wrote {out}")
+
+    embedded(run)
 
 
 def cancel(job_id: str, api: ApiOpt = None, api_key: KeyOpt = None) -> None:

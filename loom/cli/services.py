@@ -83,7 +83,7 @@ def keys_webhook_secret(
     tenant: Annotated[str, typer.Option(help="Tenant name.")],
 ) -> None:
     """Print the tenant's webhook signing secret (Standard Webhooks ``whsec_...``)."""
-    from loom import db, tenants, webhooks
+    from loom import db, tenants
     from loom.errors import LoomError
 
     settings = Settings()
@@ -91,7 +91,7 @@ def keys_webhook_secret(
     engine = db.make_engine(settings.database_url)
     try:
         with db.make_session_factory(engine)() as s:
-            secret = webhooks.tenant_secret(s, tenant_id=tenants.get_tenant(s, name=tenant).id)
+            secret = tenants.webhook_secret(s, tenant_id=tenants.get_tenant(s, name=tenant).id)
     except LoomError as exc:
         raise fail(exc.message) from None
     finally:

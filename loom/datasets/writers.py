@@ -133,12 +133,10 @@ class ParquetRowsWriter:
         vectors: VectorFn | None = None,
     ) -> None:
         from loom import tasks
-
         from loom.errors import InvalidRequest
-        from loom.finetune import TASK as FINETUNE
 
-        if task == FINETUNE:
-            raise InvalidRequest("a finetune job's result is a model version (loom models, GET "
+        if not tasks.get(task).tabular:
+            raise InvalidRequest(f"a {task} job's result is a model version (loom models, GET "
                                  "/v1/models), not a dataset; export it as jsonl or csv")
         self.task = task
         # Tasks whose output is a vector get a list<float32> column "vector" (from the .npy).

@@ -24,17 +24,26 @@ from loom.jobs.chunks import (
 )
 from loom.jobs.claims import cancel_remaining, claim_items, complete_items, fail_items, heartbeat
 from loom.jobs.control import cancel_job, retry_failed
+from loom.jobs.deliveries import (
+    DueDelivery,
+    claim_due_deliveries,
+    delivery_backoff,
+    enqueue_delivery,
+    enqueue_progress_deliveries,
+    job_deliveries,
+    record_delivery_attempt,
+)
+from loom.jobs.events import TrainingEvent, training_events
 from loom.jobs.fill import claim_fill
 from loom.jobs.finalize import (
     complete_finalization,
     complete_finalizations,
     finalize_jobs,
-    fire_webhook,
     maybe_finalize,
-    webhook_payload,
     write_manifest,
 )
 from loom.jobs.leases import release_leases
+from loom.jobs.orphans import orphaned_job_ids
 from loom.jobs.outage import ping, release_items
 from loom.jobs.queries import (
     get_job,
@@ -53,6 +62,7 @@ from loom.jobs.registry import (
     model_dict,
     register_model,
     registered_caps,
+    registered_for_job,
     registered_models,
     resolve_model,
 )
@@ -85,6 +95,7 @@ __all__ = [
     "Chunk",
     "ClaimHead",
     "ClaimedItem",
+    "DueDelivery",
     "ItemFailure",
     "ItemResult",
     "JobProgress",
@@ -93,20 +104,24 @@ __all__ = [
     "ReconcileReport",
     "SUSPECT_CODES",
     "Trained",
+    "TrainingEvent",
     "VerifyReport",
     "cache_key",
     "cached_outputs",
     "cancel_job",
     "cancel_remaining",
+    "claim_due_deliveries",
     "claim_fill",
     "claim_head",
     "claim_items",
     "complete_finalization",
     "complete_finalizations",
     "complete_items",
+    "delivery_backoff",
+    "enqueue_delivery",
+    "enqueue_progress_deliveries",
     "existing_for_key",
     "fail_items",
-    "fire_webhook",
     "free_expired_leases",
     "get_job",
     "get_output",
@@ -116,6 +131,7 @@ __all__ = [
     "item_status_counts",
     "iter_results",
     "job_chunks",
+    "job_deliveries",
     "job_dict",
     "job_head",
     "job_item_count",
@@ -132,14 +148,17 @@ __all__ = [
     "maybe_finalize",
     "model_dict",
     "model_versions",
+    "orphaned_job_ids",
     "outputs_for_items",
     "outputs_per_worker",
     "ping",
     "publish_pending",
     "reconcile",
+    "record_delivery_attempt",
     "record_model_version",
     "register_model",
     "registered_caps",
+    "registered_for_job",
     "registered_models",
     "release_leases",
     "release_items",
@@ -153,8 +172,8 @@ __all__ = [
     "submit_job",
     "suspect_ids",
     "suspect_indexes",
+    "training_events",
     "verify_job",
-    "webhook_payload",
     "worker_lost_message",
     "write_manifest",
 ]

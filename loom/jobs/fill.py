@@ -33,7 +33,6 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from loom import tasks
-from loom.finetune import TASK as FINETUNE
 from loom.jobs.claims_pg import LEASE_SET, autocommit
 from loom.jobs.types import ClaimedItem
 
@@ -47,7 +46,7 @@ _MATES = """
     WHERE l.id = :like AND o.id <> :like AND o.status = :status
       AND o.task = l.task AND o.model_name = l.model_name
       AND CAST(o.params AS text) = CAST(l.params AS text) AND o.use_cache = l.use_cache
-      AND l.task <> :finetune
+      AND l.task = ANY(:batched)
       AND (l.model_name = ANY(:shared) OR l.model_name LIKE :hf OR o.tenant_id = l.tenant_id)
       -- A job whose items are all in flight, backing off or retried has nothing to give.
       AND EXISTS (SELECT 1 FROM items WHERE items.job_id = o.id AND items.status = 'queued'
@@ -128,7 +127,7 @@ def claim_fill(
     if limit < 1 or session.get_bind().dialect.name != "postgresql":
         return []
     args = {"like": like, "shared": list(tasks.BUILTIN_MODELS), "hf": tasks.HF_PREFIX + "%",
-            "finetune": FINETUNE, "jobs": limit, "limit": limit, "now": now}
+            "batched": tasks.names(), "jobs": limit, "limit": limit, "now": now}
     conn = autocommit(session)
     try:
         rows = conn.execute(_FILL, {**args, "status": "running", "worker_id": worker_id,

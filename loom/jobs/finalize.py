@@ -16,18 +16,14 @@ from typing import Any
 from sqlalchemy import case, exists, func, select, update
 from sqlalchemy.orm import Session
 
-from loom import webhooks
 from loom.db import begin_write
 from loom.errors import LoomError
-from loom.fetch import WEBHOOK_POLICY, AddressPolicy, Resolver, post_json
-from loom.jobs.types import OPEN_ITEM, OPEN_JOB, JobProgress, add_events
-from loom.jobs.views import job_dict
-from loom.models import ITEM_TERMINAL, Event, Item, ItemStatus, Job, JobStatus, Output, utcnow
+from loom.jobs.deliveries import completed_payload, enqueue_delivery, wants
+from loom.jobs.types import OPEN_ITEM, OPEN_JOB, add_events
+from loom.models import Event, Item, ItemStatus, Job, JobStatus, Output, utcnow
 from loom.storage import Store, results_key
 
 log = logging.getLogger(__name__)
-
-WEBHOOK_TIMEOUT_SECONDS = 5.0
 
 
 def maybe_finalize(
@@ -211,7 +207,7 @@ def complete_finalization(
     now: datetime | None = None,
 ) -> bool:
     """Second half of finalisation for a job in ``finalizing`` (also used by the reconciler when a
-    finaliser died halfway): manifest, terminal status, then webhook and callback after commit."""
+    finaliser died halfway): manifest, terminal status and the webhook's delivery row, then the callback after commit."""
     return job_id in complete_finalizations(session, job_ids=[job_id], store=store,
                                             on_finalized=on_finalized, now=now)
 
@@ -283,17 +279,12 @@ def complete_finalizations(
         select(Job).where(Job.id.in_(done)).order_by(Job.id)
         .execution_options(populate_existing=True)
     ).all()
-    # The webhook is a delivery row written with the terminal status (never lost), sent once now
-    # and retried by the reconciler (loom.webhooks: signed, SSRF-guarded at every hop).
-    queued = [job.id for job in finished
-              if webhooks.enqueue(session, job=job, event="completed",
-                                  payload=webhook_payload(job, counts[job.id]), now=now)]
+    # The webhook is a delivery row written with the terminal status, so it is never lost;
+    # sending it is the caller's (loom.webhooks.send_due), never this state change's.
+    for job in (j for j in finished if wants(j, "completed")):
+        enqueue_delivery(session, job=job, event="completed",
+                         payload=completed_payload(job, counts[job.id]), now=now)
     session.commit()
-    for job_id in queued:
-        try:
-            webhooks.deliver_due(session, job_id=job_id)
-        except Exception:  # best effort here; the reconciler retries
-            log.exception("job %s: webhook delivery failed", job_id)
     if on_finalized is not None:
         for job in finished:
             try:
@@ -301,39 +292,3 @@ def complete_finalizations(
             except Exception:  # best effort, like the webhook: the job is final either way
                 log.exception("job %s: on_finalized callback failed", job.id)
     return [job.id for job in finished]
-
-
-def webhook_payload(job: Job, counts: dict[str, int]) -> dict[str, Any]:
-    """``{"event": "job.finished", "job_id", ...the job as jobs.job_dict shows it}``, JSON-ready
-    (timestamps ISO 8601 UTC)."""
-    done = sum(n for s, n in counts.items() if s in {t.value for t in ITEM_TERMINAL})
-    progress = JobProgress(job_id=job.id, status=job.status, total=job.item_count,
-                           counts=counts, done=done, items_per_second=None, eta_seconds=None)
-    body = job_dict(job, progress)
-    for key, value in body.items():
-        if isinstance(value, datetime):
-            body[key] = value.isoformat() + "Z"
-    return {"event": "job.finished", "job_id": job.id, **body}
-
-
-def fire_webhook(job: Job, counts: dict[str, int],
-                 timeout: float = WEBHOOK_TIMEOUT_SECONDS, *,
-                 policy: AddressPolicy = WEBHOOK_POLICY,
-                 resolver: Resolver | None = None) -> bool:
-    """POST the job summary to its webhook; best effort (after commit, errors only logged).
-
-    Through the SSRF guard (``loom.fetch``), like image URLs: the host is resolved and checked
-    again now and at every redirect hop, and the connection goes to the checked address, so a
-    URL that passed at submit cannot be re-pointed at loopback or a metadata address later."""
-    assert job.webhook_url
-    body = json.dumps(webhook_payload(job, counts), separators=(",", ":")).encode()
-    try:
-        status = post_json(job.webhook_url, body, timeout=timeout, policy=policy,
-                           resolver=resolver)
-    except LoomError as exc:
-        log.warning("job %s: webhook not sent or failed: %s", job.id, exc.message)
-        return False
-    if status >= 400:
-        log.warning("job %s: webhook answered %s", job.id, status)
-        return False
-    return True

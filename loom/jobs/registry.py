@@ -52,6 +52,12 @@ def resolve_model(session: Session, *, tenant_id: str, ref: str) -> RegisteredMo
     return session.scalars(q.order_by(RegisteredModel.version.desc()).limit(1)).first()
 
 
+def registered_for_job(session: Session, *, job_id: str) -> RegisteredModel | None:
+    """The version a finetune job registered, or None (not finished, or it failed)."""
+    return session.scalars(
+        select(RegisteredModel).where(RegisteredModel.job_id == job_id)).first()
+
+
 def registered_models(session: Session, *, tenant_id: str) -> list[RegisteredModel]:
     return list(session.scalars(
         select(RegisteredModel).where(RegisteredModel.tenant_id == tenant_id)
@@ -91,8 +97,7 @@ def register_model(session: Session, *, tenant_id: str, job_id: str,
     """Register ``trained`` as the next version of its name for the tenant; once per job."""
     for _ in range(5):  # two jobs registering the same name at once: the loser takes the next
         begin_write(session)
-        existing = session.scalars(
-            select(RegisteredModel).where(RegisteredModel.job_id == job_id)).first()
+        existing = registered_for_job(session, job_id=job_id)
         if existing is not None:
             session.commit()
             return existing

@@ -17,7 +17,6 @@ from loom.db import begin_write
 from loom.errors import Conflict, IdempotencyConflict, InvalidRequest, NotFound
 from loom.jobs.types import CLAIMABLE_JOB, Chunk, add_events
 from loom import tasks
-from loom.finetune import TASK as FINETUNE
 from loom.models import Item, ItemStatus, Job, JobStatus, Outbox, new_id, utcnow
 
 # Rows per INSERT batch: bounds statement size and memory while keeping round trips few.
@@ -89,8 +88,7 @@ def submit_job(
     midway rolls the whole job back. With an idempotency key and no ``request_hash``, a
     non-sequence is read into a list first (its fingerprint needs every item before the lookup).
     """
-    if task != FINETUNE:  # the one job kind that is not an inference task (loom.finetune)
-        tasks.get(task)  # InvalidRequest naming the valid tasks
+    tasks.get(task)  # InvalidRequest naming the valid tasks
     if chunk_size < 1 or max_attempts < 1:
         raise InvalidRequest("chunk_size and max_attempts must be >= 1")
     now = now or utcnow()

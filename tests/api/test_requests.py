@@ -44,6 +44,26 @@ def test_submit_stores_base64_and_publishes(local_app: LocalApp) -> None:
     assert items[1]["input"] == {"image_url": "https://example.com/b.png"}
 
 
+def test_a_cancel_that_finalises_sends_the_webhook_after_the_response(
+    local_app: LocalApp,
+) -> None:
+    from loom import jobs
+
+    c = local_app.client
+    # .invalid never resolves: the send is attempted and rescheduled (a reconciler retries it).
+    r = c.post("/v1/jobs", json={"task": "generate", "items": [{"prompt": "a red circle"}],
+                                 "webhook_url": "http://hooks.loom-test.invalid/done"})
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    with local_app.session_factory() as s:
+        assert jobs.job_deliveries(s, job_id=job_id) == []  # nothing yet: the job is queued
+    assert c.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    with local_app.session_factory() as s:
+        [row] = jobs.job_deliveries(s, job_id=job_id)
+    assert row["event"] == "job.completed" and row["attempts"] == 1
+    assert row["status"] == "pending" and row["last_error"]
+
+
 def test_generate_seeds_follow_params_seed(local_app: LocalApp) -> None:
     r = local_app.client.post("/v1/jobs", json={
         "task": "generate", "params": {"seed": 40},

@@ -46,12 +46,12 @@ def test_command_tree() -> None:
     assert {"caption", "ask", "generate", "run", "jobs", "status", "watch", "results", "cancel",
             "retry", "submit", "api", "worker", "db", "keys", "models", "train"} <= set(
         root.commands)
-    # One `loom submit` command and one embedded command per task in the registry.
+    # One `loom submit` command and one embedded command per inference task in the registry.
     from loom import tasks
 
-    commands = {spec.command for spec in tasks.REGISTRY.values()}
+    commands = {spec.command for spec in tasks.inference()}
     assert {"caption", "ask", "generate", "embed"} <= commands
-    # ...and finetune, which is a job kind of its own (a table in, a model version out).
+    # ...and finetune, whose spec has a handler of its own (a table in, a model version out).
     assert set(root.commands["submit"].commands) == commands | {"finetune"}
     assert commands | {"finetune"} <= set(root.commands)
     assert "upgrade" in root.commands["db"].commands

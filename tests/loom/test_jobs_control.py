@@ -52,6 +52,10 @@ def test_finalize_writes_manifest_and_never_posts_a_webhook_to_loopback(
         jobs.fail_items(session, worker_id="w", backoff_seconds=0, store=store,
                         on_finalized=finalized.append,
                         failures=[ItemFailure(b.id, InvalidInput("broken png"))])
+        # Finalisation wrote the message and sent nothing; the sender is the caller's.
+        [delivery] = jobs.job_deliveries(session, job_id=job.id)
+        assert delivery["status"] == "pending" and received == []
+        webhooks.send_due(session, job_ids=[job.id])
     finally:
         server.shutdown()
         server.server_close()
@@ -67,7 +71,7 @@ def test_finalize_writes_manifest_and_never_posts_a_webhook_to_loopback(
     # A loopback webhook is refused by the SSRF guard at send time (tests/loom/
     # test_webhook_delivery.py delivers to an allow-listed receiver and checks the body).
     assert received == []
-    [delivery] = webhooks.deliveries_for_job(session, job_id=job.id)
+    [delivery] = jobs.job_deliveries(session, job_id=job.id)
     assert delivery["event"] == "job.completed" and delivery["status"] == "failed"
     assert "loopback" in (delivery["last_error"] or "")
     assert events(session, job, "finalized") == 1

@@ -15,7 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from loom import storage
 from loom.models import Job
 from loom.orphans import sweep_orphans
-from loom.storage import LocalStore, S3Store, Store
+from loom.s3 import S3Store, close_clients
+from loom.storage import LocalStore, Store
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -28,7 +29,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     try:
         yield S3Store.from_url(bucket_url, endpoint_url=endpoint, max_pool_connections=4)
     finally:
-        storage.close_clients()
+        close_clients()
 
 
 def _keys(store: Store) -> set[str]:

@@ -10,9 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
-from loom import storage
+from loom import s3, storage, storage_keys
 from loom.errors import InputMissing, InvalidKey
-from loom.storage import LocalStore, S3Store, Store
+from loom.s3 import S3Store
+from loom.storage import LocalStore, Store
 
 KEY = "t1/jobs/j1/outputs/00000007.png"
 BAD_KEYS = ["", "/etc/passwd", "../x", "a/../../x", "a//b", "a/./b", "a\\b", "a/b\x00", "a/ b",
@@ -29,7 +30,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     try:
         yield S3Store.from_url(bucket_url, endpoint_url=endpoint, max_pool_connections=4)
     finally:
-        storage.close_clients()  # no unclosed sockets (warnings are errors)
+        s3.close_clients()  # no unclosed sockets (warnings are errors)
 
 
 def test_keys_are_deterministic_and_zero_padded() -> None:
@@ -84,7 +85,7 @@ def test_bad_keys_are_refused(store: Store, bad: str) -> None:
     for exc in (put_exc.value, get_exc.value):
         assert exc.code == "invalid_key" and not exc.transient
     with pytest.raises(InvalidKey):
-        storage.validate_key(bad)  # the public check the API runs at submit
+        storage_keys.validate_key(bad)  # the public check the API runs at submit
 
 
 def test_local_store_writes_atomically_inside_its_root(tmp_path: Path) -> None:
@@ -153,27 +154,27 @@ def test_s3_presigned_url_serves_the_bytes(s3_bucket: str, s3_endpoint: str) -> 
         response = httpx.get(url, timeout=10)
         assert response.status_code == 200 and response.content == b"presigned!"
     finally:
-        storage.close_clients()
+        s3.close_clients()
 
 
 def test_s3_client_is_cached_per_process(s3_endpoint: str) -> None:
     try:
-        a = storage.s3_client(s3_endpoint, max_pool_connections=8)
-        assert storage.s3_client(s3_endpoint, max_pool_connections=8) is a
+        a = s3.s3_client(s3_endpoint, max_pool_connections=8)
+        assert s3.s3_client(s3_endpoint, max_pool_connections=8) is a
         # botocore stores Config(retries={"max_attempts": 5}) as 5 retries = 6 attempts in all.
         assert a.meta.config.retries == {"mode": "standard", "total_max_attempts": 6}
         assert a.meta.config.max_pool_connections == 8
     finally:
-        storage.close_clients()
+        s3.close_clients()
 
 
 def test_store_from_url_and_settings(make_settings: object, tmp_path: Path) -> None:
-    assert storage.parse_s3_url("s3://bucket/a/b/") == ("bucket", "a/b")
-    assert storage.parse_s3_url("s3://bucket") == ("bucket", "")
+    assert s3.parse_s3_url("s3://bucket/a/b/") == ("bucket", "a/b")
+    assert s3.parse_s3_url("s3://bucket") == ("bucket", "")
     with pytest.raises(ValueError):
-        storage.parse_s3_url("http://bucket/a")
-    s3 = storage.store_from_url("s3://bkt/pre", endpoint_url="http://minio:9000")
-    assert isinstance(s3, S3Store) and (s3.bucket, s3.prefix) == ("bkt", "pre")
+        s3.parse_s3_url("http://bucket/a")
+    remote = storage.store_from_url("s3://bkt/pre", endpoint_url="http://minio:9000")
+    assert isinstance(remote, S3Store) and (remote.bucket, remote.prefix) == ("bkt", "pre")
     local = storage.store_from_url(f"file://{tmp_path / 'st'}")
     assert isinstance(local, LocalStore) and local.root == (tmp_path / "st").resolve()
     settings = make_settings()  # type: ignore[operator]

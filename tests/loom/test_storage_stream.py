@@ -13,11 +13,12 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from loom import jobs, storage, tenants
+from loom import jobs, tenants
 from loom.errors import StorageError
 from loom.jobs.finalize import write_manifest
 from loom.models import Item, Job, Output
-from loom.storage import MIN_PART_SIZE, LocalStore, S3Store, Store
+from loom.s3 import MIN_PART_SIZE, S3Store, close_clients
+from loom.storage import LocalStore, Store
 
 KEY = "t1/jobs/j1/results.jsonl"
 MIB = 1024 * 1024
@@ -38,7 +39,7 @@ def s3_store(request: pytest.FixtureRequest) -> Iterator[S3Store]:
         yield S3Store.from_url(bucket_url, endpoint_url=endpoint, max_pool_connections=4,
                                part_size=MIN_PART_SIZE)
     finally:
-        storage.close_clients()  # no unclosed sockets (warnings are errors)
+        close_clients()  # no unclosed sockets (warnings are errors)
 
 
 @pytest.fixture
@@ -112,7 +113,7 @@ def test_s3_put_chunks_store_error(s3_endpoint: str) -> None:
         with pytest.raises(StorageError):
             missing.put_chunks(KEY, blocks(10))
     finally:
-        storage.close_clients()
+        close_clients()
 
 
 def test_s3_part_size_has_s3s_minimum() -> None:

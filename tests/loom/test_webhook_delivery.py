@@ -20,7 +20,7 @@ import pytest
 from jobs_helpers import claim, ok
 from sqlalchemy.orm import Session, sessionmaker
 
-from loom import jobs, webhooks
+from loom import jobs, tenants, webhooks
 from loom.fetch import AddressPolicy
 from loom.models import Delivery, Job, utcnow
 
@@ -79,16 +79,20 @@ def test_signed_delivery_verified_by_the_receiver(
     session: Session, make_job: Callable[..., Job], receiver: Receiver
 ) -> None:
     job = make_job(2, webhook_url=receiver.url)
-    finish(session, job)  # the finaliser's own attempt is refused (loopback): stays pending?
-    [row] = webhooks.deliveries_for_job(session, job_id=job.id)
+    finish(session, job)  # finalisation writes the message and sends nothing
+    [row] = jobs.job_deliveries(session, job_id=job.id)
+    assert row["status"] == "pending" and row["attempts"] == 0 and row["last_error"] is None
+    # The production policy refuses loopback: sent as is, the message fails for good.
+    assert webhooks.send_due(session) == 0
+    [row] = jobs.job_deliveries(session, job_id=job.id)
     assert row["status"] == "failed" and "loopback" in row["last_error"]
     # The same message again, to a receiver the policy lets through.
     session.query(Delivery).filter_by(job_id=job.id).update(
         {"status": "pending", "next_attempt_at": utcnow(), "attempts": 0})
     session.commit()
-    assert webhooks.deliver_due(session, policy=allow(receiver.port)) == 1
+    assert webhooks.send_due(session, policy=allow(receiver.port)) == 1
     [(headers, body)] = receiver.received
-    secret = webhooks.tenant_secret(session, tenant_id=job.tenant_id)
+    secret = tenants.webhook_secret(session, tenant_id=job.tenant_id)
     assert secret.startswith("whsec_")
     # The receiver's check, written out from the Standard Webhooks spec.
     signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.{body}".encode()
@@ -99,7 +103,7 @@ def test_signed_delivery_verified_by_the_receiver(
     payload = json.loads(body)
     assert payload["type"] == "job.completed" and payload["job_id"] == job.id
     assert payload["status"] == "succeeded" and payload["counts"]["succeeded"] == 2
-    [row] = webhooks.deliveries_for_job(session, job_id=job.id)
+    [row] = jobs.job_deliveries(session, job_id=job.id)
     assert row["status"] == "delivered" and row["last_status_code"] == 204
 
 
@@ -117,32 +121,32 @@ def test_receiver_down_gets_retries_and_the_event_after_it_is_back(
     job = make_job(3, webhook_url=url, webhook_events=["started", "progress", "completed"])
     claim(session, job, "w", limit=1)  # the job is running now
     t0 = utcnow()
-    assert webhooks.enqueue_running(session, now=t0) == 2  # started + progress
-    assert webhooks.enqueue_running(session, now=t0 + timedelta(seconds=1)) == 0  # throttled
-    assert webhooks.deliver_due(session, now=t0, policy=allow(port)) == 0
-    rows = webhooks.deliveries_for_job(session, job_id=job.id)
+    assert jobs.enqueue_progress_deliveries(session, now=t0) == 2  # started + progress
+    assert jobs.enqueue_progress_deliveries(session, now=t0 + timedelta(seconds=1)) == 0  # throttled
+    assert webhooks.send_due(session, now=t0, policy=allow(port)) == 0
+    rows = jobs.job_deliveries(session, job_id=job.id)
     assert {r["event"] for r in rows} == {"job.started", "job.progress"}
     assert all(r["status"] == "pending" and r["attempts"] == 1 and r["last_error"] for r in rows)
     # Backoff: not due again yet; the second failure doubles the wait.
-    assert webhooks.deliver_due(session, now=t0 + timedelta(seconds=1), policy=allow(port)) == 0
-    t1 = t0 + timedelta(seconds=webhooks.backoff(1) + 1)
-    assert webhooks.deliver_due(session, now=t1, policy=allow(port)) == 0
-    rows = webhooks.deliveries_for_job(session, job_id=job.id)
+    assert webhooks.send_due(session, now=t0 + timedelta(seconds=1), policy=allow(port)) == 0
+    t1 = t0 + timedelta(seconds=jobs.delivery_backoff(1) + 1)
+    assert webhooks.send_due(session, now=t1, policy=allow(port)) == 0
+    rows = jobs.job_deliveries(session, job_id=job.id)
     assert all(r["attempts"] == 2 for r in rows)
-    assert all(r["next_attempt_at"] >= t1 + timedelta(seconds=webhooks.backoff(2)) for r in rows)
+    assert all(r["next_attempt_at"] >= t1 + timedelta(seconds=jobs.delivery_backoff(2)) for r in rows)
     # The receiver comes back; a fresh session (a restarted worker) finds the rows and sends them.
     back = Receiver(port)
     try:
         with session_factory() as fresh:
-            t2 = t1 + timedelta(seconds=webhooks.backoff(2) + 1)
-            assert webhooks.deliver_due(fresh, now=t2, policy=allow(port)) == 2
+            t2 = t1 + timedelta(seconds=jobs.delivery_backoff(2) + 1)
+            assert webhooks.send_due(fresh, now=t2, policy=allow(port)) == 2
     finally:
         back.close()
     assert sorted(json.loads(b)["type"] for _, b in back.received) == ["job.progress",
                                                                       "job.started"]
-    secret = webhooks.tenant_secret(session, tenant_id=job.tenant_id)
+    secret = tenants.webhook_secret(session, tenant_id=job.tenant_id)
     assert all(webhooks.verify(secret, h, b) for h, b in back.received)
-    assert {r["status"] for r in webhooks.deliveries_for_job(session, job_id=job.id)} == {
+    assert {r["status"] for r in jobs.job_deliveries(session, job_id=job.id)} == {
         "delivered"}
 
 
@@ -153,7 +157,8 @@ def test_loopback_and_metadata_webhooks_are_refused(
 ) -> None:
     job = make_job(1, webhook_url=url)
     finish(session, job)
-    [row] = webhooks.deliveries_for_job(session, job_id=job.id)
+    webhooks.send_due(session, job_ids=[job.id], timeout=2)
+    [row] = jobs.job_deliveries(session, job_id=job.id)
     # Refused by the guard (never retried), or the name does not resolve here (retried later).
     assert row["last_status_code"] is None
     if "internal" not in url:
@@ -168,12 +173,9 @@ def test_redirect_to_a_loopback_address_is_refused_at_the_hop(
     try:
         job = make_job(1, webhook_url=hop.url)
         finish(session, job)
-        session.query(Delivery).filter_by(job_id=job.id).update(
-            {"status": "pending", "next_attempt_at": utcnow(), "attempts": 0})
-        session.commit()
-        assert webhooks.deliver_due(session, policy=allow(hop.port)) == 0
+        assert webhooks.send_due(session, policy=allow(hop.port)) == 0
     finally:
         hop.close()
     assert receiver.received == []
-    [row] = webhooks.deliveries_for_job(session, job_id=job.id)
+    [row] = jobs.job_deliveries(session, job_id=job.id)
     assert row["status"] == "failed" and "loopback" in row["last_error"]

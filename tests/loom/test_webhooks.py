@@ -1,5 +1,6 @@
-"""Webhooks go through the SSRF guard (loom.fetch) when they fire: every hop resolved and checked,
-the connection made to the checked address. Real local HTTP servers count what reaches them."""
+"""Webhooks go through the SSRF guard (loom.fetch) when they are sent (loom.webhooks.post_guarded):
+every hop resolved and checked, the connection made to the checked address. Real local HTTP
+servers count what reaches them."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from loom.fetch import AddressPolicy
-from loom.jobs import fire_webhook
-from loom.models import Job
+from loom import webhooks
+from loom.errors import LoomError
+from loom.fetch import WEBHOOK_POLICY, AddressPolicy
 
 
 @dataclass
@@ -73,9 +74,16 @@ def trap() -> Iterator[Hook]:
     yield from _serve(Hook())
 
 
-def _job(url: str) -> Job:
-    return Job(id="j" * 26, webhook_url=url, status="succeeded", item_count=2, results_key=None,
-               finished_at=None)
+def _send(url: str, payload: dict[str, object], *, policy: AddressPolicy = WEBHOOK_POLICY,
+          timeout: float = 5.0) -> bool:
+    """One signed POST as loom.webhooks.send_due makes it; True on a 2xx answer."""
+    body = json.dumps(payload)
+    headers = webhooks.signed_headers("whsec_" + "A" * 32, "msg_1", body)
+    try:
+        code = webhooks.post_guarded(url, body.encode(), headers, policy=policy, timeout=timeout)
+    except LoomError:
+        return False
+    return 200 <= code < 300
 
 
 def _only(hook: Hook) -> AddressPolicy:
@@ -83,34 +91,33 @@ def _only(hook: Hook) -> AddressPolicy:
 
 
 def test_webhook_is_posted_to_an_allowed_address(hook: Hook) -> None:
-    assert fire_webhook(_job(hook.url()), {"succeeded": 2}, policy=_only(hook)) is True
+    assert _send(hook.url(), {"counts": {"succeeded": 2}}, policy=_only(hook)) is True
     [(path, host, body)] = hook.posts
     assert path == "/hook" and host == f"127.0.0.1:{hook.port}"
-    payload = json.loads(body)
-    assert payload["job_id"] == "j" * 26 and payload["counts"] == {"succeeded": 2}
+    assert json.loads(body) == {"counts": {"succeeded": 2}}
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "2130706433", "0x7f000001", "127.1",
                                   "[::1]", "[::ffff:127.0.0.1]"])
 def test_webhook_to_loopback_is_never_posted(trap: Hook, host: str) -> None:
     # The default (production) policy: whatever the spelling, the trap gets nothing.
-    assert fire_webhook(_job(trap.url(host=host)), {}) is False
+    assert _send(trap.url(host=host), {}) is False
     assert trap.posts == []
 
 
 def test_webhook_to_metadata_address_is_refused() -> None:
-    assert fire_webhook(_job("http://169.254.169.254/latest/meta-data/"), {}, timeout=2) is False
+    assert _send("http://169.254.169.254/latest/meta-data/", {}, timeout=2) is False
 
 
 def test_every_redirect_hop_is_checked(hook: Hook, trap: Hook) -> None:
     # The allowed endpoint redirects (307: POST again) to the trap, which the policy refuses.
     to = trap.url("/stolen")
     url = hook.url(f"/redirect?code=307&to={to}")
-    assert fire_webhook(_job(url), {}, policy=_only(hook)) is False
+    assert _send(url, {}, policy=_only(hook)) is False
     assert len(hook.posts) == 1 and trap.posts == []
     # A redirect to another allowed path is followed, and POSTs the body again.
     url = hook.url(f"/redirect?code=308&to={hook.url('/final')}")
-    assert fire_webhook(_job(url), {"failed": 1}, policy=_only(hook)) is True
+    assert _send(url, {"counts": {"failed": 1}}, policy=_only(hook)) is True
     assert [p for p, _, _ in hook.posts[1:]] == [f"/redirect?code=308&to={hook.url('/final')}",
                                                   "/final"]
     assert json.loads(hook.posts[-1][2])["counts"] == {"failed": 1}

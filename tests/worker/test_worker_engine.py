@@ -314,7 +314,7 @@ def test_items_retried_after_io_errors_still_run_in_batches(embedded: Any) -> No
 def test_a_suspect_is_never_claimed_while_another_batch_is_in_flight(embedded: Any) -> None:
     from loom import jobs
     from loom.models import Item, utcnow
-    from worker.engine import ChunkReport, _Scope
+    from worker.batches import ChunkReport, Scope
 
     _, sf, store = embedded
     job_id = submit(sf, task="generate", inputs=[{"prompt": "p"}] * 8, chunk_size=8, model="fake")
@@ -327,9 +327,9 @@ def test_a_suspect_is_never_claimed_while_another_batch_is_in_flight(embedded: A
     chunk = jobs.Chunk(job_id, 0, 8)
     with make_engine_(embedded, FakeModel()) as engine:
         report = ChunkReport(job_id, 0, 8)
-        scope = _Scope(chunk, linger_until=0.0)
-        assert engine._claim(scope, report, prefetch=True) == []  # nothing leased meanwhile
-        (batch,) = engine._claim(scope, report)
+        scope = Scope(chunk, linger_until=0.0)
+        assert engine.claimer.claim(scope, report, prefetch=True) == []  # nothing leased meanwhile
+        (batch,) = engine.claimer.claim(scope, report)
         assert batch.careful and [i.index for i in batch.items] == [5]
         assert batch.prepared == []  # read + decoded only when it runs, alone
     assert report.claimed == 1
