@@ -105,10 +105,13 @@ class InternalErrorMiddleware:
     Starlette's own last-resort handler sends the 500 and then re-raises, and uvicorn answers a
     re-raised exception by closing the connection: a keep-alive client's next request on it would
     be reset. A response that had already started (a streamed export) cannot be replaced; that
-    one is re-raised so that the broken stream is closed."""
+    one is re-raised so that the broken stream is closed. ``respond`` builds the 500 (the
+    OpenAI-compatible app answers in OpenAI's error shape)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp,
+                 respond: Callable[[LoomError], ASGIApp] | None = None) -> None:
         self.app = app
+        self.respond = respond or (lambda e: error_response(e.http_status, e.code, e.message))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -128,8 +131,7 @@ class InternalErrorMiddleware:
             if started:
                 raise
             log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
-            err = InternalError("internal server error")
-            await error_response(err.http_status, err.code, err.message)(scope, receive, send)
+            await self.respond(InternalError("internal server error"))(scope, receive, send)
 
 
 def _loc(loc: Any) -> str:
@@ -213,7 +215,9 @@ def create_app(
     # The multipart envelope around an uploaded file is small; 1 MiB covers it.
     app.add_middleware(
         BodyLimitMiddleware, limit=settings.max_body_bytes,
-        overrides={"/v1/files": (settings.max_file_bytes + 2**20, "LOOM_MAX_FILE_BYTES")},
+        overrides={"/v1/files": (settings.max_file_bytes + 2**20, "LOOM_MAX_FILE_BYTES"),
+                   "/openai/v1/files": (settings.openai_file_max_bytes + 2**20,
+                                        "LOOM_OPENAI_FILE_MAX_BYTES")},
     )
     app.add_middleware(InternalErrorMiddleware)  # outermost of ours: sees every failure
     install_error_handlers(app)
@@ -221,6 +225,9 @@ def create_app(
         app.include_router(module.router)
     app.include_router(events.secret_router)
     app.include_router(jobs.finetunes_router)
+    from api import openai_app  # OpenAI's API shapes and errors under their own prefix
+
+    app.mount(openai_app.PREFIX, openai_app.build(runtime, InternalErrorMiddleware))
     from fastapi.staticfiles import StaticFiles
 
     app.mount("/ui/static", StaticFiles(directory=str(ui.HERE / "static")), name="ui-static")

@@ -286,6 +286,20 @@ class ModelOut(BaseModel):
         default_factory=list, description="Versions seen by workers (name, version, sha256)."
     )
     tasks: list[str] = Field(default_factory=list)
+    ref: str | None = Field(None, description="A named model's reference (hf:, diffusers:, "
+                                              "openai:), resolved when a job is submitted.")
+    params: dict[str, Any] = Field(default_factory=dict, description="A named model's "
+                                                                       "default job params.")
+
+
+class ModelAliasIn(BaseModel):
+    """Name a model brought by reference, for your tenant."""
+
+    name: str
+    backend: Literal["hf", "diffusers", "openai"]
+    ref: str = Field(description="A model folder on the workers (hf, diffusers) or "
+                                 "SERVED_NAME@BASE_URL (openai).")
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class ModelList(BaseModel):
@@ -306,7 +320,7 @@ class FileOut(BaseModel):
     bytes: int
     created_at: int | None = Field(description="Unix seconds.")
     filename: str
-    purpose: Literal["manifest", "dataset", "image"]
+    purpose: Literal["manifest", "dataset", "image", "batch", "batch_output"]
     sha256: str
     key: str
     content_type: str | None = None

@@ -90,6 +90,11 @@ def known_models(session: Session, settings_default: str,
             {"version": row.version, "weights_sha256": row.weights_sha256, "tasks": row.tasks}
         )
         entry["tasks"] = sorted(set(entry["tasks"]) | set(row.tasks or []))
+    if tenant_id is not None:  # the caller's names for models brought by reference
+        for a in jobs.list_aliases(session, tenant_id=tenant_id):
+            caps = tasks.caps_for(a.ref)
+            models[a.name] = {"name": a.name, "tasks": list(caps.tasks) if caps else [],
+                              "versions": [], "ref": a.ref, "params": a.params or {}}
     if tenant_id is not None:  # the caller's own fine-tuned models (no other tenant's)
         for m in jobs.registered_models(session, tenant_id=tenant_id):
             caps = jobs.registered_caps(session, tenant_id=tenant_id, ref=m.ref)
@@ -218,6 +223,7 @@ def submit(
         # MAX_MANIFEST_ITEMS, not by this process's memory.
         items_in, count = iter_manifest(rt.store, req.manifest_key, tenant_id), None
     params = spec.validate_params(req.params, item_count=count or 0)
+    model, params = jobs.resolve_alias(session, tenant_id=tenant_id, name=model, params=params)
     caps = tasks.caps_for(model, recorded_caps(session))
     if caps is None:  # one of the caller's fine-tuned models: the job pins today's latest
         found = jobs.resolve_model(session, tenant_id=tenant_id, ref=model)

@@ -234,11 +234,13 @@ class Client:
             time.sleep(reconnect_seconds)
 
     def results(self, job_id: str, *, format: str = "jsonl",  # noqa: A002
-                view: str = "full") -> Iterator[bytes]:
-        """Stream the results export as byte chunks (``view`` "table": the task's columns)."""
-        with self._http.stream(
-            "GET", f"/v1/jobs/{job_id}/results", params={"format": format, "view": view}
-        ) as response:
+                view: str = "full", drop_images: bool = False) -> Iterator[bytes]:
+        """Stream the results export as byte chunks (``view`` "table": the user's columns and
+        the task's; ``drop_images``: without a dataset's image column)."""
+        params: dict[str, Any] = {"format": format, "view": view}
+        if drop_images:
+            params["drop_images"] = "true"
+        with self._http.stream("GET", f"/v1/jobs/{job_id}/results", params=params) as response:
             _raise_for(response)
             yield from response.iter_bytes()
 
@@ -285,6 +287,15 @@ class Client:
 
     def models(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/models")["models"]  # type: ignore[no-any-return]
+
+    def add_model(self, name: str, *, backend: str, ref: str,
+                  params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Name a model brought by reference for your tenant (``loom models add``)."""
+        return self._call("POST", "/v1/models", json={  # type: ignore[no-any-return]
+            "name": name, "backend": backend, "ref": ref, "params": params or {}})
+
+    def remove_model(self, name: str) -> None:
+        _raise_for(self._http.request("DELETE", f"/v1/models/{name}"))
 
     # --- files ------------------------------------------------------------------------------
 

@@ -24,6 +24,13 @@ class Settings(BaseSettings):
 
     # Models and batching.
     default_model: str = "loom-shapes"
+    # openai: models (any OpenAI-compatible server): the NAME of the environment variable that
+    # holds the API key (read by the worker when it loads the model; never stored or logged),
+    # the request timeout, and the most requests one worker process keeps in flight per
+    # endpoint (the adaptive window grows to it on success and halves on 429/503).
+    openai_api_key_env: str = "OPENAI_API_KEY"
+    openai_timeout_seconds: float = Field(default=120.0, gt=0)
+    openai_max_in_flight: int = Field(default=64, ge=1)
     batch_size: int = Field(default=32, ge=1)
     chunk_batches: int = Field(default=4, ge=1)  # chunk size = chunk_batches * batch_size
     # A worker process claims this many batches per claim statement and runs them one by one:
@@ -71,6 +78,12 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(default=2 * 1024**3, gt=0)
     max_items_per_request: int = Field(default=10_000, ge=1)
     max_text_chars: int = Field(default=500, ge=1)
+    # The OpenAI-compatible API (/openai/v1), with OpenAI's Batch API limits as defaults:
+    # requests (lines) per batch input file, bytes per uploaded file, and how long a synchronous
+    # chat/embeddings/images call waits for its job before it is cancelled (504).
+    openai_batch_max_lines: int = Field(default=50_000, ge=1)
+    openai_file_max_bytes: int = Field(default=200 * 1024**2, gt=0)
+    openai_wait_seconds: float = Field(default=120.0, gt=0)
     # /metrics counts every tenant's jobs: with auth on it needs this token as a Bearer (unset:
     # /metrics is off). Prometheus sends it with `authorization: {credentials: ...}`.
     metrics_token: str | None = None

@@ -39,6 +39,18 @@ class PayloadTooLarge(InvalidRequest):
     http_status = 413
 
 
+class BadRequest(InvalidRequest):
+    """A request that the OpenAI-compatible routes refuse with 400, as OpenAI does: a model that
+    cannot do what is asked, a field Loom does not take. ``param`` names the field at fault."""
+
+    http_status = 400
+
+    def __init__(self, message: str, *, code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.param = param
+
+
 class InternalError(LoomError):
     """An unexpected failure (a bug): the API answers 500 ``internal_error`` and logs the cause."""
 
@@ -133,6 +145,20 @@ class ModelError(ItemError):
     transient = True
 
 
+class InvalidOutput(ItemError):
+    """The model's reply does not match what the job asked for (a ``response_format`` JSON
+    schema), after one retry."""
+
+    code = "invalid_output"
+
+
+class ModelRefused(ItemError):
+    """A remote model endpoint refused the request for good (400/404/422: the request; 401/403:
+    the credentials, after which the endpoint is not asked again for a while)."""
+
+    code = "model_refused"
+
+
 class StorageError(LoomError):
     """The object store failed; transient by default (throttling, network)."""
 
@@ -179,6 +205,14 @@ class StoreUnavailable(InfrastructureError):
 class ServiceUnavailable(LoomError):
     code = "service_unavailable"
     http_status = 503
+    transient = True
+
+
+class WaitTimeout(LoomError):
+    """A synchronous request's job did not finish in time (it is cancelled)."""
+
+    code = "timeout"
+    http_status = 504
     transient = True
 
 

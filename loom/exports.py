@@ -9,6 +9,7 @@ A *result row* (what ``result_rows`` yields and the JSONL export writes) is one 
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import itertools
@@ -19,6 +20,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from loom import tasks
+from loom.datasets import columns
 from loom.errors import InvalidRequest
 
 PAGE = 1000
@@ -113,36 +115,55 @@ def output_value(row: dict[str, Any], spec: tasks.TaskSpec) -> Any:
     return out.get("url") or out.get("storage_key")
 
 
-def table_record(row: dict[str, Any], spec: tasks.TaskSpec) -> dict[str, Any]:
+def table_record(row: dict[str, Any], spec: tasks.TaskSpec,
+                 described: dict[str, Any] | None = None, *, image: Any = None,
+                 drop_image: bool = False) -> dict[str, Any]:
+    """A row as the task's table shows it: the user's columns first (a dataset's columns in
+    order, under their own names; else the item's metadata), the inputs Loom read that are not
+    among them, then Loom's columns (the seed, the output, ``status``, ``error_code``,
+    ``error_message``), each prefixed ``loom_`` when the user's columns have that name.
+    ``image``: the value of a source image column of bytes (base64 text); ``drop_image``: leave
+    the source's image column out."""
     meta = row.get("metadata")
-    rec: dict[str, Any] = dict(meta) if isinstance(meta, dict) else {}
+    meta = meta if isinstance(meta, dict) else {}
+    if described:
+        rec = columns.user_values(row, described, image=image)
+        rec.update({k: v for k, v in meta.items() if k not in rec})
+        if drop_image and described.get("image"):
+            rec.pop(described["image"], None)
+    else:
+        rec = dict(meta)
+    taken = set(rec)
+    if drop_image and described and described.get("image"):
+        taken.add(described["image"])
     inp = row.get("input") or {}
     for name in spec.texts:
-        rec[name] = inp.get(name)
+        if name not in taken:
+            rec[name] = inp.get(name)
+    loom: dict[str, Any] = {}
     if spec.seeded:
-        rec["seed"] = (row.get("lineage") or {}).get("seed", inp.get("seed"))
-    rec[spec.output_column] = output_value(row, spec)
-    err = row.get("error")
-    if err:
-        rec["error"] = f"{err['code']}: {err.get('message') or ''}".rstrip(": ")
+        loom["seed"] = (row.get("lineage") or {}).get("seed", inp.get("seed"))
+    err = row.get("error") or {}
+    loom.update({spec.output_column: output_value(row, spec), "status": row.get("status"),
+                 "error_code": err.get("code"), "error_message": err.get("message")})
+    for name, value in loom.items():
+        rec[columns.loom_name(name, taken)] = value
     return rec
 
 
 def csv_lines(
     records: Iterable[dict[str, Any]], columns: Iterable[str] | None = CSV_COLUMNS
 ) -> Iterator[bytes]:
-    """CSV of flat records (header first); values None become empty cells. ``columns`` None:
-    the first record's keys, plus "error"."""
+    """CSV of flat records (header first); values None become empty cells, lists and dicts
+    JSON. ``columns`` None: the first record's keys."""
     it = iter(records)
     first = next(it, None)
-    if columns is None:
-        columns = [*(first or {}), *([] if first and "error" in first else ["error"])]
-    cols = list(columns)
+    cols = list(first or {}) if columns is None else list(columns)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for rec in itertools.chain([] if first is None else [first], it):
-        writer.writerow({k: ("" if rec.get(k) is None else rec.get(k)) for k in cols})
+        writer.writerow({k: _cell(rec.get(k)) for k in cols})
         if buf.tell() > 64 * 1024:
             yield buf.getvalue().encode()
             buf.seek(0)
@@ -150,7 +171,17 @@ def csv_lines(
     yield buf.getvalue().encode()
 
 
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return value
+
+
 SizeFn = Callable[[dict[str, Any]], "tuple[int, int] | None"]
+# (bytes, extension) of a row's stored input image (loom.datasets.store_images).
+ImageFn = Callable[[dict[str, Any]], "tuple[bytes, str] | None"]
 
 
 def metadata_size(row: dict[str, Any]) -> tuple[int, int] | None:
@@ -238,11 +269,13 @@ def coco_chunks(
 
 def stream(
     fmt: str, rows: Iterable[dict[str, Any]], *, job: dict[str, Any], view: str = "full",
-    size_of: SizeFn | None = None,
+    size_of: SizeFn | None = None, images: ImageFn | None = None, drop_images: bool = False,
 ) -> Iterator[bytes]:
     """The export of ``rows`` (result rows of ``job``, a ``jobs.job_dict``) in ``fmt``
-    (jsonl | csv | coco) as byte chunks; ``view`` "table" keeps the task's own columns;
-    ``size_of``: the COCO images' width and height (see ``coco_chunks``)."""
+    (jsonl | csv | coco) as byte chunks; ``view`` "table" keeps the user's columns and the
+    task's own (``table_record``); ``size_of``: the COCO images' width and height (see
+    ``coco_chunks``); ``images``: the stored inputs of a source image column of bytes (the table
+    view writes them base64) unless ``drop_images``."""
     if view not in VIEWS:
         raise InvalidRequest(f"view: expected one of {', '.join(VIEWS)}, got {view!r}")
     if not tasks.get(job["task"]).tabular and (fmt == "coco" or view == "table"):
@@ -252,7 +285,14 @@ def stream(
         return coco_chunks(rows, job, size_of)
     if view == "table":
         spec = tasks.get(job["task"])
-        records = (table_record(r, spec) for r in rows)
+        described = columns.of_job(job)
+
+        def image(row: dict[str, Any]) -> str | None:
+            found = images(row) if images is not None and not drop_images else None
+            return base64.b64encode(found[0]).decode() if found else None
+
+        records = (table_record(r, spec, described, image=image(r), drop_image=drop_images)
+                   for r in rows)
         if fmt == "jsonl":
             return jsonl_lines(records)
         if fmt == "csv":
@@ -265,12 +305,14 @@ def stream(
 
 
 def write(path: Any, fmt: str, rows: Iterable[dict[str, Any]], *, job: dict[str, Any],
-          view: str = "full", size_of: SizeFn | None = None) -> None:
+          view: str = "full", size_of: SizeFn | None = None, images: ImageFn | None = None,
+          drop_images: bool = False) -> None:
     """Stream an export into a file (created with its parents)."""
     from pathlib import Path
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     with target.open("wb") as f:
-        for chunk in stream(fmt, rows, job=job, view=view, size_of=size_of):
+        for chunk in stream(fmt, rows, job=job, view=view, size_of=size_of, images=images,
+                            drop_images=drop_images):
             f.write(chunk)

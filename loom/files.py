@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from typing import Any, BinaryIO
 
 from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from loom import storage
@@ -22,7 +23,9 @@ from loom.errors import InvalidRequest, NotFound, PayloadTooLarge
 from loom.jobs.types import Page, decode_cursor, encode_cursor
 from loom.models import File, utcnow
 
-PURPOSES = ("manifest", "dataset", "image")
+# batch: an OpenAI-compatible batch input file; batch_output: a batch's output or error file,
+# written by Loom (loom/openai_batches.py).
+PURPOSES = ("manifest", "dataset", "image", "batch", "batch_output")
 MAX_PAGE = 1000
 _EXT = re.compile(r"^[a-z0-9]{1,10}$")
 _HASH_BLOCK = 1024 * 1024
@@ -100,6 +103,30 @@ def store_file(
     )
     session.add(row)
     session.commit()
+    return row
+
+
+def record_file(
+    session: Session, *, file_id: str, tenant_id: str, filename: str, purpose: str,
+    storage_key: str, size_bytes: int, sha256: str, content_type: str,
+) -> File:
+    """The row of a file Loom wrote itself under a deterministic id (a batch's output file),
+    made once: a second writer of the same file finds the first one's row."""
+    check_purpose(purpose)
+    row = session.get(File, file_id)
+    if row is not None:
+        return row
+    row = File(id=file_id, tenant_id=tenant_id, filename=filename, purpose=purpose,
+               storage_key=storage_key, size_bytes=size_bytes, sha256=sha256,
+               content_type=content_type, created_at=utcnow())
+    session.add(row)
+    try:
+        session.commit()
+    except IntegrityError:  # the other writer inserted it first: the same file
+        session.rollback()
+        row = session.get(File, file_id)
+        if row is None:
+            raise
     return row
 
 

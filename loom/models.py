@@ -119,6 +119,21 @@ class ModelVersion(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class ModelAlias(Base):
+    """A tenant's name for a model brought by reference (``hf:PATH``, ``diffusers:PATH``,
+    ``openai:NAME@URL``) with default params; resolved when a job is submitted."""
+
+    __tablename__ = "model_aliases"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    ref: Mapped[str] = mapped_column(String(2000))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class RegisteredModel(Base):
     """A model version a tenant trained (a finetune job) and may run by name: its weights in the
     tenant's storage, what it was trained from, and how it scored on held-out rows."""
@@ -267,6 +282,9 @@ class Output(Base):
     attempt: Mapped[int] = mapped_column(Integer)
     worker_id: Mapped[str] = mapped_column(String(200))
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    # What the backend said of this output beyond the model's name (migration 0010): the
+    # filled prompt, finish_reason, a remote endpoint and its served model id, weights_verified.
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # The result cache (loom/jobs/cache.py): what this output answers, and, for an output that
     # was not inferred but reused, the output it reuses (same object, same text).
     cache_key: Mapped[str | None] = mapped_column(String(64))
@@ -359,3 +377,46 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class Batch(Base):
+    """A batch of the OpenAI-compatible Batch API (/openai/v1/batches): an input file whose
+    lines run as Loom jobs, one per (task, model, params) group of lines (``job_ids``). Its
+    output and error files are written from those jobs' item rows once they are all finished
+    (loom/openai_batches.py); until then its counts are read live from the items."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        # Keyset pagination of a tenant's batches: (created_at, id) descending.
+        Index("ix_batches_tenant_created", "tenant_id", "created_at", "id"),
+        # The reconciler's sweep over the batches still open.
+        Index("ix_batches_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "batch_" + 32 hex
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str | None] = mapped_column(Text)  # the model the first valid line named
+    job_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    request_total: Mapped[int] = mapped_column(Integer, default=0)  # non-blank input lines
+    item_total: Mapped[int] = mapped_column(Integer, default=0)  # items of the valid lines
+    invalid_count: Mapped[int] = mapped_column(Integer, default=0)  # lines refused at validation
+    invalid_key: Mapped[str | None] = mapped_column(Text)  # their error lines (JSONL object)
+    completed_count: Mapped[int | None] = mapped_column(Integer)  # set when it finishes
+    failed_count: Mapped[int | None] = mapped_column(Integer)
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)  # why it failed
+    batch_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime)
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime)
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime)

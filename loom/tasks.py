@@ -23,39 +23,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from loom import task_params
 from loom.errors import InvalidRequest, LoomError
+from loom.task_params import (
+    IMAGE_GENERATION,
+    PROMPT,
+    TEXT_GENERATION,
+)
 
 # "model": the job's one output is a registered model version (finetune), not a row per input.
 OutputKind = Literal["text", "image", "vector", "model"]
 IMAGE_SOURCES = ("image_url", "image_key")
-# Seeds are JSON-safe integers (a JavaScript client must not round them) and fit torch's
-# generator; a job's base seed plus its item count must stay inside the same range.
-SEED_MAX = 2**53 - 1
-
-
-@dataclass(frozen=True)
-class Param:
-    """A job parameter a task accepts. ``model`` params are passed to the model method (and so
-    must be accepted by the model, checked at submit); the others are read by Loom itself."""
-
-    name: str
-    kind: type = int
-    minimum: int | None = None
-    maximum: int | None = None
-    model: bool = True
-    help: str = ""
-
-    def check(self, value: Any, where: str) -> Any:
-        if self.kind is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InvalidRequest(f"{where}: expected an integer, got {value!r:.60}")
-        elif not isinstance(value, self.kind):
-            raise InvalidRequest(f"{where}: expected {self.kind.__name__}, got {value!r:.60}")
-        if self.minimum is not None and value < self.minimum:
-            raise InvalidRequest(f"{where}: must be >= {self.minimum}, got {value}")
-        if self.maximum is not None and value > self.maximum:
-            raise InvalidRequest(f"{where}: must be <= {self.maximum}, got {value}")
-        return value
+SEED_MAX = task_params.SEED_MAX
+Param = task_params.Param
 
 
 @dataclass(frozen=True)
@@ -101,8 +81,10 @@ class TaskSpec:
         return next((p for p in self.params if p.name == name), None)
 
     def model_params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
-        """The job params that go to the model method as keyword arguments."""
-        return {k: v for k, v in (params or {}).items() if (p := self.param(k)) and p.model}
+        """The job params that go to the model method, under the method's keywords (``prompts``
+        for ``prompt``, ``seeds`` for a sampling ``seed``: the worker expands those per item)."""
+        return {p.keyword: v for k, v in (params or {}).items()
+                if (p := self.param(k)) and p.model}
 
     # --- validation (API, CLI and worker alike) -----------------------------------------------
 
@@ -207,20 +189,17 @@ def json_safe(value: Any, where: str) -> None:
 
 # --- the registry ----------------------------------------------------------------------------
 
-BEAMS = Param("beams", minimum=1, maximum=8, help="beam width of text decoding (1 = greedy)")
-SEED = Param("seed", minimum=0, maximum=SEED_MAX, model=False,
-             help="base seed: item i uses seed + i unless it has its own")
-
 REGISTRY: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
         TaskSpec("caption", "describe each image in one sentence", method="caption",
-                 image=True, output_column="caption", params=(BEAMS,)),
+                 image=True, output_column="caption", params=(PROMPT, *TEXT_GENERATION)),
         TaskSpec("vqa", "answer a question about each image", method="answer", image=True,
-                 texts=("question",), output_column="answer", params=(BEAMS,), cli_name="ask"),
+                 texts=("question",), output_column="answer", params=TEXT_GENERATION,
+                 cli_name="ask"),
         TaskSpec("generate", "draw an image for each prompt", method="generate", image=False,
                  texts=("prompt",), seeded=True, output="image", output_column="file",
-                 params=(SEED,)),
+                 params=IMAGE_GENERATION),
         TaskSpec("embed", "embed each image as a fixed-size vector (dedupe, search)",
                  method="embed", image=True, output="vector", output_column="vector"),
         # One item: a rows manifest, a base model and hyperparameters (loom/finetune.py checks
@@ -231,6 +210,12 @@ REGISTRY: dict[str, TaskSpec] = {
                  handler="finetune"),
     )
 }
+
+
+def uses_row_fields(params: Mapping[str, Any] | None) -> bool:
+    """Whether a job's prompt template has ``{column}`` fields (filled from each item's row)."""
+    prompt = (params or {}).get("prompt")
+    return isinstance(prompt, str) and bool(task_params.template_fields(prompt))
 
 
 def inference() -> list[TaskSpec]:
@@ -266,14 +251,35 @@ class ModelCaps:
     params: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-# The built-in models (pipeline/registry.py is the truth; a test keeps the two equal) and the
-# capabilities every ``hf:`` model has at least (pipeline/hf.py).
+# The built-in models (pipeline/registry.py is the truth; a test keeps the two equal).
 BUILTIN_MODELS: dict[str, ModelCaps] = {
     "loom-shapes": ModelCaps(tasks=("caption", "vqa", "generate", "embed"),
                              params={"caption": ("beams",), "vqa": ("beams",)}),
 }
+# Models named by where they are: what each kind of backend may serve. The model itself is read
+# where it runs (a folder on the worker's disk, a server the worker reaches), so the control
+# plane knows only the kind's bounds; the worker checks the loaded model's own declaration
+# (pipeline/serving.py) and fails what it cannot do as unsupported_task / unsupported_param,
+# and the embedded CLI, on the model's own machine, checks it before recording a job.
+_CHAT = ("prompts", "max_new_tokens", "temperature", "top_p", "seeds")
 HF_PREFIX = "hf:"
-HF_CAPS = ModelCaps(tasks=("caption", "vqa"), params={})
+HF_CAPS = ModelCaps(tasks=("caption", "vqa", "embed"),
+                    params={"caption": _CHAT, "vqa": _CHAT[1:]})
+DIFFUSERS_PREFIX = "diffusers:"
+DIFFUSERS_CAPS = ModelCaps(tasks=("generate",), params={
+    "generate": ("num_inference_steps", "guidance_scale", "width", "height")})
+OPENAI_PREFIX = "openai:"
+OPENAI_CAPS = ModelCaps(tasks=("caption", "vqa", "embed", "generate"), params={
+    "caption": (*_CHAT, "response_format"), "vqa": (*_CHAT[1:], "response_format"),
+    "generate": ("width", "height")})
+BACKEND_PREFIXES: dict[str, ModelCaps] = {
+    HF_PREFIX: HF_CAPS, DIFFUSERS_PREFIX: DIFFUSERS_CAPS, OPENAI_PREFIX: OPENAI_CAPS}
+
+
+def backend_of(model: str) -> str | None:
+    """The backend prefix a model name starts with (``hf:``, ``diffusers:``, ``openai:``)."""
+    return next((p for p in BACKEND_PREFIXES if model.startswith(p) and len(model) > len(p)),
+                None)
 
 
 def check_model(spec: TaskSpec, model: str, caps: ModelCaps | None,
@@ -286,24 +292,29 @@ def check_model(spec: TaskSpec, model: str, caps: ModelCaps | None,
         raise InvalidRequest(f"model: {model!r} does not serve task {spec.name!r} "
                              f"(it serves {', '.join(caps.tasks)})")
     accepted = set(caps.params.get(spec.name, ()))
-    for name in spec.model_params(params):
-        if name not in accepted:
+    takes = sorted(p.name for p in spec.params if p.model and p.keyword in accepted)
+    for name in params:
+        p = spec.param(name)
+        if p is not None and p.model and p.keyword not in accepted:
+            what = "a free prompt" if name == "prompt" else repr(name)
             raise InvalidRequest(
-                f"params.{name}: model {model!r} does not take {name!r} for task "
-                f"{spec.name!r} (it takes {', '.join(sorted(accepted)) or 'no parameters'})")
+                f"params.{name}: model {model!r} does not take {what} for task "
+                f"{spec.name!r} (it takes {', '.join(takes) or 'no parameters'})")
 
 
 def caps_for(model: str, recorded: Mapping[str, ModelCaps] | None = None) -> ModelCaps | None:
-    """Capabilities of ``model``: built in, an ``hf:`` model, or recorded by a worker."""
+    """Capabilities of ``model``: built in, a backend reference (``hf:``, ``diffusers:``,
+    ``openai:``), or recorded by a worker."""
     if model in BUILTIN_MODELS:
         return BUILTIN_MODELS[model]
-    if model.startswith(HF_PREFIX) and len(model) > len(HF_PREFIX):
-        return HF_CAPS
+    prefix = backend_of(model)
+    if prefix is not None:
+        return BACKEND_PREFIXES[prefix]
     return (recorded or {}).get(model)
 
 
 __all__ = [
-    "BUILTIN_MODELS", "HF_CAPS", "REGISTRY", "SEED_MAX", "ModelCaps", "Param",
-    "TaskSpec", "by_command", "caps_for", "check_model", "check_seed", "derive_seed", "get",
+    "BACKEND_PREFIXES", "BUILTIN_MODELS", "DIFFUSERS_CAPS", "HF_CAPS", "OPENAI_CAPS", "REGISTRY",
+    "SEED_MAX", "ModelCaps", "Param", "TaskSpec", "backend_of", "by_command", "caps_for", "check_model", "check_seed", "derive_seed", "get",
     "inference", "item_seed", "json_safe", "names",
 ]

@@ -1,21 +1,25 @@
-"""Adapter: a Hugging Face image-to-text model behind the worker's model seam (optional extra).
+"""Adapters: Hugging Face models behind the worker's model seam (optional extra).
 
-``load_hf("path/or/hub-id")`` returns an object with the same surface as the shipped model::
+``load_hf("path/or/hub-id")`` returns an object with the same surface as the shipped model,
+chosen by what the folder holds (``pipeline.hf_caps.describe``, which also gives the tasks and
+params it declares)::
 
-    model.info                          # name "hf:<id>", version, weights_sha256, tasks, ...
-    model.caption(images) -> list[str]
-    model.answer(images, questions) -> list[str]      # VQA-capable models only
-    model.generate(prompts, seeds)                    # always UnsupportedTaskError
+    model.info          # name "hf:<id>", version, weights_sha256, tasks, params, ...
 
-Supported: captioning models (BLIP, GIT, VisionEncoderDecoder, BLIP-2, ... anything in
-``AutoModelForImageTextToText`` / ``AutoModelForVision2Seq``) and BLIP-style VQA models
-(``BlipForQuestionAnswering``). ``tasks`` says what the architecture can really do:
-captioners ("caption",), BLIP VQA checkpoints ("vqa",) (they cannot caption without a question),
-BLIP-2 ("caption", "vqa").
+- chat VLMs (an ``AutoModelForImageTextToText`` whose processor has a chat template: LLaVA,
+  Idefics3/SmolVLM, Qwen2-VL, Gemma 3 ...): ``pipeline.hf_chat.HFChatVLM``, caption with an
+  instruction and vqa, with sampling params.
+- CLIP / SigLIP: ``pipeline.hf_embed.HFEmbedder``, embed and embed_text.
+- captioners (BLIP, GIT, VisionEncoderDecoder, BLIP-2, ... anything in
+  ``AutoModelForImageTextToText`` / ``AutoModelForVision2Seq`` without a chat template) and
+  BLIP-style VQA models (``BlipForQuestionAnswering``): ``HFImageToText`` below, no params.
+  ``tasks`` says what the architecture can really do: captioners ("caption",), BLIP VQA
+  checkpoints ("vqa",) (they cannot caption without a question), BLIP-2 ("caption", "vqa").
 
 ``transformers`` (and ``huggingface_hub``) are imported lazily, inside functions, so that
 ``pipeline`` works without the ``loom[hf]`` extra. ``trust_remote_code`` is never enabled: only
-architectures that ship with transformers are loaded.
+architectures that ship with transformers are loaded. On cuda, chat VLMs and embedders are
+loaded in bf16 (fp16 where bf16 is missing); captioners keep fp32 weights under bf16 autocast.
 
 weights_sha256: sha256 of the weight file when the model has one (so it equals ``sha256sum
 model.safetensors`` and the Hub's LFS object id); for sharded weights, sha256 of the manifest
@@ -28,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +40,12 @@ from typing import Any
 import torch
 from PIL import Image
 
+from pipeline import hf_caps
 from pipeline.errors import PipelineError, UnknownModelError, UnsupportedTaskError
+from pipeline.hf_caps import VQA_ONLY
 
-__all__ = ["HFImageToText", "HFModelError", "HFModelInfo", "load_hf", "weights_sha256"]
+__all__ = ["HFImageToText", "HFModelError", "HFModelInfo", "load_hf", "serving_dtype", "torch_device",
+           "weights_sha256"]
 
 
 class HFModelError(UnknownModelError):
@@ -52,10 +59,6 @@ class HFModelError(UnknownModelError):
         self.name, self.known = name, []
         PipelineError.__init__(self, message)
 
-# Architectures (config.architectures[0]) that answer questions instead of captioning.
-_VQA_ONLY = {"BlipForQuestionAnswering"}
-# Architectures that caption and also answer questions through a text prompt.
-_CAPTION_AND_VQA = {"Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration"}
 # Files fetched from the Hub (everything needed to load, no duplicate weight formats).
 _HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "tokenizer*", "*.safetensors"]
 
@@ -70,7 +73,8 @@ class HFModelInfo:
     device: str
     architecture: str
     source: str  # the local directory the weights were loaded from
-    # Decoding is configured when the model is loaded; no task takes per-job parameters.
+    # task -> keyword params its method takes (pipeline.hf_caps.describe); captioners take none:
+    # their decoding is configured when the model is loaded.
     params: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
@@ -96,37 +100,53 @@ def weights_sha256(directory: str | os.PathLike[str]) -> str:
     return hashlib.sha256(manifest.encode()).hexdigest()
 
 
-def _resolve_device(device: str) -> torch.device:
+def torch_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def _local_dir(path_or_id: str, revision: str | None) -> Path:
-    """A local directory holding the model: the path itself, or a Hub snapshot."""
-    path = Path(path_or_id).expanduser()
+def local_dir(ref: str, revision: str | None, *, what: str, fetch: Callable[[], Path]) -> Path:
+    """A local directory holding the model: the path itself, or what ``fetch`` brings from the
+    Hub. ``what`` names it in errors ("Hugging Face model", "diffusers pipeline")."""
+    path = Path(ref).expanduser()
     if path.is_dir():
         return path
     # Hub ids are "name" or "org/name"; anything else that is not a directory is a bad path.
-    if path_or_id.startswith(("/", ".", "~")) or path_or_id.count("/") > 1 or "\\" in path_or_id:
-        raise HFModelError(path_or_id, f"no such model directory: {path_or_id}")
+    if ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or "\\" in ref:
+        raise HFModelError(ref, f"no such {what.split()[-1]} directory: {ref}")
     try:
-        from huggingface_hub import snapshot_download
-
-        snap = Path(snapshot_download(path_or_id, revision=revision, allow_patterns=_HUB_PATTERNS))
-        if not any(snap.rglob("*.safetensors")):  # older repos: PyTorch pickles only
-            snap = Path(
-                snapshot_download(
-                    path_or_id, revision=revision, allow_patterns=[*_HUB_PATTERNS, "*.bin"]
-                )
-            )
+        return fetch()
     except Exception as exc:  # noqa: BLE001 - offline, missing repo, auth, network
         raise HFModelError(
-            path_or_id,
-            f"could not get Hugging Face model {path_or_id!r}"
+            ref,
+            f"could not get {what} {ref!r}"
             f"{f' at revision {revision!r}' if revision else ''}: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _snapshot(path_or_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    snap = Path(snapshot_download(path_or_id, revision=revision, allow_patterns=_HUB_PATTERNS))
+    if not any(snap.rglob("*.safetensors")):  # older repos: PyTorch pickles only
+        snap = Path(snapshot_download(path_or_id, revision=revision,
+                                      allow_patterns=[*_HUB_PATTERNS, "*.bin"]))
     return snap
+
+
+def serving_dtype(device: torch.device) -> torch.dtype:
+    """Weights' dtype for a model served on ``device``: half precision on cuda, fp32 on cpu."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _pretrained(auto: Any, src: Path, name: str, what: str, **kwargs: Any) -> Any:
+    try:
+        return auto.from_pretrained(src, trust_remote_code=False, **kwargs)
+    except (ValueError, OSError, KeyError) as exc:  # wrong architecture for the auto class, bad files
+        raise HFModelError(name, f"{name}: not {what}: {exc}") from exc
 
 
 def load_hf(
@@ -134,10 +154,12 @@ def load_hf(
     device: str = "auto",
     *,
     revision: str | None = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     num_beams: int = 1,
-) -> HFImageToText:
-    """Load a Hugging Face image-to-text model from a local directory or a Hub id."""
+) -> Any:
+    """Load a Hugging Face model from a local directory or a Hub id: a captioner
+    (``HFImageToText``), a chat VLM (``HFChatVLM``) or an embedder (``HFEmbedder``).
+    ``max_new_tokens`` is the default length (32 for captioners, 128 for chat VLMs)."""
     try:
         import transformers
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -147,21 +169,54 @@ def load_hf(
         ) from exc
 
     name = path_or_id[3:] if path_or_id.startswith("hf:") else path_or_id
-    src = _local_dir(name, revision)
+    src = local_dir(name, revision, what="Hugging Face model",
+                    fetch=lambda: _snapshot(name, revision))
+    if (src / "model_index.json").is_file():
+        raise HFModelError(name, f"{name}: a diffusers pipeline; load it as diffusers:{name}")
     try:
         config = transformers.AutoConfig.from_pretrained(src, trust_remote_code=False)
+        kind = hf_caps.kind(src)
     except Exception as exc:  # noqa: BLE001
         raise HFModelError(name, f"{name}: not a Hugging Face model directory: {exc}") from exc
+    tasks, params = hf_caps.describe(src)
     arch = (config.architectures or [type(config).__name__])[0]
-    if arch in _VQA_ONLY:
-        tasks: tuple[str, ...] = ("vqa",)
+    dev = torch_device(device)
+
+    def info(model: Any) -> HFModelInfo:
+        return HFModelInfo(
+            name=f"hf:{name}",
+            version=getattr(config, "_commit_hash", None) or "local",
+            weights_sha256=weights_sha256(src),
+            tasks=tasks,
+            parameters=sum(p.numel() for p in model.parameters()),
+            device=str(dev),
+            architecture=arch,
+            source=str(src),
+            params=params,
+        )
+
+    if kind in ("chat", "embedder"):
+        auto, what = ((transformers.AutoModelForImageTextToText, "an image-text-to-text model")
+                      if kind == "chat" else (transformers.AutoModel, "a CLIP/SigLIP model"))
+        model = _pretrained(auto, src, name, what, dtype=serving_dtype(dev)).to(dev)
+        processor = _pretrained(transformers.AutoProcessor, src, name, "a model with a processor")
+        if not isinstance(processor, transformers.ProcessorMixin):
+            raise HFModelError(name, f"{name}: {arch} has no multimodal processor "
+                                     "(processor_config.json or preprocessor_config.json)")
+        if kind == "embedder":
+            from pipeline.hf_embed import HFEmbedder
+
+            return HFEmbedder(model, processor, info(model))
+        from pipeline.hf_chat import HFChatVLM
+
+        return HFChatVLM(model, processor, info(model), max_new_tokens=max_new_tokens)
+
+    if arch in VQA_ONLY:
         auto = transformers.AutoModelForVisualQuestionAnswering
     else:
-        tasks = ("caption", "vqa") if arch in _CAPTION_AND_VQA else ("caption",)
         auto = getattr(transformers, "AutoModelForImageTextToText", None) or getattr(
             transformers, "AutoModelForVision2Seq"
         )
-    dev = _resolve_device(device)
     try:
         model = auto.from_pretrained(src, trust_remote_code=False)
     except ValueError as exc:
@@ -177,24 +232,13 @@ def load_hf(
     image_processor = getattr(processor, "image_processor", None) or (
         transformers.AutoImageProcessor.from_pretrained(src)
     )
-
-    info = HFModelInfo(
-        name=f"hf:{name}",
-        version=getattr(config, "_commit_hash", None) or "local",
-        weights_sha256=weights_sha256(src),
-        tasks=tasks,
-        parameters=sum(p.numel() for p in model.parameters()),
-        device=str(dev),
-        architecture=arch,
-        source=str(src),
-    )
     return HFImageToText(
         model,
-        info,
+        info(model),
         processor=processor,
         tokenizer=tokenizer,
         image_processor=image_processor,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max_new_tokens or 32,
         num_beams=num_beams,
     )
 
@@ -270,7 +314,7 @@ class HFImageToText:
             return []
         prompts = (
             list(questions)
-            if self.info.architecture in _VQA_ONLY
+            if self.info.architecture in VQA_ONLY
             else [f"Question: {q} Answer:" for q in questions]
         )
         rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
@@ -286,7 +330,7 @@ class HFImageToText:
         }
         with self._ctx():
             ids = self.model.generate(**inputs, **self._gen_kwargs())
-        return self._decode(ids, None if self.info.architecture in _VQA_ONLY else prompts)
+        return self._decode(ids, None if self.info.architecture in VQA_ONLY else prompts)
 
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         raise UnsupportedTaskError(f"{self.info.name} is an image-to-text model; it cannot generate images")

@@ -95,11 +95,16 @@ def load_entry(entry: ModelEntry, device: str = "auto", with_head: bool = True) 
 
 
 def load(name: str, device: str = "auto", version: str | None = None) -> Any:
-    """A ready serving model. `hf:<local dir or hub id>` goes to the Hugging Face adapter."""
+    """A ready serving model. `hf:<local dir or hub id>` goes to the Hugging Face adapter,
+    `diffusers:<local dir or hub id>` to the diffusers one."""
     if name.startswith("hf:"):
         from pipeline import hf  # optional extra: only imported when asked for
 
         return hf.load_hf(name[3:], resolve_device(device))
+    if name.startswith("diffusers:"):
+        from pipeline import diffusion  # optional extra, as above
+
+        return diffusion.load_diffusers(name[len("diffusers:"):], resolve_device(device))
     return load_entry(get(name, version), device)
 
 

@@ -3,8 +3,11 @@
 A serving model is batched, in memory and free of I/O. It declares in ``info`` the tasks it
 serves and, per task, the keyword parameters its method accepts; the worker checks a job's
 params against that declaration before it calls the model, so an unsupported parameter is a
-permanent error of the request, never a retried model failure. Both ``loom-shapes``
-(``pipeline.model.ShapesModel``) and ``hf:`` models (``pipeline.hf.HFImageToText``) implement it.
+permanent error of the request, never a retried model failure. ``loom-shapes``
+(``pipeline.model.ShapesModel``), ``hf:`` models (``pipeline.hf.HFImageToText`` captioners,
+``pipeline.hf_chat.HFChatVLM`` chat VLMs, ``pipeline.hf_embed.HFEmbedder`` CLIP/SigLIP) and
+``diffusers:`` pipelines (``pipeline.diffusion.DiffusersTextToImage``) implement it; what a local
+``hf:``/``diffusers:`` folder declares can be read without torch (``pipeline.hf_caps.describe``).
 
 A model with a closed vocabulary also offers ``unknown_words(text) -> list[str]`` and
 ``vocabulary() -> list[str]``: the worker
@@ -16,6 +19,25 @@ Task -> method (the task registry, ``loom/tasks.py``, names the method of each t
     caption  -> caption(images, **params)            -> list[str]
     vqa      -> answer(images, questions, **params)  -> list[str]
     generate -> generate(prompts, seeds, **params)   -> list[PIL.Image.Image]
+    embed    -> embed(images)                        -> list[np.ndarray]  float32, unit L2, (d,)
+                embed_text(texts)                    -> list[np.ndarray]  same space (loom search)
+
+The worker passes only the params a model declares for the task (``check_call`` refuses the
+rest), always as keyword arguments, one list entry per item where a param is per item. Names
+and meaning, the same for every model that declares them:
+    prompts         caption: one instruction per image (the worker fills a job's template per
+                    item); absent or None = the model's default instruction
+    seeds           one int per item, used when sampling; an item's output never depends on
+                    which other items share its batch (same seed -> same output)
+    max_new_tokens  int: most tokens generated per output
+    temperature     float: 0 or None = greedy decoding, > 0 = sampling
+    top_p           float: nucleus sampling mass (sampling only)
+    n               int: outputs per item; when passed, the method returns list[list[str]]
+                    (n strings per item) instead of list[str]
+    num_inference_steps, guidance_scale, width, height
+                    generate (diffusers:): denoising steps, classifier-free guidance scale,
+                    output size in pixels; absent = the pipeline's default
+A model that declares no params for a task is called with none.
 """
 from __future__ import annotations
 

@@ -52,12 +52,14 @@ class ResultCache:
             return [], prepared  # infer reports the model's error on every item
         spec = tasks.get(first.task)
         params = spec.model_params(first.params)
-        weights = str(info_field(info, "weights_sha256", ""))
+        # Weights Loom does not hold (a remote endpoint) are keyed by what answers instead.
+        weights = str(info_field(info, "weights_sha256", "")) or "unverified:{}:{}".format(
+            info_field(info, "name", ""), info_field(info, "version", ""))
         for p in good:
             p.cache_key = jobs.cache_key(
                 tenant_id=p.item.tenant_id, task=spec.name, model_name=first.model_name,
                 weights_sha256=weights, params=params, input_sha256=p.input_sha256 or "",
-                texts=p.texts, seed=p.seed if spec.seeded else None)
+                texts=p.texts, seed=p.seed)  # a sampling seed too, when the job has one
         if not self._uses_cache(job_id or first.job_id):
             return [], prepared
         if settle is not None and any(p.cache_key in self._pending for p in good):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from loom import jobs, tasks
@@ -18,6 +19,8 @@ from worker.inputs import load, prepare
 
 if TYPE_CHECKING:  # pragma: no cover
     from concurrent.futures import Future
+
+    from sqlalchemy.orm import Session
 
     from loom.jobs import Chunk, ClaimedItem
     from worker.inputs import Prepared
@@ -73,6 +76,7 @@ class Claimer:
             items = jobs.claim_fill(session, like=scope.chunk.job_id, worker_id=self.worker_id,
                                     limit=want, lease_seconds=self.settings.lease_seconds,
                                     now=utcnow())
+            items = self._with_metadata(session, items)
         if not items:
             self._fill_quiet_until = time.monotonic() + FILL_QUIET_SECONDS
         self.leases.add((i.id, i.job_id) for i in items)
@@ -152,6 +156,7 @@ class Claimer:
                     limit=limit,
                     lease_seconds=self.settings.lease_seconds,
                 )
+                items = self._with_metadata(session, items)
             self.leases.add((i.id, i.job_id) for i in items)
             with report.lock:
                 report.add_timing("claim", (time.perf_counter() - t0) * 1000.0)
@@ -205,6 +210,16 @@ class Claimer:
             if not batch.careful and tasks.get(batch.items[0].task).batched:
                 batch.prepared = self._start_loading(batch.items)
         return batches
+
+    @staticmethod
+    def _with_metadata(session: Session, items: list[ClaimedItem]) -> list[ClaimedItem]:
+        """Items whose job fills a prompt template from its rows, with their metadata (one
+        read for the claim; claims themselves never carry metadata)."""
+        need = [i.id for i in items if tasks.uses_row_fields(i.params)]
+        if not need:
+            return items
+        found = jobs.items_metadata(session, item_ids=need)
+        return [replace(i, metadata=found.get(i.id)) if i.id in found else i for i in items]
 
     def _start_loading(self, items: list[ClaimedItem]) -> list[Future[Prepared]]:
         """Read the items' inputs in the I/O pool, and decode them there too unless the model

@@ -63,7 +63,7 @@ def _exit_for(job: dict[str, Any], where: str | None) -> None:
     ok, failed = counts.get("succeeded", 0), counts.get("failed", 0)
     if ok == total:
         return
-    rows = f"their rows carry an \"error\" in {where}; " if where else ""
+    rows = f"their rows carry a \"status\" and \"error_code\" in {where}; " if where else ""
     err.print(f"{total - ok} of {total} items did not succeed; {rows}"
               f"loom status {job['id'][:8]} lists them")
     raise typer.Exit(EXIT_NOTHING_SUCCEEDED if ok == 0 else EXIT_SOME_FAILED if failed
@@ -72,14 +72,21 @@ def _exit_for(job: dict[str, Any], where: str | None) -> None:
 
 def _check(spec: tasks.TaskSpec, model: str | None, local: Local,
            params: dict[str, Any] | None = None) -> str:
-    """Refuse an unknown model, or one that does not serve the task, before recording a job."""
+    """Refuse an unknown model, or one that does not serve the task, before recording a job.
+    A name added with ``loom models add`` becomes its reference, its params under ``params``
+    (which this updates in place)."""
     from loom.errors import LoomError
 
     from loom import jobs
 
     name = model or local.settings.default_model
     try:
-        caps = tasks.caps_for(name)
+        if params is not None:
+            with local.session_factory() as s:
+                name, merged = jobs.resolve_alias(s, tenant_id=local.tenant_id, name=name,
+                                                  params=params)
+            params.update(merged)
+        name, caps = _local_model(name)
         if caps is None:  # one of this machine's registered (fine-tuned) models?
             with local.session_factory() as s:
                 found = jobs.resolve_model(s, tenant_id=local.tenant_id, ref=name)
@@ -92,6 +99,21 @@ def _check(spec: tasks.TaskSpec, model: str | None, local: Local,
     return name
 
 
+
+
+def _local_model(name: str) -> tuple[str, tasks.ModelCaps | None]:
+    """A model folder on this machine (``hf:PATH``, ``diffusers:PATH``) is read here, as the
+    engine will read it: its tasks and params exactly (pipeline.hf_caps, JSON files only), and
+    its path made absolute (the engine processes and lineage see the same folder)."""
+    prefix = tasks.backend_of(name)
+    if prefix in (tasks.HF_PREFIX, tasks.DIFFUSERS_PREFIX):
+        path = Path(name[len(prefix):]).expanduser()
+        if path.is_dir():
+            from pipeline import hf_caps
+
+            served, params = hf_caps.describe(path)
+            return prefix + str(path.resolve()), tasks.ModelCaps(tasks=served, params=params)
+    return name, tasks.caps_for(name)
 
 
 def _format_for(out: Path, fmt: str | None) -> str:
@@ -108,14 +130,15 @@ def _format_for(out: Path, fmt: str | None) -> str:
 
 
 def _export(local: Local, job: dict[str, Any], out: Path, fmt: str,
-            rows: Any = None) -> None:
+            rows: Any = None, drop_images: bool = False) -> None:
     """Write the job's results (loom.results): JSONL/CSV/COCO in the task's own columns, as
     ``loom results --view table`` does; Parquet, WebDataset and HF datasets with every column
     and the images."""
     from loom import results
 
     rows = rows if rows is not None else local_rows(local, job["id"])
-    written = results.write(fmt, rows, out, job=job, store=local.store, view="table")
+    written = results.write(fmt, rows, out, job=job, store=local.store, view="table",
+                            drop_images=drop_images)
     err.print(f"wrote {written} rows to {out}" if written is not None else f"wrote {out}")
 
 
@@ -133,6 +156,9 @@ def _preview(paths: list[str], spec: tasks.TaskSpec, opts: DatasetOpts,
 
 Fmt = Annotated[str | None, typer.Option(
     "--format", "-f", help="jsonl | csv | coco | parquet | webdataset | hf (default: from --out)")]
+DropImages = Annotated[bool, typer.Option(
+    "--drop-images", help="Leave a dataset's image column out of the results (they keep every "
+    "input column, the image as given: path, URL or bytes).")]
 
 
 class EmbeddedBackend:
@@ -145,6 +171,7 @@ class EmbeddedBackend:
                 out: Annotated[Path | None, typer.Option(
                     "--out", "-o", help=f"Output with {spec.output_column}s.")] = None,
                 fmt: Fmt = None,
+                drop_images: DropImages = False,
             ) -> None: ...
 
             return image_text
@@ -153,6 +180,7 @@ class EmbeddedBackend:
                 out: Annotated[Path, typer.Option("--out", "-o", help="Output file or folder.")]
                 = Path(f"{spec.output_column}s.jsonl"),
                 fmt: Fmt = None,
+                drop_images: DropImages = False,
             ) -> None: ...
 
             return image
@@ -187,13 +215,15 @@ class EmbeddedBackend:
         start_server()  # its imports run beside what follows (worker.embedded)
         local = open_local()
         try:
-            name = _check(spec, g.model, local)
+            name = _check(spec, g.model, local, g.params)
+            meta = task_commands.job_metadata(g)
             job = run_embedded(local, spec.name, sources_of(g.sources), model=name,
-                               use_cache=g.cache)
+                               use_cache=g.cache, metadata=meta, params=g.params)
             if g.single:
                 self._print_answer(local, job)
             elif spec.image:
-                _export(local, job, target, fmt or "jsonl")
+                _export(local, job, target, fmt or "jsonl",
+                        drop_images=g.options.get("drop_images", False))
                 if g.paths:
                     _preview(g.paths, spec, g.opts, job)
                 _exit_for(job, str(target))
@@ -258,9 +288,10 @@ def search(
                                             tenant_id=local.tenant_id)
         except LoomError as exc:
             raise fail(exc.message) from None
-        from pipeline import registry
+        from worker.inference import ModelCache
 
-        model = registry.load(job["model"], device=local.settings.device)
+        model = ModelCache(local.settings, session_factory=local.session_factory,
+                           store=local.store).get(job["model"])
         if not hasattr(model, "embed_text"):
             raise fail(f"model {job['model']!r} cannot embed text queries")
         hits = vectors.rank(table, model.embed_text([query])[0], k)

@@ -109,7 +109,7 @@ def _child(settings: Settings, model: str, threads: int, gpu: int | None, worker
             try:
                 # Load while the caller records the job. A tenant's fine-tuned model is loaded
                 # by the first batch instead (its name means something only for that tenant).
-                if model in tasks.BUILTIN_MODELS or model.startswith(tasks.HF_PREFIX):
+                if model in tasks.BUILTIN_MODELS or tasks.backend_of(model):
                     engine.model(model)
             except Exception:  # the items fail with the reason; the process carries on
                 log.exception("could not preload %s", model)

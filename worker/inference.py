@@ -61,7 +61,7 @@ class ModelCache:
         A name that is no built-in and no ``hf:`` reference is looked up among ``tenant_id``'s
         registered models (a version registered later is loaded when it becomes the latest)."""
         own = tenant_id is not None and self._model_loader is None and not (
-            name in tasks.BUILTIN_MODELS or name.startswith(tasks.HF_PREFIX))
+            name in tasks.BUILTIN_MODELS or tasks.backend_of(name) is not None)
         if own:
             return self._registered_model(name, tenant_id=str(tenant_id))
         if name in self._models:
@@ -71,6 +71,13 @@ class ModelCache:
         try:
             if self._model_loader is not None:
                 model = self._model_loader(name)
+            elif tasks.backend_of(name) == tasks.OPENAI_PREFIX:
+                from worker.openai_model import load_openai
+
+                s = self.settings
+                model = load_openai(name, key_env=s.openai_api_key_env,
+                                    timeout=s.openai_timeout_seconds,
+                                    max_in_flight=s.openai_max_in_flight)
             else:
                 from pipeline import registry
 
@@ -212,10 +219,15 @@ def infer(
             unique.append(p)
     args: list[list[Any]] = []
     if spec.image:
-        args.append([p.image for p in unique])
+        # A remote model is sent the exact bytes whose sha256 lineage records.
+        raw = bool(getattr(model, "takes_bytes", False))
+        args.append([p.raw if raw else p.image for p in unique])
     args.extend([p.texts[name] for p in unique] for name in spec.texts)
     if spec.seeded:
         args.append([p.seed for p in unique])
+    for param in spec.params:  # prompts, seeds: one value per item
+        if param.per_item and param.keyword in params:
+            params[param.keyword] = [_PER_ITEM[param.name](p) for p in unique]
     t0 = time.perf_counter()
     try:
         outs_unique = serving.run(model, spec.method, args, params)
@@ -227,7 +239,22 @@ def infer(
         )
         _fail(good, err)
         return [], bad + good, None, (time.perf_counter() - t0) * 1000.0
-    return list(zip(good, outs, strict=True)), bad, info, (time.perf_counter() - t0) * 1000.0
+    ms = (time.perf_counter() - t0) * 1000.0
+    # A backend may fail single items (a remote endpoint refused one request): an error in an
+    # item's place fails that item alone.
+    for p, out in zip(good, outs, strict=True):
+        if isinstance(out, BaseException):
+            p.error = out if isinstance(out, LoomError) else ModelError(
+                f"model {first.model_name!r} failed on this item: {type(out).__name__}: {out}")
+    return ([(p, o) for p, o in zip(good, outs, strict=True) if p.ok], bad + [
+        p for p in good if not p.ok], info, ms)
+
+
+# Where a per-item model param's value comes from (loom.task_params: ``per_item``).
+_PER_ITEM: dict[str, Callable[[Prepared], Any]] = {
+    "prompt": lambda p: p.texts.get("prompt"),
+    "seed": lambda p: p.seed,
+}
 
 
 def _readable(model: Any, model_name: str, fields: tuple[str, ...],

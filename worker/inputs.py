@@ -24,6 +24,7 @@ from loom.errors import (
     StoreUnavailable,
     UnsupportedTask,
 )
+from loom.task_params import fill_prompt
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
@@ -47,6 +48,7 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
     error: LoomError | None = None
     data: bytes | None = None  # read by ``load``, not decoded yet (``decode_input``)
+    raw: bytes | None = None  # the input's bytes as read (what a remote model is sent)
 
     @property
     def ok(self) -> bool:
@@ -115,10 +117,16 @@ def load(item: ClaimedItem, *, settings: Settings, store: Store) -> Prepared:
         inp = spec.validate_input(item.input, where="input",
                                   max_text_chars=settings.max_text_chars, error=InvalidInput)
         prep.texts = {name: inp[name] for name in spec.texts}
+        template = item.params.get("prompt") if spec.param("prompt") else None
+        if isinstance(template, str):
+            # This row's instruction: part of what its output answers (dedupe, cache, lineage).
+            prep.texts["prompt"] = fill_prompt(template, item.metadata)
         if spec.seeded:
             prep.seed = inp.get("seed")
             if prep.seed is None:
                 prep.seed = tasks.derive_seed(item.job_id, item.index)
+        elif item.params.get("seed") is not None:  # sampling: item i samples with seed + i
+            prep.seed = tasks.item_seed(given=None, base=item.params["seed"], index=item.index)
         if not spec.image:
             text = "\n".join(prep.texts.values())
             prep.input_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -133,7 +141,7 @@ def load(item: ClaimedItem, *, settings: Settings, store: Store) -> Prepared:
             raise InputMismatch(
                 f"input sha256 is {prep.input_sha256}; the item expects {expected}"
             )
-        prep.data = data
+        prep.data = prep.raw = data
     except Exception as exc:
         prep.error = _as_item_error(exc)
     return prep

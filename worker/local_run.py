@@ -103,7 +103,7 @@ def _stored(local: Local, job_id: str, pairs: Iterable[Pair]) -> Iterator[dict[s
 
 def run_embedded(
     local: Local, task: str, pairs: Iterable[Pair], params: dict[str, Any] | None = None,
-    model: str | None = None, use_cache: bool = True,
+    model: str | None = None, use_cache: bool = True, metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Record a job (inputs stored under its keys), run it on this machine's engine processes
     with a progress bar, and print the summary. ``pairs``: (item {"input", "metadata"}, the
@@ -128,7 +128,7 @@ def run_embedded(
                 s, job_id=job_id, tenant_id=local.tenant_id, task=task,
                 model_name=model or settings.default_model,
                 items=_stored(local, job_id, itertools.chain(head, source)),
-                params=params or {}, use_cache=use_cache,
+                params=params or {}, use_cache=use_cache, metadata=metadata,
                 chunk_size=settings.chunk_size, max_attempts=settings.max_attempts,
             )
             total = job.item_count

@@ -12,10 +12,12 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from loom import tasks
 from loom.cli.common import Local, console, err, fail, local_job, open_local
 
 Opt = typer.Option
@@ -88,12 +90,84 @@ def run_finetune_job(local: Local, job_id: str, *, base: str, total: int = 1,
 
 
 def register(app: typer.Typer) -> None:
-    @app.command()
-    def models(
+    models_app = typer.Typer(invoke_without_command=True, no_args_is_help=False)
+    app.add_typer(models_app, name="models")
+
+    @models_app.command("add")
+    def add(
+        name: Annotated[str, typer.Argument(help="The name jobs will use (--model NAME).")],
+        backend: Annotated[str, typer.Option(help="hf | diffusers | openai")],
+        ref: Annotated[str, typer.Option(
+            help="A model folder (hf, diffusers) or SERVED_NAME@BASE_URL (openai).")],
+        param: Annotated[list[str] | None, typer.Option(
+            "--param", help="A default job param KEY=VALUE, repeatable.")] = None,
         api: Annotated[str | None, typer.Option("--api", envvar="LOOM_API_URL")] = None,
         api_key: Annotated[str | None, typer.Option("--api-key", envvar="LOOM_API_KEY")] = None,
     ) -> None:
-        """List the models (local registry, or the API's with --api)."""
+        """Name a model brought by reference, for your tenant (with --api) or this machine."""
+        from loom.errors import LoomError
+
+        params = _alias_params(param)
+        if api:
+            from loom.client import Client
+
+            with Client(api, api_key) as c:
+                row = c.add_model(name, backend=backend, ref=ref, params=params)
+            console.print(f"{row['name']} -> {row['ref']}")
+            return
+        from loom import jobs
+
+        local = open_local()
+        try:
+            with local.session_factory() as s:
+                full = jobs.alias_ref(backend, ref)
+                if tasks.backend_of(full) in (tasks.HF_PREFIX, tasks.DIFFUSERS_PREFIX):
+                    path = Path(full.split(":", 1)[1]).expanduser()
+                    if path.is_dir():  # a folder on this machine: its absolute path
+                        full = full.split(":", 1)[0] + ":" + str(path.resolve())
+                row = jobs.add_alias(s, tenant_id=local.tenant_id, name=name, ref=full,
+                                     params=params)
+                console.print(f"{row.name} -> {row.ref}")
+        except LoomError as exc:
+            raise fail(exc.message) from None
+        finally:
+            local.close()
+
+    @models_app.command("remove")
+    def remove(
+        name: str,
+        api: Annotated[str | None, typer.Option("--api", envvar="LOOM_API_URL")] = None,
+        api_key: Annotated[str | None, typer.Option("--api-key", envvar="LOOM_API_KEY")] = None,
+    ) -> None:
+        """Forget a model name (jobs that ran it keep the reference they recorded)."""
+        from loom.errors import LoomError
+
+        if api:
+            from loom.client import Client
+
+            with Client(api, api_key) as c:
+                c.remove_model(name)
+            return
+        from loom import jobs
+
+        local = open_local()
+        try:
+            with local.session_factory() as s:
+                jobs.remove_alias(s, tenant_id=local.tenant_id, name=name)
+        except LoomError as exc:
+            raise fail(exc.message) from None
+        finally:
+            local.close()
+
+    @models_app.callback()
+    def models(
+        ctx: typer.Context,
+        api: Annotated[str | None, typer.Option("--api", envvar="LOOM_API_URL")] = None,
+        api_key: Annotated[str | None, typer.Option("--api-key", envvar="LOOM_API_KEY")] = None,
+    ) -> None:
+        """List the models (local registry, or the API's with --api); add or remove names."""
+        if ctx.invoked_subcommand is not None:
+            return
         if api:
             from loom.client import Client
 
@@ -118,6 +192,10 @@ def register(app: typer.Typer) -> None:
                     console.print(f"{d['ref']}  fine-tuned from {d['base_model']} on "
                                   f"{d['training_rows']} rows (job {d['finetune_job_id']})"
                                   f"  {scores}")
+                for a in jobs.list_aliases(s, tenant_id=local.tenant_id):
+                    served = _alias_tasks(a.ref)
+                    console.print(f"{a.name} -> {a.ref}  tasks: {', '.join(served) or '?'}"
+                                  + (f"  params: {a.params}" if a.params else ""))
         finally:
             local.close()
 
@@ -212,3 +290,34 @@ def report(local: Local, job: dict[str, Any]) -> None:
                   + (f"; held-out {scores}" if scores else "")
                   + (f"; new words: {' '.join(m['new_words'])}" if m.get("new_words") else ""))
     console.print(f"use it: loom caption IMAGES --model {info['name']}")
+
+
+def _alias_params(pairs: list[str] | None) -> dict[str, Any]:
+    """A name's default ``--param`` values, each checked by a task that takes it (a name may
+    serve several tasks)."""
+    from loom.cli.task_commands import read_params
+    from loom.errors import InvalidRequest
+
+    out = read_params(pairs)
+    for key, value in out.items():
+        specs = [s for s in tasks.inference() if s.param(key) is not None]
+        if not specs:
+            raise fail(f"--param {key}: no task takes it")
+        try:
+            out[key] = specs[0].validate_params({key: value})[key]
+        except InvalidRequest as exc:
+            raise fail(exc.message) from None
+    return out
+
+
+def _alias_tasks(ref: str) -> tuple[str, ...]:
+    """What a named reference serves: read from its folder when it is on this machine."""
+    prefix = tasks.backend_of(ref)
+    if prefix in (tasks.HF_PREFIX, tasks.DIFFUSERS_PREFIX):
+        path = Path(ref[len(prefix):])
+        if path.is_dir():
+            from pipeline import hf_caps
+
+            return hf_caps.describe(path)[0]
+    caps = tasks.caps_for(ref)
+    return caps.tasks if caps else ()

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from loom import tasks
 from loom.errors import LoomError, StorageError, StoreUnavailable
 from worker.model_info import info_field
 
@@ -168,9 +169,24 @@ def store_output(
     if isinstance(out, Cached):
         return cached_result(prep, out, timings)
     if kind == "text":
-        return text_result(prep, str(out), info, timings)
-    if kind == "image":
-        return image_result(prep, out, info, timings, store=store)
-    if kind == "vector":
-        return vector_result(prep, out, info, timings, store=store)
-    raise ValueError(f"no output handler for kind {kind!r}")
+        result = text_result(prep, str(out), info, timings)
+    elif kind == "image":
+        result = image_result(prep, out, info, timings, store=store)
+    elif kind == "vector":
+        result = vector_result(prep, out, info, timings, store=store)
+    else:
+        raise ValueError(f"no output handler for kind {kind!r}")
+    result.details = details(prep, out, info)
+    return result
+
+
+def details(prep: Prepared, out: Any, info: Any) -> dict[str, Any] | None:
+    """What lineage keeps beyond the model's name: the instruction this row's prompt template
+    became, the model's ``info.details`` (a remote endpoint, its served model id,
+    ``weights_verified``) and the output's own (``finish_reason``)."""
+    found: dict[str, Any] = {}
+    if "prompt" in prep.texts and "prompt" not in tasks.get(prep.item.task).texts:
+        found["prompt"] = prep.texts["prompt"]
+    found.update(info_field(info, "details", None) or {})
+    found.update(getattr(out, "details", None) or {})
+    return found or None

@@ -60,6 +60,13 @@ class Reconciler:
                 webhooks.tick(session)
             except Exception:
                 log.exception("webhook delivery failed")
+            if self.store is not None:
+                try:  # OpenAI-compatible batches: expiry, and the files of finished ones
+                    from loom import openai_batches
+
+                    openai_batches.tick(session, self.store)
+                except Exception:
+                    log.exception("refreshing OpenAI batches failed")
         self.runs += 1
         if (self.store is not None and self.sweep_interval_seconds > 0
                 and time.monotonic() >= self._next_sweep):

@@ -246,6 +246,8 @@ def results(
     caller: ViewerDep,  # the job page's download links send the login cookie
     format: ResultFormat = "jsonl",  # noqa: A002 - the query parameter's name
     view: Annotated[ResultView, Query(description="full rows, or the task's own columns")] = "full",
+    drop_images: Annotated[bool, Query(
+        description="Leave a dataset's image column out of the table formats.")] = False,
 ) -> StreamingResponse:
     """Stream the results; image outputs are presigned (S3) or /v1/outputs/{id}/content URLs."""
     job = core.get_job(session, job_id=job_id, tenant_id=caller.tenant_id)
@@ -258,7 +260,8 @@ def results(
                 yield exports.with_url(row, lambda o: service.output_url(rt, base, o))
 
     media, ext = exports.MEDIA_TYPES[format]
-    body = results_out.stream(format, rows(), job=core.job_dict(job), store=rt.store, view=view)
+    body = results_out.stream(format, rows(), job=core.job_dict(job), store=rt.store, view=view,
+                              drop_images=drop_images)
     return StreamingResponse(
         body,
         media_type=media,

@@ -132,6 +132,9 @@ class Source:
     path: Path | None = None
     data: bytes | None = None
     uri: str | None = None  # s3://bucket/key, read when the item is stored or uploaded
+    # The dataset's description (loom.datasets.columns), recorded with the job so that its
+    # results keep the user's columns; None for files and folders.
+    columns: dict[str, Any] | None = None
 
 
 @dataclass
@@ -156,7 +159,8 @@ def is_dataset(path: str, *, texts_only: bool = False) -> bool:
 
 
 def dataset_sources(path: str, spec: tasks.TaskSpec, opts: DatasetOpts) -> Iterator[Source]:
-    """The items of a dataset, read in streaming batches; other columns travel as metadata."""
+    """The items of a dataset, read in streaming batches; every column travels as metadata
+    under its own name (loom.datasets.items), the source's description with each."""
     from loom import datasets
     from loom.errors import LoomError
 
@@ -167,10 +171,8 @@ def dataset_sources(path: str, spec: tasks.TaskSpec, opts: DatasetOpts) -> Itera
             question_col=opts.text_cols.get("question"), prompt_col=opts.text_cols.get("prompt"))
         for batch in batches:
             for it in batch:
-                meta = dict(it.get("metadata") or {})
-                if it.get("id") is not None:
-                    meta["id"] = it["id"]
-                src = Source({t: it[t] for t in spec.texts if it.get(t) is not None}, meta)
+                src = Source({t: it[t] for t in spec.texts if it.get(t) is not None},
+                             dict(it.get("metadata") or {}), columns=it.get("columns"))
                 if spec.image:
                     if it.get("image_url"):
                         src.input["image_url"] = it["image_url"]

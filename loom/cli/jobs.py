@@ -140,6 +140,8 @@ def results(
         help="full: every field; table: the task's own columns (what embedded runs write)",
     )] = "full",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="File (default: stdout).")] = None,
+    drop_images: Annotated[bool, typer.Option(
+        "--drop-images", help="Without a dataset's image column.")] = False,
     api: ApiOpt = None,
     api_key: KeyOpt = None,
 ) -> None:
@@ -159,8 +161,8 @@ def results(
     if api:
         sink = out.open("wb") if out else sys.stdout.buffer
         try:
-            remote(lambda c: sink.writelines(c.results(job_id, format=fmt, view=view)),
-                   api, api_key)
+            remote(lambda c: sink.writelines(c.results(job_id, format=fmt, view=view,
+                                                       drop_images=drop_images)), api, api_key)
         finally:
             if out:
                 sink.close()
@@ -177,10 +179,10 @@ def results(
         if out is None:
             sys.stdout.buffer.writelines(
                 results.stream(fmt, local_rows(local, jid), job=job, store=local.store,
-                               view=view))
+                               view=view, drop_images=drop_images))
             return
         n = results.write(fmt, local_rows(local, jid), out, job=job, store=local.store,
-                          view=view)
+                          view=view, drop_images=drop_images)
         err.print(f"wrote {n} rows to {out}" if n is not None else f"wrote {out}")
 
     embedded(run)

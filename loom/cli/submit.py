@@ -104,9 +104,11 @@ class RemoteBackend:
                     src.metadata["file"] = src.path.name  # a file named on its own: its name
                 yield src
 
+        meta = task_commands.job_metadata(g)
         items = _items(named(g.sources) if not g.spec.texts else g.sources)
         submit_opts = {"model": g.model, "priority": o["priority"],
-                       "idempotency_key": o["idempotency_key"], "cache": g.cache}
+                       "idempotency_key": o["idempotency_key"], "cache": g.cache,
+                       "metadata": meta, "params": g.params or None}
         _send(o["api"], o["api_key"], o["wait"], lambda c: _submit(c, g.spec, items, submit_opts))
 
 

@@ -15,6 +15,8 @@ as ``Source``s; the backend adds its own options (``--out``/``--format`` embedde
 # Typer annotations, which must be evaluated where they are written.
 
 import inspect
+import itertools
+import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ import typer
 
 from loom import tasks
 from loom.cli.common import fail
+from loom.datasets import columns
 from loom.cli.inputs import (
     DatasetOpts,
     Source,
@@ -52,6 +55,7 @@ class Gathered:
     single: bool = False  # ``ask IMAGE QUESTION``: one item, its answer printed
     origin: Path | None = None  # the rows file or image that results are written beside
     options: dict[str, Any] = field(default_factory=dict)  # the backend's own options
+    params: dict[str, Any] = field(default_factory=dict)  # the job's (--prompt, --param)
 
 
 class Backend(Protocol):
@@ -67,22 +71,80 @@ class Backend(Protocol):
     def run(self, g: Gathered) -> None: ...
 
 
+def job_metadata(g: Gathered) -> dict[str, Any] | None:
+    """The job's metadata: the dataset's description (its results keep the user's columns),
+    read from the first source (which stays in ``g.sources``)."""
+    first = next(g.sources, None)
+    if first is None:
+        return None
+    g.sources = itertools.chain([first], g.sources)
+    return {columns.KEY: first.columns} if first.columns else None
+
+
 def _is_url(s: str) -> bool:
     return s.startswith(("http://", "https://"))
 
 
+def read_params(pairs: list[str] | None) -> dict[str, Any]:
+    """``--param KEY=VALUE`` pairs, VALUE read as JSON when it is JSON (else text)."""
+    raw: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise fail(f"--param {pair!r}: expected KEY=VALUE")
+        try:
+            raw[key.strip()] = json.loads(value)
+        except ValueError:
+            raw[key.strip()] = value
+    return raw
+
+
+def parse_params(spec: tasks.TaskSpec, pairs: list[str] | None,
+                 prompt: str | None = None) -> dict[str, Any]:
+    """``--param KEY=VALUE`` (VALUE read as JSON when it is JSON: 64, 0.7, true, {...}; else
+    text) and ``--prompt``, checked against the task's params (unknown ones are named)."""
+    from loom.errors import InvalidRequest
+
+    raw = read_params(pairs)
+    if prompt is not None:
+        raw["prompt"] = prompt
+    try:
+        return spec.validate_params(raw, where="params")
+    except InvalidRequest as exc:
+        raise fail(exc.message) from None
+
+
+Prompt = Annotated[str | None, typer.Option(
+    help="The instruction for each image, for models that take one (not loom-shapes); "
+         "{column} is filled from a dataset's column, e.g. \"Describe the {category}\".")]
+Params = Annotated[list[str] | None, typer.Option(
+    "--param", help="A model parameter KEY=VALUE, repeatable: max_new_tokens=64, "
+                    "temperature=0.7, top_p=0.9, seed=1, num_inference_steps=30, ...")]
+
+
 def _command(spec: tasks.TaskSpec, backend: Backend, shared: Callable[..., Gathered]) -> Any:
-    """A Typer command whose parameters are ``shared``'s then the backend's own; it gathers
-    with ``shared`` and hands the result to the backend."""
+    """A Typer command whose parameters are ``shared``'s, the job params' (``--prompt`` where
+    the task takes an instruction, ``--param``), then the backend's own; it gathers with
+    ``shared`` and hands the result to the backend."""
     own = inspect.signature(backend.options(spec)).parameters
     params = list(inspect.signature(shared).parameters.values())
-    params += [p for name, p in own.items()]
+    takes_prompt = spec.param("prompt") is not None and "prompt" not in spec.texts
+    if takes_prompt:
+        params.append(inspect.Parameter("prompt", inspect.Parameter.KEYWORD_ONLY,
+                                        default=None, annotation=Prompt))
+    params.append(inspect.Parameter("param", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                    annotation=Params))
+    params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own.values()]
     own_names = set(own)
 
     def command(**kwargs: Any) -> None:
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in own_names}
+        job_params = parse_params(spec, kwargs.pop("param"), kwargs.pop("prompt", None))
+        if "seed" in job_params and spec.seeded:  # generate's --seed is its own option
+            raise fail("--param seed: give the base seed as --seed")
         g = shared(**kwargs)
         g.options = options
+        g.params = job_params
         backend.run(g)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

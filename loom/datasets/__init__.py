@@ -150,10 +150,14 @@ def writer_for(
     row_group_rows: int = 10_000,
     arrow: bool = False,
     vectors: Any = None,
+    columns: dict[str, Any] | None = None,
+    drop_images: bool = False,
 ) -> Any:
     """A writer with ``write_row(row)``, ``write(rows)``, ``close() -> WriteResult(rows, paths)``
     (also a context manager). ``images(row) -> (bytes, ext) | None`` supplies the image of a row
     (``store_images(store)``: generated outputs and stored inputs); WebDataset and HF embed it.
+    ``columns``: the source dataset's description (loom.datasets.columns): Parquet and HF keep
+    its columns first, under their names and types (``drop_images``: without the image column).
 
     - parquet: ``out`` ending in ``.parquet`` -> that one file; else a folder of
       ``part-00000.parquet`` shards of at most ``shard_rows`` rows (default 1,000,000).
@@ -169,13 +173,15 @@ def writer_for(
     if fmt == "parquet":
         return writers.ParquetRowsWriter(out, task=task, shard_rows=shard_rows or 1_000_000,
                                          images=images, row_group_rows=row_group_rows,
-                                         vectors=vectors)
+                                         vectors=vectors, columns=columns,
+                                         drop_images=drop_images)
     if fmt == "webdataset":
         return writers.WebDatasetRowsWriter(out, task=task, shard_rows=shard_rows, images=images,
-                                            vectors=vectors)
+                                            vectors=vectors, columns=columns)
     if fmt == "hf":
         return writers.HFRowsWriter(out, task=task, shard_rows=shard_rows, images=images,
-                                    row_group_rows=row_group_rows, arrow=arrow)
+                                    row_group_rows=row_group_rows, arrow=arrow, vectors=vectors,
+                                    columns=columns, drop_images=drop_images)
     raise InvalidRequest(f"unknown output format {fmt!r}; use one of {', '.join(OUTPUT_FORMATS)}")
 
 
@@ -186,12 +192,14 @@ def write_rows(fmt: str, rows: Any, out: str | Path, *, task: str, **kwargs: Any
     return w.result
 
 
-def stream_rows(fmt: str, rows: Any, *, task: str, images: Any = None,
-                vectors: Any = None) -> Iterator[bytes]:
+def stream_rows(fmt: str, rows: Any, *, task: str, images: Any = None, vectors: Any = None,
+                columns: dict[str, Any] | None = None,
+                drop_images: bool = False) -> Iterator[bytes]:
     """Parquet (one file) or WebDataset (one tar) as byte chunks, for HTTP responses."""
     from loom.datasets import writers
 
-    return writers.stream_rows(fmt, rows, task=task, images=images, vectors=vectors)
+    return writers.stream_rows(fmt, rows, task=task, images=images, vectors=vectors,
+                               columns=columns, drop_images=drop_images)
 
 
 def store_vectors(store: Any) -> Any:

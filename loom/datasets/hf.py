@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from loom.datasets.columns import describe
 from loom.datasets.items import Columns, batch_items, detect_columns
 from loom.errors import InvalidRequest
 
@@ -57,12 +58,14 @@ def read_saved(
         raise InvalidRequest(f"{path}: this dataset is the {ds.split!s} split, not {split!r}")
     features = _image_features(ds.features)
     chosen: Columns | None = None
+    described: dict[str, Any] | None = None
     for table in ds.with_format("arrow").iter(batch_size=batch_size):
         if chosen is None:
             batch = table.to_batches()[0] if table.num_rows else None
             chosen = detect_columns(table.schema, batch, image_features=features, **cols)
+            described = describe(table.schema, chosen, "hf")
         if table.num_rows:
-            yield batch_items(table, chosen, path)
+            yield batch_items(table, chosen, path, described)
 
 
 _SPLIT_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_.]+?)[-_]\d{5}(?:-of-\d{5})?\.parquet$")
@@ -94,14 +97,16 @@ def read_parquet_folder(
         raise InvalidRequest(f"{path}: no .parquet files in this folder")
     files = splits[_choose(list(splits), split, path)]
     chosen: Columns | None = None
+    described: dict[str, Any] | None = None
     for f in files:
         with pq.ParquetFile(f) as pf:
             features = _features_from_metadata(pf.schema_arrow.metadata)
             for batch in pf.iter_batches(batch_size=batch_size):
                 if chosen is None:
                     chosen = detect_columns(batch.schema, batch, image_features=features, **cols)
+                    described = describe(batch.schema, chosen, "hf")
                 if batch.num_rows:
-                    yield batch_items(batch, chosen, f.parent)
+                    yield batch_items(batch, chosen, f.parent, described)
 
 
 def _features_from_metadata(meta: dict[bytes, bytes] | None) -> tuple[str, ...]:

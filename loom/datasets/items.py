@@ -7,7 +7,10 @@ An *item* (what every reader yields, in lists of at most ``batch_size``) is a di
 - at most one image field: ``image_url`` (http/https URL), ``image_path`` (a local absolute path
   or an ``s3://bucket/key`` URI) or ``image_bytes`` (the encoded image),
 - ``question`` / ``prompt`` when the source has them,
-- ``metadata``: every other column, JSON-safe (bytes are dropped, timestamps become ISO text).
+- ``metadata``: every column under its own name, JSON-safe (timestamps become ISO text): the id
+  and text columns included, the image column too when it holds a path or URL (as given). Bytes
+  never travel as metadata: an image column of bytes comes back from the stored input.
+- ``columns``: the source's description (loom.datasets.columns), one object shared by its items.
 """
 
 from __future__ import annotations
@@ -179,12 +182,14 @@ def image_field(value: Any, base_dir: Path | None) -> dict[str, Any]:
 
 
 def batch_items(
-    batch: pa.RecordBatch | pa.Table, cols: Columns, base_dir: Path | None
+    batch: pa.RecordBatch | pa.Table, cols: Columns, base_dir: Path | None,
+    columns: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Convert one Arrow batch to items (column by column: to_pylist is the fast path)."""
+    """Convert one Arrow batch to items (column by column: to_pylist is the fast path).
+    ``columns``: the source's description, attached to every item."""
     data = {name: batch.column(name).to_pylist() for name in batch.schema.names}
-    special = {c for c in (cols.image, cols.question, cols.prompt, cols.id) if c}
-    meta_cols = [n for n in batch.schema.names if n not in special]
+    meta_cols = [n for n in batch.schema.names
+                 if n != cols.image or not (columns or {}).get("image_bytes")]
     out: list[dict[str, Any]] = []
     for i in range(batch.num_rows):
         item: dict[str, Any] = {}
@@ -200,6 +205,8 @@ def batch_items(
         if cols.prompt and data[cols.prompt][i] is not None:
             item["prompt"] = str(data[cols.prompt][i])
         item["metadata"] = {n: json_safe(data[n][i]) for n in meta_cols}
+        if columns is not None:
+            item["columns"] = columns
         out.append(item)
     return out
 

@@ -1,10 +1,12 @@
 """Result rows (``loom.exports.result_rows``) -> flat, typed records for Parquet / HF outputs, and
 the WebDataset sample of a row.
 
-Fixed columns (``FIXED``) come first; the item's metadata keys follow as their own columns, typed
-from the first row group (a key that collides with a fixed column is written as ``meta_<key>``);
-metadata that does not fit those columns later (a new key, another type) goes, as JSON, into
-``metadata_extra``, so nothing is lost and the schema stays fixed for streaming.
+The user's columns come first (loom.datasets.columns): a dataset's columns in order with their
+types, then the other metadata keys, typed from the first row group. Loom's columns follow
+(``LOOM``: status and error, the output, the inputs as Loom read them, provenance); one whose name
+the user's columns already have is written as ``loom_<name>``. Metadata that does not fit those
+columns later (a new key, another type) goes, as JSON, into ``metadata_extra``, so nothing is lost
+and the schema stays fixed for streaming.
 """
 
 from __future__ import annotations
@@ -17,43 +19,43 @@ from loom.datasets.items import json_safe
 if TYPE_CHECKING:
     import pyarrow as pa
 
-# name -> pyarrow type name (built lazily: pyarrow is imported only when writing)
-FIXED: tuple[tuple[str, str], ...] = (
-    ("index", "int64"), ("item_id", "int64"), ("id", "string"), ("task", "string"),
-    ("status", "string"),
-    ("input_image", "string"), ("question", "string"), ("prompt", "string"),
+# Loom's columns, name -> pyarrow type name (built lazily: pyarrow is imported only to write).
+LOOM: tuple[tuple[str, str], ...] = (
+    ("status", "string"), ("error_code", "string"), ("error_message", "string"),
     ("text", "string"), ("output_key", "string"), ("output_url", "string"),
     ("output_sha256", "string"), ("output_content_type", "string"),
-    ("error_code", "string"), ("error_message", "string"),
+    ("input_image", "string"), ("question", "string"), ("prompt", "string"),
+    ("index", "int64"), ("item_id", "int64"), ("task", "string"),
     ("input_sha256", "string"), ("model", "string"), ("model_version", "string"),
     ("weights_sha256", "string"), ("seed", "int64"), ("attempt", "int64"),
     ("worker_id", "string"), ("timings", "string"), ("started_at", "timestamp"),
     ("finished_at", "timestamp"),
 )
-FIXED_NAMES = frozenset(n for n, _ in FIXED) | {"metadata_extra", "image"}
+# Loom's echo of the inputs it read: left out when the user's columns hold them already.
+ECHO = ("input_image", "question", "prompt")
 EXTRA = "metadata_extra"
 
 
-def row_id(row: dict[str, Any]) -> str | None:
-    """The input's id: metadata ``id`` (what the dataset readers give), else the file name."""
+def row_id(row: dict[str, Any], id_col: str | None = None) -> str | None:
+    """The input's id: the dataset's id column, else metadata ``id`` or ``__key__``, else the
+    file name."""
     meta = row.get("metadata") or {}
-    value = meta.get("id") if isinstance(meta, dict) else None
-    if value is None and isinstance(meta, dict):
-        value = meta.get("file")
-    return None if value is None else str(value)
+    if not isinstance(meta, dict):
+        return None
+    for name in (id_col, "id", "__key__", "file"):
+        if name and meta.get(name) is not None:
+            return str(meta[name])
+    return None
 
 
-def meta_column(key: str) -> str:
-    return f"meta_{key}" if key in FIXED_NAMES else key
-
-
-def fixed_record(row: dict[str, Any], task: str) -> dict[str, Any]:
+def loom_record(row: dict[str, Any], task: str) -> dict[str, Any]:
+    """Loom's values of a row, under Loom's names (``LOOM``)."""
     inp, out = row.get("input") or {}, row.get("output") or {}
     err, lin = row.get("error") or {}, row.get("lineage") or {}
     timings = lin.get("timings")
     seed = lin.get("seed", inp.get("seed"))
     return {
-        "index": row.get("index"), "item_id": row.get("item_id"), "id": row_id(row),
+        "index": row.get("index"), "item_id": row.get("item_id"),
         "task": task, "status": row.get("status"),
         "input_image": inp.get("image_url") or inp.get("image_key"),
         "question": inp.get("question"), "prompt": inp.get("prompt"),
@@ -70,7 +72,7 @@ def fixed_record(row: dict[str, Any], task: str) -> dict[str, Any]:
 
 
 def arrow_type(name: str) -> pa.DataType:
-    """A FIXED type name as a pyarrow type (timestamps: naive UTC, microseconds)."""
+    """A ``LOOM`` type name as a pyarrow type (timestamps: naive UTC, microseconds)."""
     import pyarrow as pa
 
     return pa.timestamp("us") if name == "timestamp" else getattr(pa, name)()
@@ -80,27 +82,29 @@ def metadata_of(row: dict[str, Any]) -> dict[str, Any]:
     meta = row.get("metadata") or {}
     if not isinstance(meta, dict):
         return {"metadata": json_safe(meta)}
-    return {k: json_safe(v) for k, v in meta.items() if k != "id"}
+    return {k: json_safe(v) for k, v in meta.items()}
 
 
-def infer_meta_schema(metas: list[dict[str, Any]]) -> list[pa.Field]:
-    """Metadata columns and types from the first row group (null-only columns become text)."""
+def infer_type(values: list[Any]) -> pa.DataType:
+    """A column's type from its values (null-only or mixed columns become text)."""
     import pyarrow as pa
 
-    keys: dict[str, None] = {}
-    for m in metas:
-        keys.update(dict.fromkeys(m))
-    fields: list[pa.Field] = []
-    for key in keys:
-        values = [m.get(key) for m in metas]
-        try:
-            t = pa.array(values).type
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-            t = pa.string()
-        if pa.types.is_null(t):
-            t = pa.string()
-        fields.append(pa.field(meta_column(key), t))
-    return fields
+    try:
+        t = pa.array(values).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        t = pa.string()
+    return pa.string() if pa.types.is_null(t) else t
+
+
+def typed_array(values: list[Any], t: pa.DataType) -> pa.Array:
+    """``values`` as type ``t``; what metadata carried as text (timestamps as ISO text,
+    decimals) is cast back. Raises when they do not fit."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(values, type=t)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
+        return pa.array(values).cast(t)
 
 
 def column_values(
@@ -112,19 +116,21 @@ def column_values(
     import pyarrow as pa
 
     try:
-        return pa.array(values, type=t)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
+        return typed_array(values, t)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError,
+            TypeError, ValueError):
         if extras is None or key is None:
             raise
     fixed: list[Any] = []
     for i, v in enumerate(values):
         try:
-            pa.array([v], type=t)
+            typed_array([v], t)
             fixed.append(v)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError,
+                OverflowError, TypeError, ValueError):
             fixed.append(None)
             extras[i][key] = v
-    return pa.array(fixed, type=t)
+    return typed_array(fixed, t)
 
 
 def sample_key(row: dict[str, Any]) -> str:
@@ -132,9 +138,9 @@ def sample_key(row: dict[str, Any]) -> str:
     return f"{int(row.get('index') or 0):08d}"
 
 
-def sample_json(row: dict[str, Any], task: str) -> dict[str, Any]:
+def sample_json(row: dict[str, Any], task: str, id_col: str | None = None) -> dict[str, Any]:
     """Metadata + provenance of one row, for the ``{key}.json`` member."""
     out = {k: json_safe(v) for k, v in row.items()}
     out["task"] = task
-    out["id"] = row_id(row)
+    out["id"] = row_id(row, id_col)
     return out

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loom.datasets.columns import describe
 from loom.datasets.items import Columns, batch_items, detect_columns
 from loom.errors import InvalidRequest
 
@@ -92,14 +93,16 @@ def read_table(
         yield from _read_url_list(path, batch_size)
         return
     cols: Columns | None = None
+    described: dict[str, Any] | None = None
     for batch in _arrow_batches(path, fmt, batch_size):
         if cols is None:
             cols = detect_columns(
                 batch.schema, batch, image_col=image_col, question_col=question_col,
                 prompt_col=prompt_col, id_col=id_col, image_features=image_features,
             )
+            described = describe(batch.schema, cols, fmt)
         if batch.num_rows:
-            yield batch_items(batch, cols, base_dir)
+            yield batch_items(batch, cols, base_dir, described)
 
 
 def _read_url_list(path: Path, batch_size: int) -> Iterator[list[dict[str, Any]]]:

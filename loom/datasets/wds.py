@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from loom.datasets.columns import describe_fields
 from loom.errors import InvalidRequest
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "image", "img")
@@ -106,8 +107,10 @@ def read_shards(
     """Items of WebDataset shards. The key is the item id (unless ``id_col`` names another field);
     the image is the member named by ``image_col`` (an extension) or the first image member;
     ``question_col`` / ``prompt_col`` name a text member or a key of the json member; every other
-    text/json member travels as metadata under its extension, plus ``__shard__``."""
+    text/json member travels as metadata under its extension, plus ``__key__`` and
+    ``__shard__``."""
     batch: list[dict[str, Any]] = []
+    described: dict[str, Any] | None = None
     for shard in expand_shards(spec):
         for sample in _samples(shard):
             key = sample.pop("__key__")
@@ -126,14 +129,18 @@ def read_shards(
                 item["image_bytes"] = sample[image]
             question = _lookup(sample, decoded, question_col or "question")
             prompt = _lookup(sample, decoded, prompt_col or "prompt")
-            used = {question_col or "question", prompt_col or "prompt", id_col}
             if question is not None:
                 item["question"] = str(question)
             if prompt is not None:
                 item["prompt"] = str(prompt)
-            meta = {f: v for f, v in decoded.items() if v is not None and f not in used}
+            if described is None:  # the first sample's members are the source's columns
+                described = describe_fields(
+                    ["__key__", *sample], fmt="webdataset", image=image,
+                    id_=id_col or "__key__", question=question_col, prompt=prompt_col)
+            meta = {"__key__": key, **{f: v for f, v in decoded.items() if v is not None}}
             meta["__shard__"] = shard.name
             item["metadata"] = meta
+            item["columns"] = described
             batch.append(item)
             if len(batch) >= batch_size:
                 yield batch

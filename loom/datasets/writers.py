@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loom.datasets import records
+from loom.datasets import columns, records
 from loom.datasets.wds import ShardWriter, sample_bytes
 
 if TYPE_CHECKING:
@@ -63,7 +63,8 @@ class _Sink(io.RawIOBase):
 
 def store_images(store: Store, *, inputs: bool = True) -> ImageFn:
     """Image bytes from the store: a generated output, else (``inputs``) the stored input image.
-    URL inputs are not fetched (their URL is in the row)."""
+    URL inputs are not fetched (their URL is in the row). Stored bytes that are no image (an
+    item that failed for it) come back as they are, with the extension "bin"."""
     from loom import media
     from loom.errors import LoomError
 
@@ -76,9 +77,12 @@ def store_images(store: Store, *, inputs: bool = True) -> ImageFn:
             return None
         try:
             data = store.get(key)
-            return data, media.image_format(data)
         except LoomError:
             return None
+        try:
+            return data, media.image_format(data)
+        except LoomError:  # not an image (its item failed): still the bytes the user gave
+            return (data, "bin") if data else None
 
     return image
 
@@ -111,12 +115,18 @@ def npy_values(data: bytes | None) -> list[float] | None:
 
 
 class ParquetRowsWriter:
-    """One row per item (``records.FIXED`` + metadata columns + ``metadata_extra``).
+    """One row per item: the user's columns, then Loom's (``records.LOOM``), then
+    ``metadata_extra`` (loom.datasets.records).
 
     ``out``: a ``.parquet`` file path (one file), a folder (shards ``part-00000.parquet`` of at
     most ``shard_rows`` rows), or None (``stream()``: bytes as row groups are finished).
-    ``hf_image``: add an HF ``Image`` column ``image`` ({bytes, path}) filled by ``images``, and
-    store the HF features in the file's schema metadata (``datasets`` reads them back).
+    ``columns``: the source dataset's description (loom.datasets.columns): its columns come
+    first, in order and with their types, an image column of bytes filled by ``images`` (the
+    stored input) unless ``drop_images`` drops the image column.
+    ``hf_image``: add an HF ``Image`` column ``image`` ({bytes, path}) filled by ``images`` (for a
+    source whose image column holds bytes, that column is the ``Image`` instead, unless the task
+    draws images), and store the HF features in the file's schema metadata (``datasets`` reads
+    them back).
     """
 
     def __init__(
@@ -131,16 +141,19 @@ class ParquetRowsWriter:
         hf_image: bool = False,
         shard_name: str = "part-{n:05d}.parquet",
         vectors: VectorFn | None = None,
+        columns: dict[str, Any] | None = None,
+        drop_images: bool = False,
     ) -> None:
         from loom import tasks
         from loom.errors import InvalidRequest
 
-        if not tasks.get(task).tabular:
+        spec = tasks.get(task)
+        if not spec.tabular:
             raise InvalidRequest(f"a {task} job's result is a model version (loom models, GET "
                                  "/v1/models), not a dataset; export it as jsonl or csv")
         self.task = task
         # Tasks whose output is a vector get a list<float32> column "vector" (from the .npy).
-        self.vectors = vectors if tasks.get(task).output == "vector" else None
+        self.vectors = vectors if spec.output == "vector" else None
         self._vecs: list[list[float] | None] = []
         self.out = Path(out) if out is not None else None
         self.single = self.out is not None and self.out.suffix == ".parquet"
@@ -148,31 +161,44 @@ class ParquetRowsWriter:
         self.row_group_rows = row_group_rows
         self.row_group_bytes = row_group_bytes
         self.images = images
-        self.hf_image = hf_image
+        self.columns = columns
+        self.drop_images = drop_images
+        # The source's image column of bytes, written back (the stored input) unless dropped.
+        image_col = (columns or {}).get("image")
+        self.bytes_col: str | None = (
+            image_col if image_col and (columns or {}).get("image_bytes") else None)
+        self.hf_image = hf_image and (self.bytes_col is None or spec.output == "image")
         self.shard_name = shard_name
         self.result = WriteResult()
         self.sink = _Sink() if self.out is None else None
         self._schema: pa.Schema | None = None
-        self._meta_fields: list[tuple[str, str, Any]] = []  # (column, metadata key, type)
+        # (column, metadata key, type) of the user's columns, fixed by the first row group.
+        self._user_fields: list[tuple[str, str, Any]] = []
+        self._loom_names: dict[str, str] = {}  # Loom's name -> its column (loom_ when taken)
         self._writer: pq.ParquetWriter | None = None
         self._in_file = 0
         self._buf: list[dict[str, Any]] = []
         self._metas: list[dict[str, Any]] = []
         self._imgs: list[dict[str, Any] | None] = []
+        self._src_imgs: list[tuple[bytes, str] | None] = []
         self._buf_bytes = 0
         if self.out is not None and not self.single:
             self.out.mkdir(parents=True, exist_ok=True)
 
     # -- rows in --
     def write_row(self, row: dict[str, Any]) -> None:
-        self._buf.append(records.fixed_record(row, self.task))
+        self._buf.append(records.loom_record(row, self.task))
         self._metas.append(records.metadata_of(row))
         if self.vectors is not None:
             self._vecs.append(npy_values(self.vectors(row)))
+        img = self.images(row) if self.images and (self.hf_image or self.bytes_col) else None
+        if self.bytes_col is not None and not self.drop_images:
+            self._src_imgs.append(img)
+            self._buf_bytes += len(img[0]) if img else 0
         if self.hf_image:
-            img = self.images(row) if self.images else None
-            if img is not None:
-                self._imgs.append({"bytes": img[0], "path": f"{records.sample_key(row)}.{img[1]}"})
+            if img is not None and img[1] != "bin":
+                self._imgs.append(
+                    {"bytes": img[0], "path": f"{records.sample_key(row)}.{img[1]}"})
                 self._buf_bytes += len(img[0])
             else:
                 self._imgs.append(None)
@@ -184,27 +210,71 @@ class ParquetRowsWriter:
             self.write_row(row)
 
     # -- row groups out --
+    def _user_schema(self) -> list[pa.Field]:
+        """The user's columns: the source's, in order with its types; then the other metadata
+        keys of the first row group, typed from their values."""
+        import pyarrow as pa
+
+        source = columns.schema_of(self.columns) if self.columns else None
+        fields: list[pa.Field] = []
+        seen: set[str] = set()
+        for name in columns.names(self.columns):
+            if name == self.bytes_col:
+                if self.drop_images:
+                    continue
+                t = source.field(name).type if source is not None and name in source.names \
+                    else pa.binary()
+                if not (pa.types.is_binary(t) or pa.types.is_large_binary(t)):
+                    t = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+            elif source is not None and name in source.names:
+                t = source.field(name).type
+            else:
+                t = records.infer_type([m.get(name) for m in self._metas])
+            fields.append(pa.field(name, t))
+            seen.add(name)
+        if self.drop_images and (self.columns or {}).get("image"):
+            seen.add(self.columns["image"])  # dropped: its metadata value goes nowhere
+        for m in self._metas:
+            for key in m:
+                if key not in seen:
+                    seen.add(key)
+                    values = [x.get(key) for x in self._metas]
+                    fields.append(pa.field(key, records.infer_type(values)))
+        return fields
+
     def _build_schema(self) -> pa.Schema:
         import pyarrow as pa
 
-        fields = [pa.field(name, records.arrow_type(t)) for name, t in records.FIXED]
-        meta_fields = records.infer_meta_schema(self._metas)
-        keys: dict[str, str] = {}
-        for m in self._metas:
-            for k in m:
-                keys.setdefault(records.meta_column(k), k)
-        self._meta_fields = [(f.name, keys[f.name], f.type) for f in meta_fields]
-        fields += meta_fields
-        fields.append(pa.field(records.EXTRA, pa.string()))
+        user = self._user_schema()
+        self._user_fields = [(f.name, f.name, f.type) for f in user]
+        taken = {f.name for f in user}
+        if self.drop_images and (self.columns or {}).get("image"):
+            taken.add(self.columns["image"])
+        fields = list(user)
+        self._loom_names = {}
+        for name, t in records.LOOM:
+            if name in records.ECHO and name in taken:
+                continue  # the user's own column holds the same input
+            self._loom_names[name] = columns.loom_name(name, taken)
+            fields.append(pa.field(self._loom_names[name], records.arrow_type(t)))
+        fields.append(pa.field(columns.loom_name(records.EXTRA, taken), pa.string()))
         if self.vectors is not None:
-            fields.append(pa.field("vector", pa.list_(pa.float32())))
+            fields.append(pa.field(columns.loom_name("vector", taken), pa.list_(pa.float32())))
         if self.hf_image:
-            fields.append(pa.field("image", pa.struct(
+            fields.append(pa.field(columns.loom_name("image", taken), pa.struct(
                 [pa.field("bytes", pa.binary()), pa.field("path", pa.string())])))
         schema = pa.schema(fields)
-        if self.hf_image:
-            schema = _with_hf_features(schema)
+        if self.hf_image or (self.bytes_col and not self.drop_images):
+            image_names = [columns.loom_name("image", taken)] if self.hf_image else []
+            if self.bytes_col and not self.drop_images and \
+                    pa.types.is_struct(schema.field(self.bytes_col).type):
+                image_names.append(self.bytes_col)
+            if image_names and self._hf_features():
+                schema = _with_hf_features(schema, image_names)
         return schema
+
+    def _hf_features(self) -> bool:
+        return isinstance(self, HFRowsWriter) or self.hf_image
 
     def _table(self) -> pa.Table:
         import pyarrow as pa
@@ -213,25 +283,39 @@ class ParquetRowsWriter:
         n = len(self._buf)
         extras: list[dict[str, Any]] = [{} for _ in range(n)]
         arrays: list[pa.Array] = []
-        for name, t in records.FIXED:
-            arrays.append(pa.array([r[name] for r in self._buf], type=records.arrow_type(t)))
         known = set()
-        for column, key, t in self._meta_fields:
+        for column, key, t in self._user_fields:
             known.add(key)
+            if key == self.bytes_col:
+                arrays.append(self._source_images(t))
+                continue
             values = [m.get(key) for m in self._metas]
             arrays.append(records.column_values(column, t, values, extras, key))
         for i, m in enumerate(self._metas):
             for k, v in m.items():
-                if k not in known:
+                if k not in known and k != (self.columns or {}).get("image"):
                     extras[i][k] = v
+        for name, t in records.LOOM:
+            if name in self._loom_names:
+                arrays.append(pa.array([r[name] for r in self._buf], type=records.arrow_type(t)))
         arrays.append(pa.array(
             [json.dumps(e, ensure_ascii=False, sort_keys=True) if e else None for e in extras],
             type=pa.string()))
         if self.vectors is not None:
             arrays.append(pa.array(self._vecs, type=pa.list_(pa.float32())))
         if self.hf_image:
-            arrays.append(pa.array(self._imgs, type=self._schema.field("image").type))
+            arrays.append(pa.array(self._imgs, type=self._schema.field(
+                len(self._schema) - 1).type))
         return pa.Table.from_arrays(arrays, schema=self._schema)
+
+    def _source_images(self, t: pa.DataType) -> pa.Array:
+        """The image column of bytes, from the stored inputs (a struct: HF's {bytes, path})."""
+        import pyarrow as pa
+
+        if pa.types.is_struct(t):
+            return pa.array([{"bytes": img[0], "path": None} if img else None
+                             for img in self._src_imgs], type=t)
+        return pa.array([img[0] if img else None for img in self._src_imgs], type=t)
 
     def _open_file(self) -> pq.ParquetWriter:
         import pyarrow.parquet as pq
@@ -273,13 +357,14 @@ class ParquetRowsWriter:
         self._buf.clear()
         self._metas.clear()
         self._imgs.clear()
+        self._src_imgs.clear()
         self._vecs.clear()
         self._buf_bytes = 0
 
     def close(self) -> WriteResult:
         self.flush()
         if self._writer is None and self.result.rows == 0:
-            # An empty job still gives a readable file with the fixed columns.
+            # An empty job still gives a readable file with the columns it would have had.
             self._schema = self._build_schema()
             self._writer = self._open_file()
         if self._writer is not None:
@@ -294,12 +379,14 @@ class ParquetRowsWriter:
         self.close()
 
 
-def _with_hf_features(schema: pa.Schema) -> pa.Schema:
-    """The schema with HF ``datasets`` features in its metadata (``image`` is an ``Image``)."""
+def _with_hf_features(schema: pa.Schema, image_names: list[str]) -> pa.Schema:
+    """The schema with HF ``datasets`` features in its metadata (``image_names`` are
+    ``Image``s)."""
     import datasets
 
     features = datasets.Features.from_arrow_schema(schema)
-    features["image"] = datasets.Image()
+    for name in image_names:
+        features[name] = datasets.Image()
     return features.arrow_schema
 
 
@@ -310,8 +397,10 @@ class WebDatasetRowsWriter:
     streamed tar (``sink``)."""
 
     def __init__(self, out: str | Path | None, *, task: str, shard_rows: int | None = None,
-                 images: ImageFn | None = None, vectors: VectorFn | None = None) -> None:
+                 images: ImageFn | None = None, vectors: VectorFn | None = None,
+                 columns: dict[str, Any] | None = None) -> None:
         self.task = task
+        self.id_col = (columns or {}).get("id")  # the json member's "id": the user's id
         self.images = images
         self.vectors = vectors  # a vector output becomes the sample's {key}.npy
         self.result = WriteResult()
@@ -343,7 +432,7 @@ class WebDatasetRowsWriter:
         if text is not None:
             fields["txt"] = str(text).encode()
         fields["json"] = json.dumps(
-            records.sample_json(row, self.task), ensure_ascii=False, default=str
+            records.sample_json(row, self.task, self.id_col), ensure_ascii=False, default=str
         ).encode()
         key = records.sample_key(row)
         if self._shards is not None:
@@ -420,12 +509,13 @@ def save_to_disk(root: Path, parquet_files: list[Path], *, split: str = "train")
 def stream_rows(
     fmt: str, rows: Iterable[dict[str, Any]], *, task: str, images: ImageFn | None = None,
     row_group_rows: int = 10_000, vectors: VectorFn | None = None,
+    columns: dict[str, Any] | None = None, drop_images: bool = False,
 ) -> Iterator[bytes]:
     """``parquet`` (one file) or ``webdataset`` (one tar) as byte chunks, for HTTP responses:
     a Parquet chunk per row group, a tar chunk per ~1 MiB of samples."""
     if fmt == "parquet":
         pw = ParquetRowsWriter(None, task=task, row_group_rows=row_group_rows, images=images,
-                               vectors=vectors)
+                               vectors=vectors, columns=columns, drop_images=drop_images)
         assert pw.sink is not None
         for row in rows:
             pw.write_row(row)
@@ -435,7 +525,8 @@ def stream_rows(
         yield pw.sink.drain()
         return
     if fmt == "webdataset":
-        ww = WebDatasetRowsWriter(None, task=task, images=images, vectors=vectors)
+        ww = WebDatasetRowsWriter(None, task=task, images=images, vectors=vectors,
+                                  columns=columns)
         assert ww.sink is not None
         for row in rows:
             ww.write_row(row)

@@ -8,6 +8,17 @@ transaction (BEGIN IMMEDIATE on SQLite). ``now`` parameters exist so tests can m
                      lease_seconds=120)
 """
 
+from loom.jobs.aliases import add_alias, alias_ref, list_aliases, remove_alias, resolve_alias
+from loom.jobs.batches import (
+    add_batch_job,
+    create_batch,
+    get_batch,
+    item_counts,
+    job_statuses,
+    list_batches,
+    open_batch_ids,
+    update_batch,
+)
 from loom.jobs.cache import cache_key, cached_outputs, job_uses_cache
 from loom.jobs.catalog import model_versions, record_model_version
 from loom.jobs.chunks import (
@@ -49,6 +60,7 @@ from loom.jobs.queries import (
     get_job,
     get_output,
     item_lineage,
+    items_metadata,
     iter_results,
     job_progress,
     list_items,
@@ -92,6 +104,19 @@ from loom.jobs.verify import OutputProblem, VerifyReport, requeue_lost, verify_j
 from loom.jobs.views import job_dict, job_ref, lineage_dict, result_row
 
 __all__ = [
+    "add_batch_job",
+    "create_batch",
+    "get_batch",
+    "item_counts",
+    "job_statuses",
+    "list_batches",
+    "open_batch_ids",
+    "update_batch",
+    "add_alias",
+    "alias_ref",
+    "list_aliases",
+    "remove_alias",
+    "resolve_alias",
     "Chunk",
     "ClaimHead",
     "ClaimedItem",
@@ -128,6 +153,7 @@ __all__ = [
     "heartbeat",
     "item_latency",
     "item_lineage",
+    "items_metadata",
     "item_status_counts",
     "iter_results",
     "job_chunks",

@@ -101,7 +101,7 @@ WITH v AS MATERIALIZED (
         item_id bigint, attempt integer, kind text, text text, storage_key text,
         content_type text, sha256 text, size_bytes bigint, input_sha256 text, model_name text,
         model_version text, weights_sha256 text, seed bigint, timings json,
-        cache_key text, cached_from bigint, duration_ms double precision)
+        cache_key text, cached_from bigint, duration_ms double precision, details json)
 ),
 won AS (
     UPDATE items SET
@@ -123,12 +123,12 @@ outs AS (
     INSERT INTO outputs (item_id, job_id, kind, text, storage_key, content_type, sha256,
                          size_bytes, input_sha256, model_name, model_version, weights_sha256,
                          task, params, seed, attempt, worker_id, timings, cache_key,
-                         cached_from, created_at)
+                         cached_from, details, created_at)
     SELECT won.id, won.job_id, won.kind, won.text, won.storage_key, won.content_type,
            won.sha256, won.size_bytes, won.input_sha256,
            COALESCE(won.model_name, jobs.model_name), won.model_version, won.weights_sha256,
            jobs.task, COALESCE(jobs.params, CAST('{}' AS json)), won.seed, won.attempts,
-           :worker_id, won.timings, won.cache_key, won.cached_from, :now
+           :worker_id, won.timings, won.cache_key, won.cached_from, won.details, :now
     FROM won JOIN jobs ON jobs.id = won.job_id
     ORDER BY won.id
 ),
@@ -205,7 +205,8 @@ def complete(
          "model_name": r.model_name, "model_version": r.model_version,
          "weights_sha256": r.weights_sha256, "seed": r.seed, "timings": r.timings,
          "cache_key": r.cache_key, "cached_from": r.cached_from,
-         "duration_ms": sum(r.timings.values()) * 1000.0 if r.timings else None}
+         "duration_ms": sum(r.timings.values()) * 1000.0 if r.timings else None,
+         "details": r.details}
         for r in results
     ]
     params = {"rows": _dumps(rows), "ids": [r.item_id for r in results], "worker_id": worker_id,

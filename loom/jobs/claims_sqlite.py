@@ -197,7 +197,7 @@ def complete(session: Session, *, worker_id: str, results: Sequence[ItemResult],
             "weights_sha256": r.weights_sha256, "task": job.task, "params": job.params or {},
             "seed": r.seed, "attempt": w.attempts, "worker_id": worker_id,
             "timings": dict(r.timings), "cache_key": r.cache_key, "cached_from": r.cached_from,
-            "created_at": now,
+            "details": r.details, "created_at": now,
         })
         total_ms = sum(r.timings.values()) * 1000.0 if r.timings else None
         events.append({"job_id": w.job_id, "item_id": w.id, "kind": "succeeded",

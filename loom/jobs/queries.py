@@ -153,7 +153,7 @@ _OUTPUT_COLUMNS = Bundle(
     "output", Output.id, Output.kind, Output.text, Output.storage_key, Output.content_type,
     Output.sha256, Output.size_bytes, Output.model_name, Output.model_version,
     Output.weights_sha256, Output.seed, Output.attempt, Output.worker_id, Output.input_sha256,
-    Output.timings, Output.cached_from)
+    Output.timings, Output.cached_from, Output.details)
 
 
 def iter_results(
@@ -182,6 +182,16 @@ def iter_results(
         after = rows[-1][0].index
         if len(rows) < page_size:
             return
+
+
+def items_metadata(session: Session, *, item_ids: Sequence[int]) -> dict[int, Any]:
+    """Item id -> its metadata (the dataset row a prompt template is filled from)."""
+    if not item_ids:
+        return {}
+    found = {r.id: r.item_metadata for r in session.execute(
+        select(Item.id, Item.item_metadata).where(Item.id.in_(list(item_ids))))}
+    session.rollback()
+    return found
 
 
 def outputs_for_items(session: Session, *, item_ids: Sequence[int]) -> dict[int, Output]:
@@ -246,6 +256,7 @@ def item_lineage(session: Session, *, item_id: int, tenant_id: str | None = None
             "params": output.params, "seed": output.seed, "attempt": output.attempt,
             "worker_id": output.worker_id, "timings": output.timings,
             "cache_key": output.cache_key, "cached_from": output.cached_from,
+            "details": output.details,
             "created_at": output.created_at},
         "events": [{"kind": e.kind, "attempt": e.attempt, "worker_id": e.worker_id,
                     "error_code": e.error_code, "message": e.message,

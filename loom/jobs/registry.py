@@ -28,7 +28,7 @@ _REF_RE = re.compile(r"^(?P<name>[^@]+)@v(?P<version>[0-9]+)$")
 def check_name(name: str) -> str:
     """A name a finetune job may register: lower-case letters, digits, '.', '_', '-' (at most 64),
     not a built-in model's and not an ``hf:`` reference."""
-    if name in tasks.BUILTIN_MODELS or name.startswith(tasks.HF_PREFIX):
+    if name in tasks.BUILTIN_MODELS or tasks.backend_of(name) is not None:
         raise InvalidRequest(f"name: {name!r} is a built-in model's name; choose another")
     if not NAME_RE.match(name):
         raise InvalidRequest(f"name: {name!r} is not a model name (lower-case letters, digits, "

@@ -48,6 +48,9 @@ class ClaimedItem:
     params: dict[str, Any]
     input: dict[str, Any]
     attempts: int  # including this claim: pass it back as ItemResult/ItemFailure.attempt
+    # The item's metadata (its dataset row), read only for jobs whose prompt template needs it
+    # (jobs.items_metadata): claims do not carry it.
+    metadata: dict[str, Any] | None = None
 
 
 @dataclass
@@ -67,6 +70,7 @@ class ItemResult:
     timings: dict[str, float] = field(default_factory=dict)
     cache_key: str | None = None  # what this output answers (loom.jobs.cache)
     cached_from: int | None = None  # the output reused instead of inferring
+    details: dict[str, Any] | None = None  # the backend's word on this output (Output.details)
     # The claim's attempt number (ClaimedItem.attempts). When given, the fence also checks it,
     # so a stale result from an earlier claim by the same worker id is rejected too.
     attempt: int | None = field(default=None, kw_only=True)

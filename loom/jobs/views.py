@@ -54,10 +54,12 @@ def lineage_dict(output: Output) -> dict[str, Any]:
     """Where an output came from: input, model and weights, seed, attempt, worker, timings."""
     return {
         "model": output.model_name, "model_version": output.model_version,
-        "weights_sha256": output.weights_sha256, "seed": output.seed,
+        # None: weights Loom does not hold (a remote endpoint; details say weights_verified)
+        "weights_sha256": output.weights_sha256 or None, "seed": output.seed,
         "attempt": output.attempt, "worker_id": output.worker_id,
         "input_sha256": output.input_sha256, "timings": output.timings,
-        "cached_from": output.cached_from,
+        "cached_from": output.cached_from, **({"details": output.details}
+                                             if output.details else {}),
     }
 
 

@@ -25,6 +25,21 @@ def scene_png(i: int, size: int = 64) -> bytes:
     return buf.getvalue()
 
 
+def scenes(n: int, seed: int) -> list[tuple[bytes, Any]]:
+    """(PNG bytes, scene) of ``n`` fresh shapes-world scenes; ``pipeline.data.caption(scene)``
+    and ``questions(scene)`` are what the model should say about each."""
+    from pipeline import data
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        scene = data.sample_scene(rng)
+        buf = io.BytesIO()
+        data.render(scene, size=64).save(buf, format="PNG")
+        out.append((buf.getvalue(), scene))
+    return out
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 

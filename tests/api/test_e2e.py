@@ -294,6 +294,26 @@ def test_remote_cli_commands(stack: Stack, tmp_path: Any) -> None:
     out = loom("submit", "ask", "--questions", str(examples / "expected.jsonl"), "--wait")
     assert "24 items" in out
 
+    # A table in, its results over the API as Parquet: the user's columns first, under their
+    # names and types (the int id, the image bytes as given), a failed row kept in place.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pngs = [(examples / f"scene_0{i}.png").read_bytes() for i in range(3)]
+    pngs[1] = b"no image at all"
+    pq.write_table(pa.table({"uid": pa.array([7, 8, 9], pa.int64()), "img": pngs,
+                             "status": ["mine"] * 3}), tmp_path / "t.parquet")
+    out = loom("submit", "caption", str(tmp_path / "t.parquet"), "--image-col", "img",
+               "--id-col", "uid", "--wait")
+    table_id = out.split("submitted job ")[1].split()[0]
+    loom("results", table_id, "--format", "parquet", "-o", str(tmp_path / "r.parquet"))
+    got = pq.read_table(tmp_path / "r.parquet")
+    assert got.schema.names[:3] == ["uid", "img", "status"]
+    assert got.schema.field("uid").type == pa.int64()
+    assert got.column("uid").to_pylist() == [7, 8, 9] and got.column("img").to_pylist() == pngs
+    assert got.column("loom_status").to_pylist() == ["succeeded", "failed", "succeeded"]
+    assert got.column("status").to_pylist() == ["mine"] * 3
+
 
 def test_job_page_events_and_thumbnails_on_postgresql_and_s3(
     stack: Stack, caption_job: dict[str, Any]

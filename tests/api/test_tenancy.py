@@ -50,10 +50,14 @@ def alpha(served_app: ServedApp) -> dict[str, Any]:
         uploaded = c.post("/v1/files", data={"purpose": "image"},
                           files={"file": ("cat.png", scene_png(4), "image/png")})
         assert uploaded.status_code == 201, uploaded.text
+        named = c.post("/v1/models", json={"name": "alpha-chat", "backend": "hf",
+                                           "ref": "/models/alpha-chat"})
+        assert named.status_code == 201, named.text
     output_id = items[0]["output"]["id"]
     return {"job": job["id"], "parent": parent["id"], "item": items[0]["id"],
             "failed_item": items[1]["id"], "output": output_id, "key": key, "tenant": tenant,
-            "file": uploaded.json()["id"], "file_key": uploaded.json()["key"]}
+            "file": uploaded.json()["id"], "file_key": uploaded.json()["key"],
+            "model": "alpha-chat"}
 
 
 def _same_404(a: Any, b: Any, foreign: str, missing: str) -> None:
@@ -84,6 +88,7 @@ ID_ROUTES = [
     ("GET", "/v1/outputs/{output_id}/content", "output", str(MISSING_ROW)),
     ("GET", "/v1/files/{file_id}", "file", MISSING_FILE),
     ("DELETE", "/v1/files/{file_id}", "file", MISSING_FILE),
+    ("DELETE", "/v1/models/{name}", "model", "no-such-model"),
 ]
 
 
@@ -109,6 +114,7 @@ def test_other_tenants_object_is_a_plain_404(served_app: ServedApp, alpha: dict[
             assert mine.status_code == 200, mine.text
         job = c.get(f"/v1/jobs/{alpha['job']}").json()
         assert c.get(f"/v1/files/{alpha['file']}").status_code == 200  # beta's DELETE did nothing
+        assert any(m["name"] == "alpha-chat" for m in c.get("/v1/models").json()["models"])
     assert job["status"] in ("queued", "running") and job["counts"].get("failed") == 1
     assert served_app.app.state.runtime.store.exists(alpha["file_key"])
 

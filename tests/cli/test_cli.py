@@ -76,7 +76,8 @@ def test_caption_directory_with_a_corrupt_file(home: Path, images: Path) -> None
     by_file = {r["file"]: r for r in got}
     assert set(by_file) == {p.relative_to(images).as_posix() for p in images.rglob("*.png")}
     bad = by_file["broken.png"]
-    assert bad["caption"] is None and bad["error"].startswith("invalid_input")
+    assert bad["caption"] is None and bad["status"] == "failed"
+    assert bad["error_code"] == "invalid_input" and bad["error_message"]
     assert all(r["caption"] for f, r in by_file.items() if f != "broken.png")
     summary = proc.stdout
     assert "25 succeeded" in summary and "1 failed" in summary
@@ -135,7 +136,8 @@ def test_generate_with_seed_and_variants(home: Path) -> None:
     proc = loom(home, "generate", "a small red circle", "--out", str(home / "one"))
     seed = int(proc.stderr.split("seed: ")[1].split()[0])
     assert rows(home / "one" / "index.jsonl") == [
-        {"prompt": "a small red circle", "file": "00000.png", "seed": seed}]
+        {"prompt": "a small red circle", "file": "00000.png", "seed": seed,
+         "status": "succeeded", "error_code": None, "error_message": None}]
 
 
 def test_jobs_status_and_results_afterwards(home: Path) -> None:

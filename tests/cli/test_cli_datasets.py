@@ -48,7 +48,8 @@ def test_parquet_in_parquet_out(home: Path) -> None:
     loom(home, "caption", str(home / "in.parquet"), "--image-col", "img", "--id-col", "uid",
          "--out", str(home / "out.parquet"))
     got = pq.read_table(home / "out.parquet").to_pylist()
-    assert [r["id"] for r in got] == [f"s{i}" for i in range(12)]
+    assert [r["uid"] for r in got] == [f"s{i}" for i in range(12)]
+    assert [r["img"] for r in got] == [b for b, _ in truth]  # the bytes the user gave
     assert all(r["status"] == "succeeded" and r["model"] == "loom-shapes" for r in got)
     assert all(len(r["input_sha256"]) == 64 and r["weights_sha256"] for r in got)
     assert got[0]["split_note"] == "a"  # other columns travel along as metadata
@@ -71,7 +72,7 @@ def test_webdataset_in_jsonl_out_and_a_preview(home: Path) -> None:
     out = home / "wds.jsonl"
     proc = loom(home, "caption", str(shard), "--out", str(out))
     got = rows(out)
-    assert [r["id"] for r in got] == [f"k{i:03d}" for i in range(6)]
+    assert [r["__key__"] for r in got] == [f"k{i:03d}" for i in range(6)]
     assert sum(r["caption"] == c for r, (_, c) in zip(got, truth)) >= 5
     proc = loom(home, "caption", str(shard), "--limit", "2", "--out", str(home / "p.jsonl"))
     assert len(rows(home / "p.jsonl")) == 2

@@ -46,7 +46,14 @@ def test_parquet_urls_bytes_and_paths(tmp_path: Path) -> None:
     items = flat(tmp_path / "urls.parquet", id_col="uid", batch_size=10)
     assert [it["id"] for it in items] == [f"u{i}" for i in range(N)]
     assert [it["image_url"] for it in items] == table.column("url").to_pylist()
-    assert [it["metadata"] for it in items] == [{"label": i, "when": None} for i in range(N)]
+    # Every column travels under its own name (the image column too: a URL, as given).
+    assert [it["metadata"] for it in items] == [
+        {"uid": f"u{i}", "url": f"https://example.com/{i}.png", "label": i, "when": None}
+        for i in range(N)]
+    described = items[0]["columns"]
+    assert described["names"] == ["uid", "url", "label", "when"]
+    assert (described["id"], described["image"], described["image_bytes"]) == (
+        "uid", "url", False)
 
     # Binary image column (auto-detected by type) and a question column.
     blobs = pa.table({"jpg": [png(i) for i in range(N)], "question": ["what?"] * N,
@@ -56,7 +63,10 @@ def test_parquet_urls_bytes_and_paths(tmp_path: Path) -> None:
     assert [it["image_bytes"] for it in items] == [png(i) for i in range(N)]
     assert {it["question"] for it in items} == {"what?"}
     assert [it["id"] for it in items] == [str(i) for i in range(N)]
-    assert all(it["metadata"] == {} for it in items)
+    # Bytes never travel as metadata (they come back from the stored input); the id keeps its
+    # type.
+    assert [it["metadata"] for it in items] == [{"question": "what?", "id": i} for i in range(N)]
+    assert items[0]["columns"]["image_bytes"] is True
 
     # Relative paths resolve against the table's folder; s3:// stays a URI.
     paths = pa.table({"path": ["imgs/a.png", "s3://bucket/x/b.jpg"]})
@@ -112,7 +122,7 @@ def test_webdataset_shards_from_the_webdataset_library(tmp_path: Path) -> None:
     assert [it["image_bytes"] for it in items] == [png(i) for i in range(N)]
     assert [it["question"] for it in items] == [f"how many {i}?" for i in range(N)]
     assert items[3]["metadata"] == {
-        "txt": "caption 3", "json": {"question": "how many 3?", "source": "unit"},
+        "__key__": "sample0003", "txt": "caption 3", "json": {"question": "how many 3?", "source": "unit"},
         "__shard__": "shard-00.tar"}
     assert flat(tmp_path, limit=3)[2]["id"] == "sample0002"  # a folder of shards
     with pytest.raises(InvalidRequest, match="no such file"):

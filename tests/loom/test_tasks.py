@@ -45,12 +45,15 @@ def test_the_worker_gets_the_same_rules_as_an_item_error() -> None:
 
 
 @pytest.mark.parametrize(("task", "params", "count", "needle"), [
-    ("caption", {"temperature": 0.5}, 1, "params.temperature: task 'caption' takes no"),
+    ("caption", {"nucleus": 0.5}, 1, "params.nucleus: task 'caption' takes no"),
+    ("caption", {"temperature": 3.0}, 1, "params.temperature: must be <= 2"),
+    ("caption", {"prompt": "Describe the {a.b}"}, 1, "{a.b} is not a column name"),
+    ("embed", {"prompt": "Describe"}, 1, "task 'embed' takes no parameter 'prompt'"),
     ("caption", {"beams": 0}, 1, "params.beams: must be >= 1"),
     ("caption", {"beams": 2.5}, 1, "params.beams: expected an integer"),
     ("generate", {"seed": 10**30}, 1, "params.seed: must be <="),
     ("generate", {"seed": tasks.SEED_MAX - 1}, 5, "passes the largest seed"),
-    ("generate", {"beams": 2}, 1, "(valid: seed)"),
+    ("generate", {"beams": 2}, 1, "(valid: seed, num_inference_steps"),
 ])
 def test_params_are_checked_against_the_task(task: str, params: dict, count: int,
                                              needle: str) -> None:

@@ -17,21 +17,11 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from tiny_hf import require
 
 
-def _require(module: str) -> Any:
-    """Import ``module``: skip the file locally when it is absent, fail it under CI=true."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail(f"{module} is required under CI=true but is not installed", pytrace=False)
-        pytest.skip(f"{module} not installed", allow_module_level=True)
-    raise AssertionError("unreachable")
-
-
-transformers: Any = _require("transformers")
-torch: Any = _require("torch")
+transformers: Any = require("transformers")
+torch: Any = require("torch")
 
 from pipeline.errors import PipelineError, UnknownModelError, UnsupportedTaskError  # noqa: E402
 from pipeline.hf import HFModelError, load_hf, weights_sha256  # noqa: E402
