@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +21,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import Runtime
 from api.metrics import build_registry
-from api.routes import events, files, health, jobs, models, outputs, ui
+from api.routes import admin, events, files, health, jobs, models, outputs, ui, usage
 from loom.config import Settings
-from loom.errors import InternalError, LoomError
+from loom.errors import InternalError, LimitExceeded, LoomError
 
 log = logging.getLogger("loom.api")
 
@@ -148,6 +149,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.http_status >= 500:
             log.error("request failed: %s", exc)
         headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+        if isinstance(exc, LimitExceeded):
+            headers = {"Retry-After": str(math.ceil(exc.retry_after))}
         return error_response(exc.http_status, exc.code, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)
@@ -208,6 +211,7 @@ def create_app(
             {"name": "files", "description": "Upload manifests, datasets and images."},
             {"name": "models", "description": "Models the workers can run."},
             {"name": "ops", "description": "Health, readiness and Prometheus metrics."},
+            {"name": "usage", "description": "Items, model-seconds and bytes stored per day."},
         ],
     )
     app.state.runtime = runtime
@@ -221,10 +225,11 @@ def create_app(
     )
     app.add_middleware(InternalErrorMiddleware)  # outermost of ours: sees every failure
     install_error_handlers(app)
-    for module in (jobs, files, events, outputs, models, health, ui):
+    for module in (jobs, files, events, outputs, models, health, ui, usage):
         app.include_router(module.router)
     app.include_router(events.secret_router)
     app.include_router(jobs.finetunes_router)
+    app.include_router(admin.router)
     from api import openai_app  # OpenAI's API shapes and errors under their own prefix
 
     app.mount(openai_app.PREFIX, openai_app.build(runtime, InternalErrorMiddleware))

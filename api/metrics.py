@@ -24,6 +24,8 @@ log = logging.getLogger("loom.api")
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 THROUGHPUT_WINDOW_SECONDS = 60
+# The loom_usage_* series: the last day, rolling (labels tenant x model: no per-day labels).
+USAGE_WINDOW_SECONDS = 86400
 QUEUE = "loom"
 
 
@@ -56,6 +58,10 @@ class LoomCollector(Collector):
             yield from self._from_db()
         except Exception as exc:  # noqa: BLE001 - a scrape must not fail because the DB is down
             log.warning("metrics: database unavailable: %s", exc)
+        try:
+            yield from self._usage()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("metrics: usage unavailable: %s", exc)
         try:
             depth = queue_depth(self.runtime.settings.broker_url)
         except Exception as exc:  # noqa: BLE001
@@ -98,6 +104,32 @@ class LoomCollector(Collector):
             for worker, n in core.outputs_per_worker(s, since=since).items():
                 rate.add_metric([worker], n / THROUGHPUT_WINDOW_SECONDS)
             yield rate
+
+    def _usage(self) -> Iterator[Metric]:
+        """Per tenant (its name) and model: what GET /v1/usage counts, over the last
+        USAGE_WINDOW_SECONDS instead of per day (items queued or running count now)."""
+        with self.runtime.session_factory() as s:
+            rows = core.recent_usage(s, seconds=USAGE_WINDOW_SECONDS)
+        window = f"over the last {USAGE_WINDOW_SECONDS // 3600}h"
+        items = GaugeMetricFamily(
+            "loom_usage_items",
+            f"Items by tenant, model and status: finished {window}, or queued/running now",
+            labels=["tenant", "model", "status"])
+        seconds = GaugeMetricFamily(
+            "loom_usage_model_seconds",
+            f"Model time {window} (each output's share of its batch's model call)",
+            labels=["tenant", "model"])
+        stored = GaugeMetricFamily(
+            "loom_usage_bytes_stored", f"Bytes of outputs written {window}",
+            labels=["tenant", "model"])
+        for r in rows:
+            for st in ItemStatus:
+                items.add_metric([r.tenant_name, r.model, st.value], r.items.get(st.value, 0))
+            seconds.add_metric([r.tenant_name, r.model], r.model_seconds)
+            stored.add_metric([r.tenant_name, r.model], r.bytes_stored)
+        yield items
+        yield seconds
+        yield stored
 
 
 def build_registry(runtime: Runtime) -> CollectorRegistry:

@@ -10,6 +10,7 @@ OpenAI's API, while Loom's own /v1 routes keep theirs. It shares the main app's 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.deps import Runtime
 from api.openai_service import JobWaiter
-from loom.errors import InvalidRequest, LoomError
+from loom.errors import InvalidRequest, LimitExceeded, LoomError
 from loom.openai_replies import error_body
 
 log = logging.getLogger("loom.api")
@@ -42,6 +43,8 @@ def _install_handlers(app: FastAPI) -> None:
         if status >= 500:
             log.error("request failed: %s", exc)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if isinstance(exc, LimitExceeded):
+            headers = {"Retry-After": str(math.ceil(exc.retry_after))}
         return error_response(status, exc.message, code=exc.code,
                               param=getattr(exc, "param", None), headers=headers)
 

@@ -94,7 +94,9 @@ def submit_rows(session: Session, rt: Runtime, *, tenant_id: str, task: str, mod
         idempotency_key=idempotency_key,
         request_hash=jobs.request_hash([idempotency_key, task, model, params])
         if idempotency_key else None,
-        chunk_size=rt.settings.chunk_size, max_attempts=rt.settings.max_attempts)
+        chunk_size=rt.settings.chunk_size, max_attempts=rt.settings.max_attempts,
+        limits=jobs.Limits.from_settings(rt.settings),
+        fast_lane_items=rt.settings.fast_lane_max_items)
     service.publish(session, rt, job.id)
     return job.id
 

@@ -7,7 +7,7 @@ are checked in ``api.service`` so that their messages can name the item index.
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
@@ -146,6 +146,16 @@ class ItemError(BaseModel):
     message: str | None = None
 
 
+class QueueOut(BaseModel):
+    """Where a waiting job stands (loom.jobs.shares.queue_place)."""
+
+    items_ahead: int = Field(description="Items the fleet runs before this job's, by share.")
+    own_items_ahead: int = Field(description="Open items of the tenant's earlier jobs.")
+    other_items_ahead: int = Field(description="Other tenants' items interleaved meanwhile.")
+    share: float = Field(description="This tenant's share of the fleet among those waiting.")
+    reason: str
+
+
 class JobOut(BaseModel):
     id: str
     task: str
@@ -163,6 +173,7 @@ class JobOut(BaseModel):
     progress: float = Field(description="done / item_count, 0..1.")
     items_per_second: float | None = None
     eta_seconds: float | None = None
+    queue: QueueOut | None = Field(default=None, description="Set while the job waits.")
     error: ItemError | None = None
     created_at: datetime
     started_at: datetime | None = None
@@ -336,3 +347,42 @@ class FileDeleted(BaseModel):
     id: str
     object: Literal["file"] = "file"
     deleted: bool = True
+
+
+
+USAGE_ITEMS = ("Items by status: terminal items on the UTC day they finished, queued and running "
+               "ones today (they are in flight now).")
+USAGE_SECONDS = ("The model's time: each output's share of its batch's model call (infer_ms / "
+                 "infer_batch_size), plus a finetune's train_ms; a cache reuse costs 0.")
+USAGE_BYTES = ("Bytes of the outputs written (images, vectors, model weights, text); a cache "
+               "reuse stores nothing new.")
+
+
+class UsageTenant(BaseModel):
+    id: str
+    name: str
+
+
+class UsageDay(BaseModel):
+    day: date = Field(description="The UTC day.")
+    model: str = Field(description="The model the jobs named.")
+    items: dict[str, int] = Field(description=USAGE_ITEMS)
+    model_seconds: float = Field(description=USAGE_SECONDS)
+    bytes_stored: int = Field(description=USAGE_BYTES)
+
+
+class UsageTotals(BaseModel):
+    items: dict[str, int] = Field(description=USAGE_ITEMS)
+    model_seconds: float = Field(description=USAGE_SECONDS)
+    bytes_stored: int = Field(description=USAGE_BYTES)
+
+
+class UsageOut(BaseModel):
+    """Your tenant's usage per UTC day and model, ``since``..``until`` (inclusive)."""
+
+    tenant: UsageTenant
+    since: date
+    until: date
+    model: str | None = Field(None, description="The model asked for, if any.")
+    days: list[UsageDay] = Field(description="Only days and models with items, oldest first.")
+    total: UsageTotals

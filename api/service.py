@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from api.deps import Runtime
 from api.schemas import ItemError, ItemIn, ItemOut, JobOut, JobRequest, OutputOut
 from loom import fetch, jobs, media, storage, storage_keys, tasks
+from loom.config import Settings
 from loom.errors import (
     BlockedUrl,
     FetchFailed,
@@ -277,6 +278,8 @@ def submit(
         metadata=req.metadata, idempotency_key=idempotency_key, request_hash=body_hash,
         use_cache=req.cache,
         chunk_size=settings.chunk_size, max_attempts=settings.max_attempts,
+        limits=jobs.Limits.from_settings(settings),
+        fast_lane_items=settings.fast_lane_max_items,
     )
     publish(session, rt, job.id)
     return job
@@ -389,8 +392,12 @@ def publish(session: Session, rt: Runtime, job_id: str) -> None:
 # --- responses ---------------------------------------------------------------------------------
 
 
-def job_out(session: Session, job: Job) -> JobOut:
-    return JobOut.model_validate(jobs.job_dict(job, jobs.job_progress(session, job_id=job.id)))
+def job_out(session: Session, job: Job, *, settings: Settings | None = None) -> JobOut:
+    """``settings``: also where the job stands if it waits (one job's GET, not the lists)."""
+    progress = jobs.job_progress(session, job_id=job.id)
+    queue = None if settings is None else jobs.queue_place(
+        session, job=job, defaults=jobs.Limits.from_settings(settings))
+    return JobOut.model_validate(jobs.job_dict(job, progress, queue))
 
 
 def output_url(rt: Runtime, base_url: str, output: Output) -> str | None:

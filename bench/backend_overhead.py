@@ -7,13 +7,15 @@ not timed) and an embedded ``loom`` job with that model (its items' first claim 
 read from its database afterwards). Printed: both rates, their ratio, and Loom's overhead per item
 in milliseconds. The hub is not reachable here, so the hf/diffusers models are the tiny random-
 weight ones the tests build from configs (tests/pipeline): their own cost per item is tiny, which
-makes Loom's share as large as it will ever be.
+makes Loom's share as large as it will ever be. Both sides run one process with the host's
+threads.
 
     python bench/backend_overhead.py --n 200
 """
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,6 +32,9 @@ from eta_modes import item_times  # noqa: E402
 from harness import MAX_PIXELS, env_for, loom_cmd, render_inputs  # noqa: E402
 
 SD_STEPS = 2
+# Both sides run one model process with the host's threads: the embedded command would
+# otherwise plan several engine processes here, and the ratio would compare plans, not Loom.
+THREADS = max(1, len(os.sched_getaffinity(0)))
 
 
 @dataclass
@@ -70,9 +75,14 @@ def build_models(work: Path) -> dict[str, str]:
 def bare_seconds(ref: str, task: str, paths: list[Path], prompts: list[str], batch: int,
                  device: str) -> float:
     """The model's own loop: decoded once per batch from the files, as Loom's engine reads them."""
+    import torch
+    import transformers
+
     from loom import media
     from pipeline import registry
 
+    transformers.logging.set_verbosity_error()  # the tiny tokenizers truncate every prompt
+    torch.set_num_threads(THREADS)
     model = registry.load(ref, device=device)
     params: dict[str, Any] = {"num_inference_steps": SD_STEPS} if ref.startswith("diffusers:") \
         else {}
@@ -104,7 +114,8 @@ def loom_seconds(ref: str, task: str, work: Path, batch: int, device: str, n: in
         args += ["--param", f"num_inference_steps={SD_STEPS}"]
     started = time.time()
     proc = subprocess.run([*loom_cmd(), *args, "--no-cache"], capture_output=True, text=True,
-                          env=env_for(home=home, device=device, batch_size=batch), cwd=work)
+                          env=env_for(home=home, device=device, batch_size=batch,
+                                      embedded_processes=1, torch_threads=THREADS), cwd=work)
     if proc.returncode != 0:
         raise RuntimeError(f"loom {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}")
     first, last = item_times(home / "loom.db", started)

@@ -18,6 +18,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +297,15 @@ class Client:
 
     def remove_model(self, name: str) -> None:
         _raise_for(self._http.request("DELETE", f"/v1/models/{name}"))
+
+    def usage(self, *, since: date | str | None = None, until: date | str | None = None,
+              model: str | None = None) -> dict[str, Any]:
+        """Your tenant's usage per UTC day and model (``GET /v1/usage``; ``since``/``until``
+        inclusive, default the last 30 days): ``{tenant, since, until, model, days: [{day,
+        model, items, model_seconds, bytes_stored}], total}``."""
+        params = {name: str(value) for name, value in
+                  (("since", since), ("until", until), ("model", model)) if value is not None}
+        return self._call("GET", "/v1/usage", params=params)  # type: ignore[no-any-return]
 
     # --- files ------------------------------------------------------------------------------
 

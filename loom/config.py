@@ -84,6 +84,24 @@ class Settings(BaseSettings):
     openai_batch_max_lines: int = Field(default=50_000, ge=1)
     openai_file_max_bytes: int = Field(default=200 * 1024**2, gt=0)
     openai_wait_seconds: float = Field(default=120.0, gt=0)
+    # Tenant limits (loom/jobs/limits.py), the defaults of every tenant; `loom tenants limits`
+    # overrides them per tenant. Unset: no limit. Over the open-item or per-minute limit a
+    # submission gets 429 with Retry-After, over the per-job size 413; max running items caps
+    # a tenant's items in flight across the fleet (enforced where workers claim).
+    tenant_max_queued_items: int | None = Field(default=None, ge=1)
+    tenant_max_running_items: int | None = Field(default=None, ge=1)
+    tenant_submissions_per_minute: int | None = Field(default=None, ge=1)
+    tenant_max_items_per_job: int | None = Field(default=None, ge=1)
+    tenant_weight: float = Field(default=1.0, gt=0)
+    # Fair share (loom/jobs/shares.py, PostgreSQL): when several tenants wait for one model,
+    # claims are shared by weight over this window; jobs of at most fast_lane_max_items items
+    # go first, but take at most fast_lane_max_share of the claims while bulk work waits.
+    fair_share: bool = True
+    fair_share_window_seconds: float = Field(default=10.0, gt=0)
+    fast_lane_max_items: int = Field(default=16, ge=0)
+    fast_lane_max_share: float = Field(default=0.5, gt=0, le=1)
+    # An admin token (Bearer) for /v1/admin (tenant limits and use); unset: the admin API is off.
+    admin_token: str | None = None
     # /metrics counts every tenant's jobs: with auth on it needs this token as a Bearer (unset:
     # /metrics is off). Prometheus sends it with `authorization: {credentials: ...}`.
     metrics_token: str | None = None

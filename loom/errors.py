@@ -51,6 +51,25 @@ class BadRequest(InvalidRequest):
         self.param = param
 
 
+class JobTooLarge(PayloadTooLarge):
+    """More items in one job than the tenant's ``max_items_per_job``: waiting does not help."""
+
+    code = "job_too_large"
+
+
+class LimitExceeded(LoomError):
+    """A tenant limit (open items, submissions per minute) is reached: nothing of the request
+    was accepted; it may be sent again after ``retry_after`` seconds (HTTP Retry-After)."""
+
+    code = "limit_exceeded"
+    http_status = 429
+    transient = True
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(1.0, retry_after)
+
+
 class InternalError(LoomError):
     """An unexpected failure (a bug): the API answers 500 ``internal_error`` and logs the cause."""
 

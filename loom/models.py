@@ -88,6 +88,12 @@ class Tenant(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     # Standard Webhooks signing secret ("whsec_" + base64), made on first use (loom.webhooks).
     webhook_secret: Mapped[str | None] = mapped_column(String(100))
+    # Overrides of the configured limits and fair-share weight (loom.jobs.limits); NULL: default.
+    max_queued_items: Mapped[int | None] = mapped_column(Integer)
+    max_running_items: Mapped[int | None] = mapped_column(Integer)
+    submissions_per_minute: Mapped[int | None] = mapped_column(Integer)
+    max_items_per_job: Mapped[int | None] = mapped_column(Integer)
+    weight: Mapped[float | None] = mapped_column(Float)
 
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant")
 
@@ -420,3 +426,18 @@ class Batch(Base):
     expired_at: Mapped[datetime | None] = mapped_column(DateTime)
     cancelling_at: Mapped[datetime | None] = mapped_column(DateTime)
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class TenantClaim(Base):
+    """One claim statement's items of one tenant (loom.jobs.limits): the window the workers'
+    fair-share scheduler reads. Append-only, pruned by the reconciler; no foreign key (the claim
+    statement inserts it and PostgreSQL would check one per row)."""
+
+    __tablename__ = "tenant_claims"
+    __table_args__ = (Index("ix_tenant_claims_claimed_at", "claimed_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(32))
+    job_items: Mapped[int] = mapped_column(Integer)  # the claimed job's size (the fast lane)
+    claimed_at: Mapped[datetime] = mapped_column(DateTime)
+    n: Mapped[int] = mapped_column(Integer)

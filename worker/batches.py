@@ -76,6 +76,9 @@ class Batch:
     items: list[ClaimedItem]
     careful: bool  # run alone: a previous attempt of this item died with its worker
     prepared: list[Future[Prepared]] = field(default_factory=list)
+    # The fast lane's (worker/fair_share.py): runs before the batches already claimed, and its
+    # jobs are finalised at once rather than grouped with later ones.
+    urgent: bool = False
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from loom import jobs, tasks
 from loom.jobs.types import CLAIMABLE_JOB
 from loom.models import JobStatus, utcnow
 from worker.batches import Batch, ChunkReport, Scope, StageParts
+from worker.fair_share import FairShare
 from worker.inputs import load, prepare
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,12 +50,20 @@ class Claimer:
         # (a CPU host whose cores the model processes fill: worker.sizing explains why).
         self.decode_on_model_thread = decode_on_model_thread
         self._fill_quiet_until = 0.0  # monotonic time before which no fill is tried
+        self.fair = FairShare(parts) if FairShare.applies(parts) else None
 
     def claim(self, scope: Scope, report: ChunkReport, *, prefetch: bool = False) -> list[Batch]:
         """Claim the next batch(es) from the chunk and, once it is dry, from the rest of its job
         (while ``chunk_linger_seconds`` allows); once the job is dry too, fill the batch from
-        other jobs (``batch_fill``). Their inputs start loading at once."""
+        other jobs (``batch_fill``). Their inputs start loading at once. Before any of that, the
+        fair-share step may serve another tenant or lane first (worker/fair_share.py)."""
+        if self.fair is not None and not scope.cancelling:
+            served = self._serve_first(scope, report)
+            if served:
+                return served
         batches = [] if scope.filling else self._claim_job(scope, report, prefetch=prefetch)
+        if self.fair is not None:
+            self.fair.count([i for b in batches for i in b.items])
         # The first fill rides on a prefetch, beside the model: a job's own first batch starts
         # without waiting for it (a one-item job's latency). A message that found nothing of
         # its own (a filler took its items) fills at once: it has no batch to wait for, and
@@ -90,6 +99,29 @@ class Claimer:
         fresh.items.extend(items)
         fresh.prepared.extend(self._start_loading(items))
         return batches or [fresh]
+
+    def _serve_first(self, scope: Scope, report: ChunkReport) -> list[Batch]:
+        """A batch of the tenant or lane the fair-share step says is owed one, if any."""
+        assert self.fair is not None
+        decision = self.fair.decide(scope.chunk.job_id, dry=scope.filling)
+        if decision.tenant_id is None:
+            return []
+        t0 = time.perf_counter()
+        items = self.fair.claim_for(scope.chunk.job_id, decision, self.settings.batch_size)
+        if items:
+            with self.session_factory() as session:
+                items = self._with_metadata(session, items)
+        with report.lock:
+            report.add_timing("claim", (time.perf_counter() - t0) * 1000.0)
+        if not items:
+            return []
+        self.fair.count(items)
+        self.leases.add((i.id, i.job_id) for i in items)
+        report.claimed += len(items)
+        report.filled += len(items)
+        return [Batch(items, careful=False, prepared=self._start_loading(items),
+                      urgent=decision.job_items is not None
+                      and decision.job_items[0] == 0)]
 
     def _may_fill(self, scope: Scope, batches: list[Batch], report: ChunkReport) -> bool:
         """Fill only once the job has nothing left to claim here (its last claim came back short

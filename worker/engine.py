@@ -156,7 +156,12 @@ class Engine:
                     out = self.runner.run(prepared, settle=drain, job_id=chunk.job_id)
                 finally:
                     if next_claim is not None:
-                        queue.extend(next_claim.result())
+                        claimed = next_claim.result()
+                        # The fast lane's batch goes ahead of those claimed before it.
+                        if claimed and claimed[0].urgent:
+                            queue.extendleft(reversed(claimed))
+                        else:
+                            queue.extend(claimed)
                 pending.append(self.finisher.submit(batch, out, report, progress))
                 drain(keep=0 if batch.careful else 1)
                 if queue and queue[0].careful:

@@ -60,7 +60,8 @@ class Finisher:
     def _finish(self, batch: Batch, out: BatchOutput, report: ChunkReport,
                 progress: Progress | None) -> None:
         outputs, bad, info, infer_ms = out.outputs, out.bad, out.info, out.infer_ms
-        n = len(outputs)
+        # The call's time is shared by the items it ran (cached outputs did not take part).
+        n = out.inferred or len(outputs)
         futures: list[Future[ItemResult]] = []
         kind = tasks.get(batch.items[0].task).output
         for prep, out in outputs:
@@ -157,8 +158,9 @@ class Finisher:
         if progress is not None:
             progress(len(batch.items))
         t_final = time.perf_counter()
-        # Holding nothing else (an idle worker's last batch): no batch will follow to group with.
-        self.finalize_drained(now=not self.leases.held())
+        # Holding nothing else (an idle worker's last batch): no batch will follow to group with;
+        # a fast-lane batch's jobs are waited for by someone.
+        self.finalize_drained(now=batch.urgent or not self.leases.held())
         with report.lock:
             report.add_timing("complete", (time.perf_counter() - t_final) * 1000.0)
 

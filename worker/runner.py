@@ -25,13 +25,14 @@ if TYPE_CHECKING:  # pragma: no cover
 @dataclass
 class BatchOutput:
     """What a batch's model call produced: (item, output) pairs (cached outputs included), the
-    items that failed before or in the call, the model's info for lineage, and the call's
-    time."""
+    items that failed before or in the call, the model's info for lineage, the call's time and
+    how many items the call ran (the cached ones did not share its time)."""
 
     outputs: list[tuple[Prepared, Any]]
     bad: list[Prepared]
     info: Any
     infer_ms: float
+    inferred: int = 0
 
 
 class Runner:
@@ -58,4 +59,4 @@ class Runner:
         for p in prepared:  # those the I/O pool only read (the rest: no-op)
             decode_input(p, settings=self.settings)
         outputs, bad, info, infer_ms = infer(self.models, prepared)
-        return BatchOutput(outputs + served, bad, info, infer_ms)
+        return BatchOutput(outputs + served, bad, info, infer_ms, inferred=len(outputs))

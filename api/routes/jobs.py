@@ -22,7 +22,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from api import service
-from api.deps import CallerDep, RuntimeDep, SessionDep, ViewerDep
+from api.deps import CallerDep, RuntimeDep, SessionDep, SettingsDep, ViewerDep
 from api.schemas import (
     DedupeGroup,
     DedupeMember,
@@ -194,10 +194,12 @@ def list_jobs(
 
 
 @router.get("/{job_id}", responses=ERRORS)
-def get_job(job_id: JobIdPath, session: SessionDep, caller: CallerDep) -> JobOut:
-    """Status, counts per item status, progress, timestamps, items/s and ETA."""
+def get_job(job_id: JobIdPath, session: SessionDep, settings: SettingsDep,
+            caller: CallerDep) -> JobOut:
+    """Status, counts per item status, progress, timestamps, items/s and ETA; while it waits,
+    where it stands in the queue and why (``queue``)."""
     job = core.get_job(session, job_id=job_id, tenant_id=caller.tenant_id)
-    return service.job_out(session, job)
+    return service.job_out(session, job, settings=settings)
 
 
 @router.get("/{job_id}/items", responses=ERRORS, tags=["results"])

@@ -116,7 +116,8 @@ def job_page(job_id: str, request: Request, rt: RuntimeDep, session: SessionDep)
     if tenant_id is None:
         return RedirectResponse("/ui/login", status_code=303)
     job = core.get_job(session, job_id=job_id, tenant_id=tenant_id)
-    info = core.job_dict(job, core.job_progress(session, job_id=job.id))
+    info = core.job_dict(job, core.job_progress(session, job_id=job.id), core.queue_place(
+        session, job=job, defaults=core.Limits.from_settings(rt.settings)))
     parents = []
     if job.parent_job_id:
         parents = [core.get_job(session, job_id=job.parent_job_id, tenant_id=tenant_id)]

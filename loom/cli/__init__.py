@@ -3,7 +3,8 @@
 ``build_app()`` makes the app with the commands that need no model: job queries and control
 (``loom.cli.jobs``: embedded on the local SQLite, or remote with ``--api``), remote submission
 (``loom.cli.submit``, one command per task in the registry), services (``loom.cli.services``)
-and ``dedupe`` (``loom.cli.vectors``), and ``loom verify`` (``loom.cli.verify``).
+and ``dedupe`` (``loom.cli.vectors``), ``loom verify`` (``loom.cli.verify``) and ``loom usage``
+(``loom.cli.usage``).
 The console script (``worker/cli.py``) adds the embedded commands that run the model.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import typer
 
-from loom.cli import jobs, services, submit, vectors, verify
+from loom.cli import jobs, services, submit, tenants, usage, vectors, verify
 
 
 def build_app() -> typer.Typer:
@@ -22,7 +23,7 @@ def build_app() -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
     )
-    for module in (jobs, submit, services, vectors, verify):
+    for module in (jobs, submit, services, tenants, vectors, verify, usage):
         module.register(app)
     return app
 

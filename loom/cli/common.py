@@ -145,6 +145,11 @@ def print_job(job: dict[str, Any]) -> None:
     console.print(f"  {job['done']}/{job['item_count']} done ({counts or 'no items'})"
                   + (f", {rate:.1f} items/s" if rate else "")
                   + (f", eta {eta:.0f}s" if eta else ""))
+    if job.get("queue"):
+        q = job["queue"]
+        console.print(f"  waiting: {q['items_ahead']} items ahead ({q['own_items_ahead']} of "
+                      f"this tenant's earlier jobs, {q['other_items_ahead']} of other tenants "
+                      f"by share); {q['reason']}")
     console.print(f"  created {job['created_at']}, finished {job.get('finished_at') or '-'}")
 
 
@@ -176,7 +181,8 @@ def local_job(local: Local, job_id: str) -> dict[str, Any]:
     with local.session_factory() as s:
         job = jobs.get_job(s, job_id=jobs.resolve_job_id(s, ref=job_id, tenant_id=local.tenant_id),
                            tenant_id=local.tenant_id)
-        return jobs.job_dict(job, jobs.job_progress(s, job_id=job.id))
+        return jobs.job_dict(job, jobs.job_progress(s, job_id=job.id), jobs.queue_place(
+            s, job=job, defaults=jobs.Limits.from_settings(local.settings)))
 
 
 def local_rows(local: Local, job_id: str) -> Iterator[dict[str, Any]]:

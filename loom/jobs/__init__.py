@@ -54,6 +54,8 @@ from loom.jobs.finalize import (
     write_manifest,
 )
 from loom.jobs.leases import release_leases
+from loom.jobs.limits import Limits, TenantLimits, list_limits, set_limits
+from loom.jobs.shares import queue_place
 from loom.jobs.orphans import orphaned_job_ids
 from loom.jobs.outage import ping, release_items
 from loom.jobs.queries import (
@@ -100,10 +102,16 @@ from loom.jobs.types import (
     Page,
     ReconcileReport,
 )
+from loom.jobs.usage import UsageRow, UsageTotal, recent_usage, usage, usage_range, usage_report
 from loom.jobs.verify import OutputProblem, VerifyReport, requeue_lost, verify_job
 from loom.jobs.views import job_dict, job_ref, lineage_dict, result_row
 
 __all__ = [
+    "queue_place",
+    "Limits",
+    "TenantLimits",
+    "list_limits",
+    "set_limits",
     "add_batch_job",
     "create_batch",
     "get_batch",
@@ -130,6 +138,8 @@ __all__ = [
     "SUSPECT_CODES",
     "Trained",
     "TrainingEvent",
+    "UsageRow",
+    "UsageTotal",
     "VerifyReport",
     "cache_key",
     "cached_outputs",
@@ -199,6 +209,10 @@ __all__ = [
     "suspect_ids",
     "suspect_indexes",
     "training_events",
+    "recent_usage",
+    "usage",
+    "usage_range",
+    "usage_report",
     "verify_job",
     "worker_lost_message",
     "write_manifest",

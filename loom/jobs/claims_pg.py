@@ -46,7 +46,7 @@ WITH cfg AS (
     SELECT set_config('synchronous_commit', 'off', true)
 ),
 j AS (
-    SELECT status, max_attempts, tenant_id, task, model_name, params
+    SELECT status, max_attempts, tenant_id, task, model_name, params, item_count
     FROM jobs, cfg WHERE id = :job_id AND status IN ('queued', 'running')
 ),
 picked AS MATERIALIZED (
@@ -77,6 +77,12 @@ ev AS (
     FROM upd WHERE old_status = 'running'
     UNION ALL
     SELECT :job_id, id, 'claimed', attempts, :worker_id, NULL, :now FROM upd
+),
+-- The fair-share window (loom.jobs.shares): one row per claim that took anything.
+tc AS (
+    INSERT INTO tenant_claims (tenant_id, job_items, claimed_at, n)
+    SELECT j.tenant_id, j.item_count, :now, count(*) FROM j, upd
+    GROUP BY j.tenant_id, j.item_count
 )
 SELECT j.status, j.tenant_id, j.task, j.model_name, CAST(j.params AS text) AS params,
        upd.id, upd.index, CAST(upd.input AS text) AS input, upd.attempts

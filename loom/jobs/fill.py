@@ -39,7 +39,7 @@ from loom.jobs.types import ClaimedItem
 # The jobs a batch of ``:like`` may be filled from. ``turn`` is the job's place in its tenant's
 # queue (oldest first): ordering by (priority, turn) makes the tenants alternate.
 _MATES = """
-    SELECT o.id, o.tenant_id, o.priority, o.created_at,
+    SELECT o.id, o.tenant_id, o.priority, o.created_at, o.item_count,
            row_number() OVER (PARTITION BY o.tenant_id
                               ORDER BY o.priority DESC, o.created_at, o.id) AS turn
     FROM jobs AS o, jobs AS l
@@ -48,6 +48,9 @@ _MATES = """
       AND CAST(o.params AS text) = CAST(l.params AS text) AND o.use_cache = l.use_cache
       AND l.task = ANY(:batched)
       AND (l.model_name = ANY(:shared) OR l.model_name LIKE :hf OR o.tenant_id = l.tenant_id)
+      -- The fair-share scheduler's choice (loom.jobs.shares): one tenant, one lane.
+      AND (CAST(:tenant AS text) IS NULL OR o.tenant_id = :tenant)
+      AND o.item_count BETWEEN :min_items AND :max_items
       -- A job whose items are all in flight, backing off or retried has nothing to give.
       AND EXISTS (SELECT 1 FROM items WHERE items.job_id = o.id AND items.status = 'queued'
                   AND items.attempts = items.attempts_excused
@@ -86,7 +89,8 @@ top AS (
     LIMIT :jobs
 ),
 picked AS MATERIALIZED (
-    SELECT i.id, top.tenant_id, top.priority, top.turn, top.created_at AS job_created
+    SELECT i.id, top.tenant_id, top.priority, top.turn, top.created_at AS job_created,
+           top.item_count AS job_items
     FROM items AS i JOIN top ON i.job_id = top.id
     WHERE i.status = 'queued' AND i.attempts = i.attempts_excused
       AND (i.available_at IS NULL OR i.available_at <= :now)
@@ -99,11 +103,16 @@ upd AS (
     FROM picked
     WHERE items.id = picked.id AND items.status = 'queued'
     RETURNING items.id, items.job_id, items.index, items.input, items.attempts,
-              picked.tenant_id, picked.priority, picked.turn, picked.job_created
+              picked.tenant_id, picked.priority, picked.turn, picked.job_created,
+              picked.job_items
 ),
 ev AS (
     INSERT INTO events (job_id, item_id, kind, attempt, worker_id, created_at)
     SELECT job_id, id, 'claimed', attempts, :worker_id, :now FROM upd
+),
+tc AS (
+    INSERT INTO tenant_claims (tenant_id, job_items, claimed_at, n)
+    SELECT tenant_id, job_items, :now, count(*) FROM upd GROUP BY tenant_id, job_items
 )
 SELECT upd.id, upd.job_id, upd.index, CAST(upd.input AS text) AS input, upd.attempts,
        upd.tenant_id, l.task, l.model_name, CAST(l.params AS text) AS params
@@ -120,14 +129,18 @@ def claim_fill(
     limit: int,
     lease_seconds: float,
     now: datetime,
+    tenant_id: str | None = None,
+    job_items: tuple[int, int] = (0, 2**31 - 1),
 ) -> list[ClaimedItem]:
     """Lease up to ``limit`` fresh items of jobs other than ``like`` that one model call can run
     together with ``like``'s items; see the module docstring for which and in what order. Each
-    statement is its own transaction, as in claims_pg."""
+    statement is its own transaction, as in claims_pg. ``tenant_id`` and ``job_items`` (the
+    jobs' size range, both ends included) narrow the mates to the fair-share scheduler's pick."""
     if limit < 1 or session.get_bind().dialect.name != "postgresql":
         return []
     args = {"like": like, "shared": list(tasks.BUILTIN_MODELS), "hf": tasks.HF_PREFIX + "%",
-            "batched": tasks.names(), "jobs": limit, "limit": limit, "now": now}
+            "batched": tasks.names(), "jobs": limit, "limit": limit, "now": now,
+            "tenant": tenant_id, "min_items": job_items[0], "max_items": job_items[1]}
     conn = autocommit(session)
     try:
         rows = conn.execute(_FILL, {**args, "status": "running", "worker_id": worker_id,

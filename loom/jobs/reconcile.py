@@ -15,10 +15,13 @@ from sqlalchemy.orm import Session
 
 from loom.db import begin_write
 from loom.jobs.finalize import complete_finalization, maybe_finalize
+from loom.jobs.shares import prune_claims
 from loom.jobs.submit import publish_pending, publish_rows
 from loom.jobs.types import CLAIMABLE_JOB, OPEN_ITEM, OPEN_JOB, Chunk, ReconcileReport, add_events
 from loom.models import Item, ItemStatus, Job, JobStatus, Outbox, utcnow
 from loom.storage import Store
+
+CLAIM_RETENTION = timedelta(minutes=15)
 
 
 def worker_lost_message(attempts: int) -> str:
@@ -203,4 +206,6 @@ def reconcile(
         if complete_finalization(session, job_id=job_id, store=store,
                                  on_finalized=on_finalized, now=now):
             report.finalized += 1
+    # The fair-share window reads seconds; a quarter of an hour is kept to look back at.
+    prune_claims(session, before=now - CLAIM_RETENTION)
     return report

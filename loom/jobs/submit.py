@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from loom.db import begin_write
 from loom.errors import Conflict, IdempotencyConflict, InvalidRequest, NotFound
+from loom.jobs.limits import Limits, admit_items, admit_job
 from loom.jobs.types import CLAIMABLE_JOB, Chunk, add_events
 from loom import tasks
 from loom.models import Item, ItemStatus, Job, JobStatus, Outbox, new_id, utcnow
@@ -53,6 +54,10 @@ def existing_for_key(
     return job
 
 
+# The most urgent message priority (worker.app maps 0..9 onto Redis' steps).
+FAST_LANE_PRIORITY = 9
+
+
 def submit_job(
     session: Session,
     *,
@@ -72,6 +77,8 @@ def submit_job(
     max_attempts: int,
     job_id: str | None = None,
     use_cache: bool = True,
+    limits: Limits | None = None,
+    fast_lane_items: int = 0,
     now: datetime | None = None,
 ) -> Job:
     """Create a job with its items and one outbox row per chunk, atomically.
@@ -87,6 +94,11 @@ def submit_job(
     bounded batches as they come, so memory does not grow with the job. An iterable that raises
     midway rolls the whole job back. With an idempotency key and no ``request_hash``, a
     non-sequence is read into a list first (its fingerprint needs every item before the lookup).
+
+    ``limits``: the configured tenant limits (loom.jobs.limits); the tenant's own overrides
+    apply over them, and a job over one is refused whole (LimitExceeded, JobTooLarge).
+    ``fast_lane_items``: a job of at most this many items is published in the fast lane (the
+    broker's most urgent priority; the workers' fair share bounds its share, loom.jobs.shares).
     """
     tasks.get(task)  # InvalidRequest naming the valid tasks
     if chunk_size < 1 or max_attempts < 1:
@@ -116,6 +128,8 @@ def submit_job(
             if parent is None or parent.tenant_id != tenant_id:
                 raise NotFound(f"no job {parent_job_id}")
 
+        tenant_limits = (None if limits is None else
+                         admit_job(session, tenant_id=tenant_id, defaults=limits, now=now))
         job_id = job_id or new_id()
         job = Job(
             id=job_id,
@@ -144,11 +158,14 @@ def submit_job(
         count = _insert_items(session, job_id=job_id, items=items, now=now)
         if count == 0:
             raise InvalidRequest("a job needs at least one item")
+        if tenant_limits is not None:
+            admit_items(session, tenant_id=tenant_id, limits=tenant_limits, count=count)
         job.item_count = count  # flushed with the commit
+        lane = FAST_LANE_PRIORITY if count <= fast_lane_items else priority
         for lo in range(0, count, _INSERT_BATCH * chunk_size):
             session.execute(insert(Outbox), [
                 {"job_id": job_id, "chunk_start": start,
-                 "chunk_end": min(start + chunk_size, count), "priority": priority,
+                 "chunk_end": min(start + chunk_size, count), "priority": lane,
                  "created_at": now, "publish_count": 0}
                 for start in range(lo, min(lo + _INSERT_BATCH * chunk_size, count), chunk_size)
             ])

@@ -10,9 +10,10 @@ from loom.jobs.types import JobProgress
 from loom.models import Item, Job, Output
 
 
-def job_dict(job: Job, progress: JobProgress | None = None) -> dict[str, Any]:
+def job_dict(job: Job, progress: JobProgress | None = None,
+             queue: dict[str, Any] | None = None) -> dict[str, Any]:
     """A job with its counts and progress (``progress`` from ``job_progress``; without it the
-    counts are empty and the rate unknown)."""
+    counts are empty and the rate unknown), and where it waits (``queue_place``)."""
     counts = {k: int(v) for k, v in dict(progress.counts).items()} if progress else {}
     done = int(progress.done) if progress else 0
     total = job.item_count
@@ -33,6 +34,7 @@ def job_dict(job: Job, progress: JobProgress | None = None) -> dict[str, Any]:
         "progress": (done / total) if total else 1.0,
         "items_per_second": progress.items_per_second if progress else None,
         "eta_seconds": progress.eta_seconds if progress else None,
+        "queue": queue,
         "error": {"code": job.error_code, "message": job.error_message}
         if job.error_code else None,
         "results_key": job.results_key,

@@ -6,10 +6,13 @@ import base64
 import io
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from fixtures_worker import WorkerProcess
+from fixtures_worker import WorkerProcess, serve
 
 REDIS_TEST_URL = os.environ.get("LOOM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 METRICS_TOKEN = "stack-metrics-token"
@@ -91,3 +94,31 @@ class ServedApp:
 
         return httpx.Client(base_url=self.url, timeout=30,
                             headers={"Authorization": f"Bearer {self.keys[tenant]}"})
+
+
+@contextmanager
+def served_app_with(pg_url: str, tmp_path: Path, make_settings: Any,
+                    **overrides: Any) -> Iterator[ServedApp]:
+    """The API on PostgreSQL + a local store, served by a real uvicorn, auth on, two tenants
+    (alpha, beta), with ``overrides`` over the test settings; publish() appends to a list (no
+    broker, no worker)."""
+    from api.main import create_app
+    from loom import tenants
+
+    settings = make_settings(**{
+        "database_url": pg_url, "storage_url": f"file://{tmp_path / 's'}",
+        "broker_url": "memory://", "auth": "on", **overrides})
+    published: list[Any] = []
+    app = create_app(settings, publish=published.append)
+    factory = app.state.runtime.session_factory
+    keys: dict[str, str] = {}
+    tenant_ids: dict[str, str] = {}
+    with factory() as s:
+        for name in ("alpha", "beta"):
+            key, secret = tenants.create_api_key(s, tenant_name=name)
+            keys[name], tenant_ids[name] = secret, key.tenant_id
+    try:
+        with serve(app) as url:
+            yield ServedApp(url, app, settings, published, factory, keys, tenant_ids)
+    finally:
+        app.state.runtime.engine.dispose()

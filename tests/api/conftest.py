@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from api_helpers import METRICS_TOKEN, REDIS_TEST_URL, LocalApp, ServedApp, Stack
+from api_helpers import METRICS_TOKEN, REDIS_TEST_URL, LocalApp, ServedApp, Stack, served_app_with
 from fixtures_worker import WorkerProcess, loom_env, missing, require_model, serve
 
 def _redis_ready() -> None:
@@ -105,27 +105,8 @@ def local_app(tmp_path: Path, make_settings: Any) -> Iterator[LocalApp]:
 
 @pytest.fixture
 def served_app(pg_url: str, tmp_path: Path, make_settings: Any) -> Iterator[ServedApp]:
-    """The API on PostgreSQL + a local store, served by a real uvicorn, auth on, two tenants
-    (alpha, beta); publish() appends to a list (no broker, no worker)."""
-    from api.main import create_app
-    from loom import tenants
-
-    settings = make_settings(
-        database_url=pg_url, storage_url=f"file://{tmp_path / 's'}", broker_url="memory://",
-        auth="on", max_items_per_request=50, max_body_bytes=500_000, max_text_chars=100,
-        max_input_bytes=50_000,
-    )
-    published: list[Any] = []
-    app = create_app(settings, publish=published.append)
-    factory = app.state.runtime.session_factory
-    keys: dict[str, str] = {}
-    tenant_ids: dict[str, str] = {}
-    with factory() as s:
-        for name in ("alpha", "beta"):
-            key, secret = tenants.create_api_key(s, tenant_name=name)
-            keys[name], tenant_ids[name] = secret, key.tenant_id
-    try:
-        with serve(app) as url:
-            yield ServedApp(url, app, settings, published, factory, keys, tenant_ids)
-    finally:
-        app.state.runtime.engine.dispose()
+    """``served_app_with`` the request limits the request tests probe."""
+    with served_app_with(pg_url, tmp_path, make_settings, max_items_per_request=50,
+                         max_body_bytes=500_000, max_text_chars=100,
+                         max_input_bytes=50_000) as app:
+        yield app
