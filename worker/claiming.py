@@ -58,7 +58,7 @@ class Claimer:
         other jobs (``batch_fill``). Their inputs start loading at once. Before any of that, the
         fair-share step may serve another tenant or lane first (worker/fair_share.py)."""
         if self.fair is not None and not scope.cancelling:
-            served = self._serve_first(scope, report)
+            served = self.claim_urgent(scope, report) or self._serve_first(scope, report)
             if served:
                 return served
         batches = [] if scope.filling else self._claim_job(scope, report, prefetch=prefetch)
@@ -100,6 +100,15 @@ class Claimer:
         fresh.prepared.extend(self._start_loading(items))
         return batches or [fresh]
 
+    def claim_urgent(self, scope: Scope, report: ChunkReport) -> list[Batch]:
+        """Before the next of the batches already claimed: a fast-lane batch, if one waits (it
+        runs first, so a one-item job waits for the batch in flight only)."""
+        if self.fair is None or scope.cancelling:
+            return []
+        t0 = time.perf_counter()
+        items = self.fair.urgent_items(scope.chunk.job_id, self.settings.batch_size)
+        return self._served(items, report, t0, urgent=True)
+
     def _serve_first(self, scope: Scope, report: ChunkReport) -> list[Batch]:
         """A batch of the tenant or lane the fair-share step says is owed one, if any."""
         assert self.fair is not None
@@ -108,6 +117,12 @@ class Claimer:
             return []
         t0 = time.perf_counter()
         items = self.fair.claim_for(scope.chunk.job_id, decision, self.settings.batch_size)
+        return self._served(items, report, t0, urgent=decision.job_items is not None
+                            and decision.job_items[0] == 0)
+
+    def _served(self, items: list[ClaimedItem], report: ChunkReport, t0: float, *,
+                urgent: bool) -> list[Batch]:
+        assert self.fair is not None
         if items:
             with self.session_factory() as session:
                 items = self._with_metadata(session, items)
@@ -119,9 +134,7 @@ class Claimer:
         self.leases.add((i.id, i.job_id) for i in items)
         report.claimed += len(items)
         report.filled += len(items)
-        return [Batch(items, careful=False, prepared=self._start_loading(items),
-                      urgent=decision.job_items is not None
-                      and decision.job_items[0] == 0)]
+        return [Batch(items, careful=False, prepared=self._start_loading(items), urgent=urgent)]
 
     def _may_fill(self, scope: Scope, batches: list[Batch], report: ChunkReport) -> bool:
         """Fill only once the job has nothing left to claim here (its last claim came back short

@@ -138,6 +138,9 @@ class Engine:
         scope = Scope(chunk, time.monotonic() + self.settings.chunk_linger_seconds)
         queue.extend(self.claimer.claim(scope, report))
         while queue:
+            if len(queue) > 1 or not queue[0].urgent:
+                # Claimed batches wait their turn; a fast-lane job waiting now goes before them.
+                queue.extendleft(reversed(self.claimer.claim_urgent(scope, report)))
             batch = queue.popleft()
             spec = tasks.get(batch.items[0].task)
             if not spec.batched:

@@ -68,8 +68,7 @@ class FairShare:
 
     def claim_for(self, job_id: str, decision: shares.Decision,
                   limit: int) -> list[ClaimedItem]:
-        """Lease up to ``limit`` items of the decision's tenant and lane."""
-        assert decision.tenant_id is not None
+        """Lease up to ``limit`` items of the decision's tenant (any, when None) and lane."""
         with self.session_factory() as session:
             return jobs.claim_fill(
                 session, like=job_id, worker_id=self.worker_id, limit=limit,
@@ -85,3 +84,18 @@ class FairShare:
         for item in items:
             self._state.count(item.tenant_id, 1,
                               small=self.facts.item_count(item.job_id) <= small)
+
+    def urgent_items(self, job_id: str, limit: int) -> list[ClaimedItem]:
+        """Between batches: fresh items of fast-lane jobs, if any wait and the lane is within
+        its share (as the last state read says)."""
+        small = self.settings.fast_lane_max_items
+        if small < 1 or self.facts.item_count(job_id) <= small:
+            return []  # the message is itself in the fast lane
+        st = self._state
+        if st is not None and st.total and self.settings.fast_lane_max_share < 1.0 \
+                and st.total_small / st.total >= self.settings.fast_lane_max_share:
+            return []
+        with self.session_factory() as session:
+            if not shares.fast_lane_waiting(session, like=job_id, small=small, now=utcnow()):
+                return []
+        return self.claim_for(job_id, shares.Decision(None, (0, small)), limit)

@@ -15,6 +15,9 @@ claims from it again at its next batch, and every job keeps its own message, so 
 - Fast lane: jobs of at most ``fast_max_items`` items go ahead of bulk work, as long as they took
   less than ``fast_max_share`` of the window's claims; past that, bulk work waiting is served
   first, so a flood of small jobs cannot starve bulk work either.
+- Between batches a worker also asks whether a fast-lane job waits (``fast_lane_waiting``, one
+  EXISTS): if so its batch runs before the batches already claimed, so a one-item job waits
+  for the batch in flight only.
 - The running cap: a tenant with ``max_running_items`` items in flight is not picked, and a
   message of such a tenant serves others or waits (``Decision.wait``).
 
@@ -37,7 +40,13 @@ from loom import tasks
 from loom.jobs.limits import Limits
 from loom.models import Item, Job, Tenant, TenantClaim
 
-_STATE = text("""
+# A job with an item no attempt was spent on, available now (what a fill may take).
+_HAS_FRESH = """
+      AND EXISTS (SELECT 1 FROM items WHERE items.job_id = o.id AND items.status = 'queued'
+                  AND items.attempts = items.attempts_excused
+                  AND (items.available_at IS NULL OR items.available_at <= :now))"""
+
+_STATE = text(f"""
 WITH l AS (
     SELECT task, model_name, params, use_cache, tenant_id FROM jobs WHERE id = :like
 ),
@@ -48,10 +57,7 @@ w AS (
     WHERE o.status IN ('queued', 'running')
       AND o.task = l.task AND o.model_name = l.model_name
       AND CAST(o.params AS text) = CAST(l.params AS text) AND o.use_cache = l.use_cache
-      AND (l.model_name = ANY(:shared) OR l.model_name LIKE :hf OR o.tenant_id = l.tenant_id)
-      AND EXISTS (SELECT 1 FROM items WHERE items.job_id = o.id AND items.status = 'queued'
-                  AND items.attempts = items.attempts_excused
-                  AND (items.available_at IS NULL OR items.available_at <= :now))
+      AND (l.model_name = ANY(:shared) OR l.model_name LIKE :hf OR o.tenant_id = l.tenant_id){_HAS_FRESH}
     GROUP BY o.tenant_id
 ),
 c AS (
@@ -258,3 +264,21 @@ def queue_place(session: Session, *, job: Job, defaults: Limits) -> dict[str, An
         reason = "waiting for a worker"
     return {"items_ahead": own_ahead + interleaved, "own_items_ahead": own_ahead,
             "other_items_ahead": interleaved, "share": round(share, 4), "reason": reason}
+
+
+_FAST_WAITING = text(f"""
+SELECT EXISTS (
+    SELECT 1 FROM jobs AS o, jobs AS l
+    WHERE l.id = :like AND o.id <> :like AND o.status IN ('queued', 'running')
+      AND o.item_count <= :small AND o.task = l.task AND o.model_name = l.model_name{_HAS_FRESH}
+)
+""")
+
+
+def fast_lane_waiting(session: Session, *, like: str, small: int, now: datetime) -> bool:
+    """Whether a fast-lane job that a model call of ``like``'s could serve has fresh items
+    (asked between batches, so such a job need not wait for the batches already claimed)."""
+    found = bool(session.execute(_FAST_WAITING, {"like": like, "small": small,
+                                                 "now": now}).scalar())
+    session.rollback()
+    return found

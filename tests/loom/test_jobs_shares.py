@@ -152,3 +152,18 @@ def test_a_dry_message_serves_whoever_is_owed_most() -> None:
     assert decide(st, 1) == shares.Decision("c", None)
     st = shares.ShareState("b", {"a": w("a", 500), "b2": w("b2", 0, small=True)}, total=500)
     assert decide(st, 1) == shares.Decision("b2", (0, SMALL))
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_fast_lane_waiting_is_asked_between_batches(
+    session: Session, make_job: Callable[..., Job]
+) -> None:
+    b = tenants.ensure_tenant(session, name="b").id
+    bulk = make_job(40, chunk_size=40)
+    assert not shares.fast_lane_waiting(session, like=bulk.id, small=SMALL, now=utcnow())
+    small = make_job(2, tenant_id=b)
+    assert shares.fast_lane_waiting(session, like=bulk.id, small=SMALL, now=utcnow())
+    assert not shares.fast_lane_waiting(session, like=bulk.id, small=1, now=utcnow())
+    jobs.claim_items(session, job_id=small.id, start=0, end=2, worker_id="w", limit=2,
+                     lease_seconds=60)
+    assert not shares.fast_lane_waiting(session, like=bulk.id, small=SMALL, now=utcnow())
