@@ -166,12 +166,12 @@ def writer_for(
     - hf: a folder ``out/data/train-00000.parquet`` with an HF ``Image`` column ``image``
       (``load_dataset(out)``); ``arrow=True`` also converts it at close, with ``datasets``,
       into the ``save_to_disk`` layout in ``out`` (``load_from_disk(out)``; costly, see
-      writers.HFRowsWriter).
+      parquet_writer.HFRowsWriter).
     """
-    from loom.datasets import writers
+    from loom.datasets import parquet_writer, writers
 
     if fmt == "parquet":
-        return writers.ParquetRowsWriter(out, task=task, shard_rows=shard_rows or 1_000_000,
+        return parquet_writer.ParquetRowsWriter(out, task=task, shard_rows=shard_rows or 1_000_000,
                                          images=images, row_group_rows=row_group_rows,
                                          vectors=vectors, columns=columns,
                                          drop_images=drop_images)
@@ -179,7 +179,7 @@ def writer_for(
         return writers.WebDatasetRowsWriter(out, task=task, shard_rows=shard_rows, images=images,
                                             vectors=vectors, columns=columns)
     if fmt == "hf":
-        return writers.HFRowsWriter(out, task=task, shard_rows=shard_rows, images=images,
+        return parquet_writer.HFRowsWriter(out, task=task, shard_rows=shard_rows, images=images,
                                     row_group_rows=row_group_rows, arrow=arrow, vectors=vectors,
                                     columns=columns, drop_images=drop_images)
     raise InvalidRequest(f"unknown output format {fmt!r}; use one of {', '.join(OUTPUT_FORMATS)}")
@@ -205,12 +205,12 @@ def stream_rows(fmt: str, rows: Any, *, task: str, images: Any = None, vectors: 
 def store_vectors(store: Any) -> Any:
     """``vectors=`` for the writers: a vector output's stored ``.npy`` (Parquet: a list<float32>
     column ``vector``; WebDataset: the sample's ``{key}.npy``)."""
-    from loom.datasets import writers
+    from loom.datasets import sinks
 
-    return writers.store_vectors(store)
+    return sinks.store_vectors(store)
 
 
 def store_images(store: Any, *, inputs: bool = True) -> Any:
-    from loom.datasets import writers
+    from loom.datasets import sinks
 
-    return writers.store_images(store, inputs=inputs)
+    return sinks.store_images(store, inputs=inputs)
