@@ -2,14 +2,17 @@
 (or, with --db sqlite, on an embedded run's SQLite file).
 
     .venv/bin/python bench/control_plane.py [--items 40000] [--procs 1,4,8] [--batch 32,128,512]
-        [--db postgresql|sqlite]
+        [--claim-batches N] [--db postgresql|sqlite]
 
 For every (processes, batch) configuration it creates a scratch database on PostgreSQL
 (LOOM_BENCH_PG_URL, default postgresql+psycopg://root@127.0.0.1:5432/postgres is used only to
 CREATE/DROP it), submits one job of --items items (not timed), then P worker processes each take
-chunks (chunk = 4 batches, like Settings.chunk_size) from a shared queue, as Celery would hand them
-out, and run claim_items -> complete_items per batch until the job is finalised. Timed: from the
-moment all processes are ready until the last one is done. Prints items/s per configuration.
+chunks (chunk = Settings.chunk_batches batches) from a shared queue, as Celery would hand them
+out, and, as the engine does, claim --claim-batches batches at a time (default
+Settings.claim_batches) and complete them batch by batch until the job is finalised. Timed: from the
+moment all processes are ready until the last one is done. Prints items/s per configuration
+and the CPU each item cost: the worker processes' (client) and every postgres process's (database,
+read from /proc, so the server must run on this host).
 
 No torch: the "model" returns a constant caption, so what is measured is only the database work a
 worker does per item (claim, fenced completion, output + lineage rows, events, finalisation check).
@@ -26,13 +29,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from submit_throughput import DEFAULT_PG_ADMIN, pg_drop, pg_scratch  # noqa: E402
 
 
-def _worker(url: str, chunks: mp.Queue, ready: mp.Barrier, batch: int, out: mp.Queue) -> None:
+def _worker(url: str, chunks: mp.Queue, ready: mp.Barrier, batch: int, claim_batches: int,
+            out: mp.Queue, finish: mp.Event) -> None:
     from loom import jobs
     from loom.db import WORKER_PING_IDLE_SECONDS, make_engine, make_session_factory
 
@@ -46,26 +51,34 @@ def _worker(url: str, chunks: mp.Queue, ready: mp.Barrier, batch: int, out: mp.Q
         jobs.claim_items(session, job_id="none", start=0, end=0, worker_id=worker_id,
                          limit=batch, lease_seconds=60)
         ready.wait()
+        cpu0 = time.process_time()
         while True:
             chunk = chunks.get()
             if chunk is None:
                 break
             job_id, start, end = chunk
             while True:
+                # As the engine: claim_batches batches per claim, each completed on its own.
                 claimed = jobs.claim_items(session, job_id=job_id, start=start, end=end,
-                                           worker_id=worker_id, limit=batch, lease_seconds=60)
+                                           worker_id=worker_id, limit=batch * claim_batches,
+                                           lease_seconds=60)
                 if not claimed:
                     break
-                results = [
-                    jobs.ItemResult(item_id=c.id, kind="text", text="a red circle",
-                                    input_sha256="0" * 64, model_version="1",
-                                    weights_sha256="f" * 64, seed=c.index,
-                                    timings={"infer_ms": 0.0}, attempt=c.attempts)
-                    for c in claimed
-                ]
-                done += jobs.complete_items(session, worker_id=worker_id, results=results)
+                for b0 in range(0, len(claimed), batch):
+                    results = [
+                        jobs.ItemResult(item_id=c.id, kind="text", text="a red circle",
+                                        input_sha256="0" * 64, model_version="1",
+                                        weights_sha256="f" * 64, seed=c.index,
+                                        timings={"infer_ms": 0.0}, attempt=c.attempts)
+                        for c in claimed[b0:b0 + batch]
+                    ]
+                    done += jobs.complete_items(session, worker_id=worker_id, results=results)
+        cpu = time.process_time() - cpu0
+        # The connection stays open until the parent has read the database's CPU time: a
+        # backend's CPU leaves /proc with it.
+        out.put((done, cpu))
+        finish.wait()
     engine.dispose()
-    out.put(done)
 
 
 @contextmanager
@@ -85,10 +98,39 @@ def scratch_database(db: str, admin: str) -> Iterator[str]:
         pg_drop(admin, name)
 
 
-def run_config(db: str, admin: str, n_items: int, procs: int, batch: int) -> float:
+class Result(NamedTuple):
+    items_per_s: float
+    client_us: float  # worker processes' CPU per item
+    db_us: float | None  # PostgreSQL's CPU per item (every postgres process); None on SQLite
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU time (user + system) of every live postgres process on this host, from /proc: the
+    backends serving the workers plus the WAL writer, checkpointer and the rest, which do part
+    of the work a commit causes."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # exited meanwhile
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        if comm.startswith("postgres"):
+            fields = stat[stat.rindex(")") + 2:].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def run_config(db: str, admin: str, n_items: int, procs: int, batch: int,
+               claim_batches: int) -> Result:
     from sqlalchemy import select
 
     from loom import jobs, tenants
+    from loom.config import Settings
     from loom.db import make_engine, make_session_factory, upgrade
     from loom.models import Job
 
@@ -96,7 +138,7 @@ def run_config(db: str, admin: str, n_items: int, procs: int, batch: int) -> flo
         upgrade(url)
         engine = make_engine(url)
         session_factory = make_session_factory(engine)
-        chunk_size = batch * 4
+        chunk_size = batch * Settings.model_fields["chunk_batches"].default
         with session_factory() as session:
             tenant = tenants.ensure_tenant(session, name="bench")
             job = jobs.submit_job(
@@ -104,6 +146,9 @@ def run_config(db: str, admin: str, n_items: int, procs: int, batch: int) -> flo
                 items=[{"input": {"image_key": f"t/jobs/x/inputs/{i}.png"}}
                        for i in range(n_items)],
                 chunk_size=chunk_size, max_attempts=3)
+        if db == "postgresql":
+            with engine.connect() as conn:  # what a worker's first claims would otherwise do
+                conn.exec_driver_sql("CHECKPOINT")
         ctx = mp.get_context("spawn")
         chunks: mp.Queue = ctx.Queue()
         for start in range(0, n_items, chunk_size):
@@ -111,23 +156,30 @@ def run_config(db: str, admin: str, n_items: int, procs: int, batch: int) -> flo
         for _ in range(procs):
             chunks.put(None)
         ready = ctx.Barrier(procs + 1)
+        finish = ctx.Event()
         out: mp.Queue = ctx.Queue()
-        workers = [ctx.Process(target=_worker, args=(url, chunks, ready, batch, out))
+        workers = [ctx.Process(target=_worker, args=(url, chunks, ready, batch, claim_batches, out, finish))
                    for _ in range(procs)]
         for w in workers:
             w.start()
         ready.wait()
+        db_cpu0 = postgres_cpu_seconds()
         t0 = time.perf_counter()
-        done = sum(out.get() for _ in workers)
+        reports = [out.get() for _ in workers]
         elapsed = time.perf_counter() - t0
+        db_cpu = postgres_cpu_seconds() - db_cpu0
+        finish.set()
         for w in workers:
             w.join()
         with session_factory() as session:
             status = session.scalar(select(Job.status).where(Job.id == job.id))
         engine.dispose()
+        done = sum(d for d, _ in reports)
         assert done == n_items, (done, n_items)
         assert status == "succeeded", status
-        return n_items / elapsed
+        client = sum(c for _, c in reports)
+        return Result(n_items / elapsed, client / n_items * 1e6,
+                      db_cpu / n_items * 1e6 if db == "postgresql" else None)
 
 
 def main() -> None:
@@ -136,24 +188,44 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=40_000)
     parser.add_argument("--procs", default="1,4,8", help="comma-separated process counts")
     parser.add_argument("--batch", default="32", help="comma-separated batch sizes")
+    parser.add_argument("--claim-batches", type=int, default=None,
+                        help="batches per claim statement (default: Settings.claim_batches)")
     parser.add_argument("--db", choices=("postgresql", "sqlite"), default="postgresql",
                         help="sqlite: an embedded run's database (a file in a temp folder)")
     args = parser.parse_args()
     procs = [int(p) for p in args.procs.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
     admin = os.environ.get("LOOM_BENCH_PG_URL", DEFAULT_PG_ADMIN)
+    from loom.config import Settings
 
-    table: dict[tuple[int, int], float] = {}
+    claim_batches = args.claim_batches or Settings.model_fields["claim_batches"].default
+
+    table: dict[tuple[int, int], Result] = {}
     for b in batches:
         for p in procs:
-            table[(p, b)] = run_config(args.db, admin, args.items, p, b)
-            print(f"  processes={p} batch={b}: {table[(p, b)]:,.0f} items/s", file=sys.stderr)
+            r = run_config(args.db, admin, args.items, p, b, claim_batches)
+            table[(p, b)] = r
+            db_us = f"{r.db_us:.0f}" if r.db_us is not None else "-"
+            print(f"  processes={p} batch={b}: {r.items_per_s:,.0f} items/s, CPU per item "
+                  f"{r.client_us:.0f} us client + {db_us} us database", file=sys.stderr)
 
-    print(f"claim -> complete, {args.items:,} items, {args.db}, instant model "
-          f"({os.cpu_count()} CPUs); items/s")
+    print(f"claim -> complete, {args.items:,} items, {args.db}, instant model, "
+          f"{claim_batches} batch(es) per claim ({os.cpu_count()} CPUs)")
+    print("items/s")
     print(f"{'processes':<12}" + "".join(f"{'batch ' + str(b):>14}" for b in batches))
     for p in procs:
-        print(f"{p:<12}" + "".join(f"{table[(p, b)]:>14,.0f}" for b in batches))
+        print(f"{p:<12}" + "".join(f"{table[(p, b)].items_per_s:>14,.0f}" for b in batches))
+    print("CPU microseconds per item: client + database = total")
+    print(f"{'processes':<12}" + "".join(f"{'batch ' + str(b):>22}" for b in batches))
+    for p in procs:
+        cells = []
+        for b in batches:
+            r = table[(p, b)]
+            if r.db_us is None:
+                cells.append(f"{r.client_us:.0f} (in process)")
+            else:
+                cells.append(f"{r.client_us:.0f} + {r.db_us:.0f} = {r.client_us + r.db_us:.0f}")
+        print(f"{p:<12}" + "".join(f"{c:>22}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import Select, bindparam, func, literal_column, select, text, union_all
 from sqlalchemy.orm import Session
 
+from loom.jobs.hot_pg import hot_connection, statement
 from loom.jobs.types import Chunk
 from loom.models import Item, Job, Outbox, utcnow
 
@@ -70,6 +71,7 @@ SELECT j.status, j.item_count, j.max_attempts,
            ) AS s ORDER BY s.index LIMIT :limit) END AS suspects
 FROM jobs AS j WHERE j.id = :job_id
 """)
+_HEAD_PG_SQL = statement(_HEAD_PG)
 
 
 def claim_head(session: Session, *, chunk: Chunk, limit: int,
@@ -77,19 +79,16 @@ def claim_head(session: Session, *, chunk: Chunk, limit: int,
     """``job_head`` and, while the job is claimable, ``suspect_indexes`` of ``chunk``."""
     now = now or utcnow()
     if session.get_bind().dialect.name == "postgresql":
-        from loom.jobs.claims_pg import autocommit
-
-        conn = autocommit(session)
-        try:
-            row = conn.execute(_HEAD_PG, {"job_id": chunk.job_id, "start": chunk.start,
-                                          "end": chunk.end, "now": now, "limit": limit,
-                                          "codes": list(SUSPECT_CODES)}).first()
-        finally:
-            session.commit()  # hands the connection back
+        with hot_connection(session) as conn:
+            rows = conn.execute(_HEAD_PG_SQL, {"job_id": chunk.job_id, "start": chunk.start,
+                                               "end": chunk.end, "now": now, "limit": limit,
+                                               "codes": list(SUSPECT_CODES)})
+        row = rows[0] if rows else None
         if row is None:
             return ClaimHead(None, 0, 1, [])
-        return ClaimHead(row.status, int(row.item_count or 0), int(row.max_attempts or 1),
-                         list(row.suspects or []))
+        status, item_count, max_attempts, suspects = row
+        return ClaimHead(status, int(item_count or 0), int(max_attempts or 1),
+                         list(suspects or []))
     status, count, cap = job_head(session, job_id=chunk.job_id)
     suspects = (suspect_indexes(session, chunk=chunk, limit=limit, now=now)
                 if status in ("queued", "running") else [])

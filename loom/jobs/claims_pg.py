@@ -3,7 +3,8 @@
 Why a separate path: on PostgreSQL a batch used to cost ~16 round trips and ~100 per-row
 statements (executemany of Output and Event rows), which capped the control plane near 1,200
 items/s per process. Here each of claim and complete is ONE statement, run as its own
-transaction (autocommit, so no BEGIN/COMMIT round trips): data-modifying CTEs update the items
+transaction (autocommit, so no BEGIN/COMMIT round trips; run through loom.jobs.hot_pg, prepared,
+without the Session's layers): data-modifying CTEs update the items
 and insert the event (and output) rows set-based; a batch travels as one JSON array of rows.
 
 The guarantees are those of the portable path in ``claims.py``:
@@ -21,9 +22,10 @@ import json
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from loom.jobs.hot_pg import hot_connection, statement
 from loom.jobs.types import ClaimedItem, ItemResult
 
 # What a claim sets on the rows it takes (this claim's lease, one more attempt); loom.jobs.fill's
@@ -154,11 +156,8 @@ WHERE EXISTS (SELECT 1 FROM items WHERE items.job_id = j.id AND status IN ('queu
 """)
 
 
-def autocommit(session: Session) -> Connection:
-    """The session's connection in autocommit mode: each statement is its own transaction."""
-    if session.in_transaction():
-        session.commit()
-    return session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+_CLAIM_SQL, _START_SQL, _COMPLETE_SQL, _OPEN_JOBS_SQL = (
+    statement(s) for s in (_CLAIM, _START, _COMPLETE, _OPEN_JOBS))
 
 
 def claim(
@@ -171,24 +170,21 @@ def claim(
     args = {"job_id": job_id, "start": start, "end": end, "limit": limit, "now": now,
             "expires": now + timedelta(seconds=lease_seconds), "worker_id": worker_id,
             "takeover": takeover}
-    conn = autocommit(session)
-    try:
-        rows = conn.execute(_CLAIM, args).all()
-        if rows and rows[0].status == "queued":
-            conn.execute(_START, {"job_id": job_id, "now": now})
-            rows = conn.execute(_CLAIM, args).all()
-    finally:
-        session.commit()  # hands the connection back; nothing is left open
-    if not rows or rows[0].status != "running":
+    with hot_connection(session) as conn:
+        rows = conn.execute(_CLAIM_SQL, args)
+        if rows and rows[0][0] == "queued":
+            conn.execute(_START_SQL, {"job_id": job_id, "now": now})
+            rows = conn.execute(_CLAIM_SQL, args)
+    if not rows or rows[0][0] != "running":
         return []  # no such job, or cancelling / cancelled / finished
-    head = rows[0]
+    _, tenant_id, task, model_name, params_text = rows[0][:5]
     # json columns come back as text: parsed here once for the job, once per item.
-    params = json.loads(head.params) if head.params else {}
+    params = json.loads(params_text) if params_text else {}
     return [
-        ClaimedItem(id=r.id, job_id=job_id, tenant_id=head.tenant_id, index=r.index,
-                    task=head.task, model_name=head.model_name, params=dict(params or {}),
-                    input=json.loads(r.input) if r.input else {}, attempts=r.attempts)
-        for r in rows if r.id is not None
+        ClaimedItem(id=item_id, job_id=job_id, tenant_id=tenant_id, index=index, task=task,
+                    model_name=model_name, params=dict(params or {}),
+                    input=json.loads(input_text) if input_text else {}, attempts=attempts)
+        for *_, item_id, index, input_text, attempts in rows if item_id is not None
     ]
 
 
@@ -217,13 +213,11 @@ def complete(
     ]
     params = {"rows": _dumps(rows), "ids": [r.item_id for r in results], "worker_id": worker_id,
               "now": now}
-    conn = autocommit(session)
-    try:
-        won = [r.job_id for r in conn.execute(_COMPLETE, params)]
+    with hot_connection(session) as conn:
+        won = [job_id for _, job_id in conn.execute(_COMPLETE_SQL, params)]
         job_ids = sorted(set(won) - set(open_jobs))
         still_open = (
-            set(conn.execute(_OPEN_JOBS, {"job_ids": job_ids}).scalars()) if job_ids else set()
+            {job_id for job_id, in conn.execute(_OPEN_JOBS_SQL, {"job_ids": job_ids})}
+            if job_ids else set()
         )
-    finally:
-        session.commit()
     return won, set(job_ids) - still_open

@@ -33,7 +33,8 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from loom import tasks
-from loom.jobs.claims_pg import LEASE_SET, autocommit
+from loom.jobs.claims_pg import LEASE_SET
+from loom.jobs.hot_pg import hot_connection, statement
 from loom.jobs.types import ClaimedItem
 
 # The jobs a batch of ``:like`` may be filled from. ``turn`` is the job's place in its tenant's
@@ -121,6 +122,9 @@ ORDER BY upd.priority DESC, upd.turn, upd.job_created, upd.job_id, upd.index
 """)
 
 
+_START_SQL, _FILL_SQL = statement(_START), statement(_FILL)
+
+
 def claim_fill(
     session: Session,
     *,
@@ -141,28 +145,26 @@ def claim_fill(
     args = {"like": like, "shared": list(tasks.BUILTIN_MODELS), "hf": tasks.HF_PREFIX + "%",
             "batched": tasks.names(), "jobs": limit, "limit": limit, "now": now,
             "tenant": tenant_id, "min_items": job_items[0], "max_items": job_items[1]}
-    conn = autocommit(session)
-    try:
-        rows = conn.execute(_FILL, {**args, "status": "running", "worker_id": worker_id,
-                                    "expires": now + timedelta(seconds=lease_seconds)}).all()
+    with hot_connection(session) as conn:
+        rows = conn.execute(_FILL_SQL, {**args, "status": "running", "worker_id": worker_id,
+                                        "expires": now + timedelta(seconds=lease_seconds)})
         if len(rows) < limit:
             # Start queued mates, then claim again: a thousand small jobs submitted together
             # are still queued when the first worker gets to them.
-            started = conn.execute(_START, {**args, "status": "queued",
-                                            "jobs": limit - len(rows)}).all()
+            started = conn.execute(_START_SQL, {**args, "status": "queued",
+                                                "jobs": limit - len(rows)})
             if started:
-                rows += conn.execute(_FILL, {
+                rows += conn.execute(_FILL_SQL, {
                     **args, "status": "running", "limit": limit - len(rows),
                     "worker_id": worker_id,
-                    "expires": now + timedelta(seconds=lease_seconds)}).all()
-    finally:
-        session.commit()  # hands the connection back
+                    "expires": now + timedelta(seconds=lease_seconds)})
     if not rows:
         return []
-    params = json.loads(rows[0].params) if rows[0].params else {}
+    params_text = rows[0][8]
+    params = json.loads(params_text) if params_text else {}
     return [
-        ClaimedItem(id=r.id, job_id=r.job_id, tenant_id=r.tenant_id, index=r.index,
-                    task=r.task, model_name=r.model_name, params=dict(params or {}),
-                    input=json.loads(r.input) if r.input else {}, attempts=r.attempts)
-        for r in rows
+        ClaimedItem(id=item_id, job_id=job_id, tenant_id=tenant_id, index=index, task=task,
+                    model_name=model_name, params=dict(params or {}),
+                    input=json.loads(input_text) if input_text else {}, attempts=attempts)
+        for item_id, job_id, index, input_text, attempts, tenant_id, task, model_name, _ in rows
     ]
