@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue
 import sys
 import tempfile
 import time
@@ -65,6 +66,9 @@ def _worker(url: str, chunks: mp.Queue, ready: mp.Barrier, batch: int, claim_bat
                 if not claimed:
                     break
                 for b0 in range(0, len(claimed), batch):
+                    # As the finisher: a job whose later batches this worker still holds has
+                    # open items, so the completion does not look (open_jobs).
+                    busy = {job_id} if b0 + batch < len(claimed) else set()
                     results = [
                         jobs.ItemResult(item_id=c.id, kind="text", text="a red circle",
                                         input_sha256="0" * 64, model_version="1",
@@ -72,13 +76,25 @@ def _worker(url: str, chunks: mp.Queue, ready: mp.Barrier, batch: int, claim_bat
                                         timings={"infer_ms": 0.0}, attempt=c.attempts)
                         for c in claimed[b0:b0 + batch]
                     ]
-                    done += jobs.complete_items(session, worker_id=worker_id, results=results)
+                    done += jobs.complete_items(session, worker_id=worker_id, results=results,
+                                                open_jobs=busy)
         cpu = time.process_time() - cpu0
         # The connection stays open until the parent has read the database's CPU time: a
         # backend's CPU leaves /proc with it.
         out.put((done, cpu))
         finish.wait()
     engine.dispose()
+
+
+def _report(out: mp.Queue, workers: list[mp.process.BaseProcess]) -> tuple[int, float]:
+    """The next worker's (items done, CPU seconds); fails when a worker died instead."""
+    while True:
+        try:
+            return out.get(timeout=1.0)
+        except queue.Empty:
+            dead = [w for w in workers if w.exitcode not in (None, 0)]
+            if dead:
+                raise SystemExit(f"a worker process failed (exit code {dead[0].exitcode})")
 
 
 @contextmanager
@@ -162,10 +178,10 @@ def run_config(db: str, admin: str, n_items: int, procs: int, batch: int,
                    for _ in range(procs)]
         for w in workers:
             w.start()
-        ready.wait()
+        ready.wait(timeout=300)  # BrokenBarrierError when a worker failed to start
         db_cpu0 = postgres_cpu_seconds()
         t0 = time.perf_counter()
-        reports = [out.get() for _ in workers]
+        reports = [_report(out, workers) for _ in workers]
         elapsed = time.perf_counter() - t0
         db_cpu = postgres_cpu_seconds() - db_cpu0
         finish.set()

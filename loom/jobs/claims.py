@@ -141,8 +141,8 @@ def complete_items(
         return 0
     now = now or utcnow()
     if _is_postgresql(session):
-        won_jobs, drained = claims_pg.complete(session, worker_id=worker_id, results=results,
-                                               now=now, open_jobs=open_jobs)
+        n_won, drained = claims_pg.complete(session, worker_id=worker_id, results=results,
+                                            now=now, open_jobs=open_jobs)
         # maybe_finalize checks again under the job row lock; this only skips the calls that
         # would find open items anyway (nearly every batch).
         if on_drained is not None:
@@ -150,7 +150,7 @@ def complete_items(
                 on_drained(drained)
         else:
             _finalize_all(session, drained, store, on_finalized, now, drained=True)
-        return len(won_jobs)
+        return n_won
     n_won, won_jobs = claims_sqlite.complete(session, worker_id=worker_id, results=results,
                                              now=now)
     if n_won:

@@ -101,15 +101,15 @@ WHERE id = :job_id AND status = 'queued'
 """)
 
 # Completion: the batch arrives as one JSON array of rows (encoded in C, parsed server-side:
-# far cheaper than binding one Python-dumped array per column); one UPDATE (the fence) decides which rows
-# this worker won, and only those rows get an output and a 'succeeded' event.
+# far cheaper than binding one Python-dumped array per column); one UPDATE (the fence) decides
+# which rows this worker won, and only those rows get an output. One row back per job.
 _COMPLETE = text("""
 WITH v AS MATERIALIZED (
     SELECT * FROM json_to_recordset(CAST(:rows AS json)) AS v(
         item_id bigint, attempt integer, kind text, text text, storage_key text,
         content_type text, sha256 text, size_bytes bigint, input_sha256 text, model_name text,
         model_version text, weights_sha256 text, seed bigint, timings json,
-        cache_key text, cached_from bigint, duration_ms double precision, details json)
+        cache_key text, cached_from bigint, details json)
 ),
 won AS (
     UPDATE items SET
@@ -139,13 +139,10 @@ outs AS (
            :worker_id, won.timings, won.cache_key, won.cached_from, won.details, :now
     FROM won JOIN jobs ON jobs.id = won.job_id
     ORDER BY won.id
-),
-ev AS (
-    INSERT INTO events (job_id, item_id, kind, attempt, worker_id, duration_ms, created_at)
-    SELECT job_id, id, 'succeeded', attempts, :worker_id, duration_ms, :now
-    FROM won ORDER BY id
 )
-SELECT id, job_id FROM won
+-- No 'succeeded' event row: the output row is that record (attempt, worker, time, timings);
+-- loom.jobs.queries.item_lineage shows it as the item's 'succeeded' event.
+SELECT job_id, count(*) FROM won GROUP BY job_id
 """)
 
 # Run after the completion committed, on the same connection: the last completer of a job sees
@@ -195,29 +192,27 @@ _dumps = json.JSONEncoder(separators=(",", ":")).encode
 def complete(
     session: Session, *, worker_id: str, results: Sequence[ItemResult], now: datetime,
     open_jobs: Collection[str] = (),
-) -> tuple[list[str], set[str]]:
-    """Fenced completion of a batch in one statement. Returns the job id of every row it won
-    (empty when every row was lost to another worker), and the jobs among them that had no
-    open items left once it had committed (candidates for maybe_finalize); ``open_jobs`` (known
-    to have open items) are not looked at."""
+) -> tuple[int, set[str]]:
+    """Fenced completion of a batch in one statement. Returns how many rows it won (0 when
+    every row was lost to another worker), and the jobs among theirs that had no open items
+    left once it had committed (candidates for maybe_finalize); ``open_jobs`` (known to have
+    open items) are not looked at."""
     rows = [
         {"item_id": r.item_id, "attempt": r.attempt, "kind": r.kind, "text": r.text,
          "storage_key": r.storage_key, "content_type": r.content_type, "sha256": r.sha256,
          "size_bytes": r.size_bytes, "input_sha256": r.input_sha256,
          "model_name": r.model_name, "model_version": r.model_version,
          "weights_sha256": r.weights_sha256, "seed": r.seed, "timings": r.timings,
-         "cache_key": r.cache_key, "cached_from": r.cached_from,
-         "duration_ms": sum(r.timings.values()) * 1000.0 if r.timings else None,
-         "details": r.details}
+         "cache_key": r.cache_key, "cached_from": r.cached_from, "details": r.details}
         for r in results
     ]
     params = {"rows": _dumps(rows), "ids": [r.item_id for r in results], "worker_id": worker_id,
               "now": now}
     with hot_connection(session) as conn:
-        won = [job_id for _, job_id in conn.execute(_COMPLETE_SQL, params)]
-        job_ids = sorted(set(won) - set(open_jobs))
+        won = conn.execute(_COMPLETE_SQL, params)
+        job_ids = sorted({job_id for job_id, _ in won} - set(open_jobs))
         still_open = (
             {job_id for job_id, in conn.execute(_OPEN_JOBS_SQL, {"job_ids": job_ids})}
             if job_ids else set()
         )
-    return won, set(job_ids) - still_open
+    return sum(n for _, n in won), set(job_ids) - still_open

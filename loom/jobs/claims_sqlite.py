@@ -170,8 +170,9 @@ def _complete_statements() -> tuple[Executable, Executable, Executable]:
 
 def complete(session: Session, *, worker_id: str, results: Sequence[ItemResult],
              now: datetime) -> tuple[int, set[str]]:
-    """Mark won items succeeded with their outputs and events (committed); returns how many
-    items were won and their jobs (0: every item was lost to another worker)."""
+    """Mark won items succeeded with their outputs (committed; the output row is the record of
+    the success, no event row); returns how many items were won and their jobs (0: every item
+    was lost to another worker)."""
     won_stmt, job_rows, insert_outputs = _complete_statements()
     begin_write(session)
     won = session.execute(won_stmt, {
@@ -186,7 +187,6 @@ def complete(session: Session, *, worker_id: str, results: Sequence[ItemResult],
     jobs = {j.id: j for j in session.execute(job_rows, {"p_jobs": sorted({w.job_id for w in won})})}
     by_id = {r.item_id: r for r in results}
     outputs: list[dict[str, Any]] = []
-    events: list[dict[str, Any]] = []
     for w in won:
         r, job = by_id[w.id], jobs[w.job_id]
         outputs.append({
@@ -199,11 +199,6 @@ def complete(session: Session, *, worker_id: str, results: Sequence[ItemResult],
             "timings": dict(r.timings), "cache_key": r.cache_key, "cached_from": r.cached_from,
             "details": r.details, "created_at": now,
         })
-        total_ms = sum(r.timings.values()) * 1000.0 if r.timings else None
-        events.append({"job_id": w.job_id, "item_id": w.id, "kind": "succeeded",
-                       "attempt": w.attempts, "worker_id": worker_id,
-                       "duration_ms": total_ms, "created_at": now})
     session.execute(insert_outputs, outputs)
-    add_events(session, events)
     session.commit()
     return len(won), {w.job_id for w in won}

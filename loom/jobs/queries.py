@@ -213,6 +213,30 @@ def get_output(session: Session, *, output_id: int, tenant_id: str | None = None
     return row
 
 
+def succeeded_event(output: Output) -> dict[str, Any]:
+    """The 'succeeded' event an output stands for: a completion writes no event row (since
+    migration 0014), the output row records the same attempt, worker, time and timings."""
+    return {"kind": "succeeded", "attempt": output.attempt, "worker_id": output.worker_id,
+            "error_code": None, "message": None,
+            "duration_ms": sum(output.timings.values()) * 1000.0 if output.timings else None,
+            "created_at": output.created_at}
+
+
+def item_history(events: Sequence[Event], output: Output | None) -> list[dict[str, Any]]:
+    """An item's events in order, its success (from the output row) after the events of the
+    attempt that succeeded. A 'succeeded' row written before migration 0014 is not doubled."""
+    history = [{"kind": e.kind, "attempt": e.attempt, "worker_id": e.worker_id,
+                "error_code": e.error_code, "message": e.message,
+                "duration_ms": e.duration_ms, "created_at": e.created_at} for e in events]
+    if output is None or any(e.kind == "succeeded" and e.attempt == output.attempt
+                             for e in events):
+        return history
+    at = max((i + 1 for i, e in enumerate(events) if e.attempt == output.attempt),
+             default=len(history))
+    history.insert(at, succeeded_event(output))
+    return history
+
+
 def item_lineage(session: Session, *, item_id: int, tenant_id: str | None = None) -> dict[str, Any]:
     """Everything that explains one item's result: the item, its output's lineage fields, its
     event history, and its job followed by the chain of parent jobs (nearest first)."""
@@ -258,9 +282,7 @@ def item_lineage(session: Session, *, item_id: int, tenant_id: str | None = None
             "cache_key": output.cache_key, "cached_from": output.cached_from,
             "details": output.details,
             "created_at": output.created_at},
-        "events": [{"kind": e.kind, "attempt": e.attempt, "worker_id": e.worker_id,
-                    "error_code": e.error_code, "message": e.message,
-                    "duration_ms": e.duration_ms, "created_at": e.created_at} for e in events],
+        "events": item_history(events, output),
         "job": job_ref(job),
         "parents": parents,
     }

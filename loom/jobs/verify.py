@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from loom.db import begin_write
 from loom.errors import InputMissing, InvalidState, StorageError, StoreUnavailable
 from loom.jobs.control import _locked_job
-from loom.jobs.queries import get_job
+from loom.jobs.queries import get_job, succeeded_event
 from loom.jobs.types import add_events
 from loom.models import Item, ItemStatus, Job, JobStatus, Outbox, Output, utcnow
 from loom.storage import Store, is_outage
@@ -178,6 +178,8 @@ def requeue_lost(
                        "weights_sha256": out.weights_sha256, "seed": out.seed,
                        "attempt": out.attempt, "worker_id": out.worker_id,
                        "created_at": out.created_at.isoformat() if out.created_at else None}
+            # The success this output recorded stays in the item's history as an event row.
+            events.append({"job_id": job_id, "item_id": item_id, **succeeded_event(out)})
             events.append({"job_id": job_id, "item_id": item_id, "kind": "output_lost",
                            "attempt": attempt, "worker_id": out.worker_id,
                            "error_code": f"output_{p.problem}",

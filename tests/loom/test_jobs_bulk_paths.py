@@ -67,10 +67,15 @@ def test_completion_records_the_full_lineage(
     assert (out_b.kind, out_b.text, out_b.model_name, out_b.timings) == (
         "text", "two", "other-model", {})
     assert (out_a.cache_key, out_b.cache_key, out_b.cached_from) == (None, "k" * 64, None)
-    succeeded = {e.item_id: e for e in session.scalars(
-        select(Event).where(Event.job_id == job.id, Event.kind == "succeeded"))}
-    assert succeeded[a.id].duration_ms == 750.0 and succeeded[b.id].duration_ms is None
-    assert (succeeded[a.id].attempt, succeeded[a.id].worker_id) == (1, "w1")
+    # The output row is the record of the success (no event row); the lineage shows it as the
+    # item's 'succeeded' event, after its claim.
+    assert events(session, job, "succeeded") == 0
+    history = {i.id: jobs.item_lineage(session, item_id=i.id)["events"] for i in (a, b)}
+    assert [e["kind"] for e in history[a.id]] == ["claimed", "succeeded"]
+    done_a, done_b = history[a.id][1], history[b.id][1]
+    assert done_a["duration_ms"] == 750.0 and done_b["duration_ms"] is None
+    assert (done_a["attempt"], done_a["worker_id"], done_a["created_at"]) == (
+        1, "w1", out_a.created_at)
     claimed = session.scalars(select(Event).where(Event.job_id == job.id,
                                                   Event.kind == "claimed")).all()
     assert sorted((e.item_id, e.attempt, e.worker_id) for e in claimed) == [
@@ -101,7 +106,8 @@ def test_partial_fence_in_one_batch(session: Session, make_job: Callable[..., Jo
     session.commit()
     have = set(session.scalars(select(Output.item_id).where(Output.job_id == job.id)))
     assert have == {mine[0].id, mine[2].id}
-    assert events(session, job, "succeeded") == 2
+    lost = jobs.item_lineage(session, item_id=mine[1].id)["events"]
+    assert [e["kind"] for e in lost] == ["claimed"]
     assert jobs.get_job(session, job_id=job.id).status == "running"
 
 

@@ -84,6 +84,10 @@ def test_verify_reports_missing_and_corrupt_and_repair_requeues_exactly_those(
     assert [e.error_code for e in lost] == ["output_missing", "output_corrupt"]
     old = json.loads(lost[0].message or "{}")
     assert (old["storage_key"], old["attempt"], old["worker_id"]) == (k1, 1, "w1")
+    # The deleted output's success stays in the item's history, as an event row now.
+    history = jobs.item_lineage(session, item_id=items[1].id)["events"]
+    assert [(e["kind"], e["attempt"], e["worker_id"]) for e in history] == [
+        ("claimed", 1, "w1"), ("succeeded", 1, "w1"), ("output_lost", 1, "w1")]
     sent: list[jobs.Chunk] = []
     jobs.publish_pending(session, publish=sent.append)
     assert sorted((c.start, c.end) for c in sent) == [(0, 2), (2, 4)]
