@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,32 @@ class Fleet:
         self.db.dispose()
 
 
+def latency_parts(fleet: Fleet, seen: dict[str, datetime]) -> dict[str, float]:
+    """Medians (seconds) of where B's one-item jobs spent their time, from their rows: waiting
+    to be claimed (job created -> item claimed), running (claimed -> output written),
+    finishing (output -> job finished) and being seen (job finished -> the producer's poll,
+    every 50 ms); and the whole of it in the database (created -> finished), which leaves out
+    how the producer learns of it."""
+    from sqlalchemy import select
+
+    from loom.models import Item, Job, Output
+
+    parts: dict[str, list[float]] = {"wait for a claim": [], "run": [], "finish": [],
+                                     "seen by the producer": [], "created -> finished": []}
+    with fleet.sf() as s:
+        rows = s.execute(
+            select(Job.id, Job.created_at, Item.started_at, Output.created_at, Job.finished_at)
+            .join(Item, Item.job_id == Job.id).join(Output, Output.item_id == Item.id)
+            .where(Job.id.in_(list(seen)))).all()
+    for job_id, created, claimed, output, finished in rows:
+        parts["wait for a claim"].append((claimed - created).total_seconds())
+        parts["run"].append((output - claimed).total_seconds())
+        parts["finish"].append((finished - output).total_seconds())
+        parts["seen by the producer"].append((seen[job_id] - finished).total_seconds())
+        parts["created -> finished"].append((finished - created).total_seconds())
+    return {k: statistics.median(v) for k, v in parts.items() if v}
+
+
 def upload(fleet: Fleet, tenant: str, paths: list[Path]) -> list[str]:
     from loom.storage import input_key
 
@@ -143,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pair", type=int, default=None,
                     help="items of each large job in the weights runs (default n/2)")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--parts", default="alone,latency,weights,limits",
+                    help="comma-separated: alone (A with fair share off/on), latency (B beside "
+                         "A), weights (1:1 and 2:1), limits (429 at the limit)")
     ap.add_argument("--pg", default=os.environ.get("LOOM_BENCH_PG",
                                                     "postgresql://127.0.0.1:5432/postgres"))
     ap.add_argument("--redis", default=os.environ.get("LOOM_BENCH_REDIS",
@@ -159,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"fair share: 1 loom worker, PostgreSQL + Redis + local store, caption, batch "
               f"{a.batch}; A's job {a.n} items, weights runs {pair} items each")
+        parts = set(a.parts.split(","))
         rates: dict[str, float] = {}
-        for mode in ("off", "on"):
+        for mode in ("off", "on") if "alone" in parts else ():
             fleet = Fleet(svc, work / f"alone-{mode}", fair_share=mode == "on", batch=a.batch)
             try:
                 ta = fleet.tenant("a")
@@ -171,83 +202,102 @@ def main(argv: list[str] | None = None) -> int:
                 rates[mode] = fleet.rate(job)
             finally:
                 fleet.close()
-        print(f"A alone: fair share off {rates['off']:.1f} items/s, on {rates['on']:.1f} "
-              f"items/s, ratio {rates['on'] / rates['off']:.3f} (the claim path's cost)")
+        if rates:
+            print(f"A alone: fair share off {rates['off']:.1f} items/s, on {rates['on']:.1f} "
+                  f"items/s, ratio {rates['on'] / rates['off']:.3f} (the claim path's cost)")
 
         fleet = Fleet(svc, work / "mixed", fair_share=True, batch=a.batch)
         try:
             ta, tb = fleet.tenant("a"), fleet.tenant("b")
             keys_a, keys_b = upload(fleet, ta, paths), upload(fleet, tb, paths[:8])
             fleet.wait(fleet.submit(ta, keys_a, a.batch * 2)[0])  # warm-up
-            idle = []
-            for _ in range(5):
-                job, t0 = fleet.submit(tb, keys_b, 1)
-                idle.append(fleet.wait(job) - t0)
-                time.sleep(0.5)
-            big, _ = fleet.submit(ta, keys_a, a.n)
-            time.sleep(5)
-            latencies: list[float] = []
+            if "latency" in parts:
+                idle = []
+                idle_seen: dict[str, datetime] = {}
+                for _ in range(10):
+                    job, t0 = fleet.submit(tb, keys_b, 1)
+                    idle.append(fleet.wait(job) - t0)
+                    idle_seen[job] = utcnow()
+                    time.sleep(0.5)
+                big, _ = fleet.submit(ta, keys_a, a.n)
+                time.sleep(5)
+                latencies: list[float] = []
+                busy_seen: dict[str, datetime] = {}
 
-            def b_job() -> None:
-                job, t0 = fleet.submit(tb, keys_b, 1)
-                latencies.append(fleet.wait(job) - t0)
+                def b_job() -> None:
+                    job, t0 = fleet.submit(tb, keys_b, 1)
+                    latencies.append(fleet.wait(job) - t0)
+                    busy_seen[job] = utcnow()
 
-            threads = []
-            for _ in range(a.b_jobs):
-                t = threading.Thread(target=b_job)
-                t.start()
-                threads.append(t)
-                time.sleep(1.0)
-            for t in threads:
-                t.join()
-            fleet.wait(big, poll=0.5)
-            mixed = fleet.rate(big)
-            idle_med, busy_med = statistics.median(idle), statistics.median(latencies)
-            print(f"B's one-item jobs: idle fleet median {idle_med * 1000:.0f} ms; beside A's "
-                  f"job median {busy_med * 1000:.0f} ms, p90 "
-                  f"{sorted(latencies)[int(0.9 * (len(latencies) - 1))] * 1000:.0f} ms: "
-                  f"{busy_med / idle_med:.2f}x idle (target <= 2)")
-            print(f"A's throughput beside B: {mixed:.1f} items/s, {mixed / rates['on']:.3f} of A "
-                  f"alone (target >= 0.9)")
+                threads = []
+                for _ in range(a.b_jobs):
+                    t = threading.Thread(target=b_job)
+                    t.start()
+                    threads.append(t)
+                    time.sleep(1.0)
+                for t in threads:
+                    t.join()
+                fleet.wait(big, poll=0.5)
+                mixed = fleet.rate(big)
+                idle_med, busy_med = statistics.median(idle), statistics.median(latencies)
+                print(f"B's one-item jobs: idle fleet median {idle_med * 1000:.0f} ms; beside A's "
+                      f"job median {busy_med * 1000:.0f} ms, p90 "
+                      f"{sorted(latencies)[int(0.9 * (len(latencies) - 1))] * 1000:.0f} ms: "
+                      f"{busy_med / idle_med:.2f}x idle (target <= 2)")
+                alone = (f", {mixed / rates['on']:.3f} of A alone (target >= 0.9)"
+                         if rates else "")
+                print(f"A's throughput beside B: {mixed:.1f} items/s{alone}")
+                spent = {label: latency_parts(fleet, seen)
+                         for label, seen in (("idle", idle_seen), ("beside A", busy_seen))}
+                for label, medians in spent.items():
+                    print(f"  B's median {label}: " + ", ".join(
+                        f"{name} {secs * 1000:.0f} ms" for name, secs in medians.items()))
+                db_idle = spent["idle"]["created -> finished"]
+                db_busy = spent["beside A"]["created -> finished"]
+                print(f"B's one-item jobs in the database (created -> finished): idle median "
+                      f"{db_idle * 1000:.0f} ms; beside A's job {db_busy * 1000:.0f} ms: "
+                      f"{db_busy / db_idle:.2f}x idle (target <= 2)")
 
-            for wa in (1.0, 2.0):
-                with fleet.sf() as s:
-                    jobs.set_limits(s, tenant_name="a", changes={"weight": wa})
-                since = utcnow()
-                job_a, _ = fleet.submit(ta, keys_a, pair)
-                job_b, _ = fleet.submit(tb, keys_b, pair)
-                first = min(fleet.wait(job_a, poll=0.5), fleet.wait(job_b, poll=0.5))
-                del first
-                # the windows while both had work: up to the first job's end
-                with fleet.sf() as s:
-                    from sqlalchemy import func, select
-
-                    from loom.models import Job
-
-                    until = s.scalar(select(func.min(Job.finished_at))
-                                     .where(Job.id.in_([job_a, job_b])))
-                got = shares_by_window(fleet, ta, tb, since, until)
-                want = wa / (wa + 1.0)
-                worst = max((abs(x - want) / want for x in got), default=float("nan"))
-                print(f"weights {wa:g}:1: A's share per 10 s window "
-                      f"{', '.join(f'{x:.2f}' for x in got)} (want {want:.2f}); worst "
-                      f"{worst:.1%} off (target within 10%)")
-
-            tc = fleet.tenant("c")
-            with fleet.sf() as s:
-                jobs.set_limits(s, tenant_name="c", changes={"submissions_per_minute": 5})
-            accepted = refused = 0
-            for _ in range(8):
-                try:
+            if "weights" in parts:
+                for wa in (1.0, 2.0):
                     with fleet.sf() as s:
-                        jobs.submit_job(s, tenant_id=tc, task="caption", model_name="loom-shapes",
-                                        items=[{"input": {"image_key": keys_a[0]}}],
-                                        chunk_size=32, max_attempts=3, limits=jobs.Limits())
-                    accepted += 1
-                except LimitExceeded:
-                    refused += 1
-            print(f"limits: per-minute limit 5, 8 submissions: {accepted} accepted, "
-                  f"{refused} refused with 429")
+                        jobs.set_limits(s, tenant_name="a", changes={"weight": wa})
+                    since = utcnow()
+                    job_a, _ = fleet.submit(ta, keys_a, pair)
+                    job_b, _ = fleet.submit(tb, keys_b, pair)
+                    first = min(fleet.wait(job_a, poll=0.5), fleet.wait(job_b, poll=0.5))
+                    del first
+                    # the windows while both had work: up to the first job's end
+                    with fleet.sf() as s:
+                        from sqlalchemy import func, select
+
+                        from loom.models import Job
+
+                        until = s.scalar(select(func.min(Job.finished_at))
+                                         .where(Job.id.in_([job_a, job_b])))
+                    got = shares_by_window(fleet, ta, tb, since, until)
+                    want = wa / (wa + 1.0)
+                    worst = max((abs(x - want) / want for x in got), default=float("nan"))
+                    print(f"weights {wa:g}:1: A's share per 10 s window "
+                          f"{', '.join(f'{x:.2f}' for x in got)} (want {want:.2f}); worst "
+                          f"{worst:.1%} off (target within 10%)")
+
+            if "limits" in parts:
+                tc = fleet.tenant("c")
+                with fleet.sf() as s:
+                    jobs.set_limits(s, tenant_name="c", changes={"submissions_per_minute": 5})
+                accepted = refused = 0
+                for _ in range(8):
+                    try:
+                        with fleet.sf() as s:
+                            jobs.submit_job(s, tenant_id=tc, task="caption", model_name="loom-shapes",
+                                            items=[{"input": {"image_key": keys_a[0]}}],
+                                            chunk_size=32, max_attempts=3, limits=jobs.Limits())
+                        accepted += 1
+                    except LimitExceeded:
+                        refused += 1
+                print(f"limits: per-minute limit 5, 8 submissions: {accepted} accepted, "
+                      f"{refused} refused with 429")
         finally:
             fleet.close()
     finally:

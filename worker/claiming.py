@@ -58,7 +58,12 @@ class Claimer:
         other jobs (``batch_fill``). Their inputs start loading at once. Before any of that, the
         fair-share step may serve another tenant or lane first (worker/fair_share.py)."""
         if self.fair is not None and not scope.cancelling:
-            served = self.claim_urgent(scope, report) or self._serve_first(scope, report)
+            # A prefetch leaves the fast lane alone: what it claims waits for the batch in
+            # flight, while the check between batches (claim_urgent) of whichever process gets
+            # there first runs a fast-lane job at once (bench/fair_share.py: a one-item job
+            # beside a large one waited a whole batch longer when prefetches took it).
+            served = ((not prefetch and self.claim_urgent(scope, report))
+                      or self._serve_first(scope, report, prefetch=prefetch))
             if served:
                 return served
         batches = [] if scope.filling else self._claim_job(scope, report, prefetch=prefetch)
@@ -81,10 +86,12 @@ class Claimer:
         if time.monotonic() < self._fill_quiet_until:
             return batches  # a fill found nothing moments ago (see FILL_QUIET_SECONDS)
         t0 = time.perf_counter()
+        # A prefetch fills from bulk jobs only; fast-lane jobs are for the check between batches.
+        small = self.settings.fast_lane_max_items if prefetch and self.fair is not None else -1
         with self.session_factory() as session:
             items = jobs.claim_fill(session, like=scope.chunk.job_id, worker_id=self.worker_id,
                                     limit=want, lease_seconds=self.settings.lease_seconds,
-                                    now=utcnow())
+                                    now=utcnow(), job_items=(small + 1, 2**31 - 1))
             items = self._with_metadata(session, items)
         if not items:
             self._fill_quiet_until = time.monotonic() + FILL_QUIET_SECONDS
@@ -96,6 +103,8 @@ class Claimer:
             return batches
         report.claimed += len(items)
         report.filled += len(items)
+        if self.fair is not None:
+            self.fair.count(items)  # a fill is a claim too: the lane's share counts it
         fresh.items.extend(items)
         fresh.prepared.extend(self._start_loading(items))
         return batches or [fresh]
@@ -106,19 +115,22 @@ class Claimer:
         if self.fair is None or scope.cancelling:
             return []
         t0 = time.perf_counter()
-        items = self.fair.urgent_items(scope.chunk.job_id, self.settings.batch_size)
+        items = self.fair.urgent_items(scope.chunk.job_id, self.settings.batch_size,
+                                       filling=scope.filling)
         return self._served(items, report, t0, urgent=True)
 
-    def _serve_first(self, scope: Scope, report: ChunkReport) -> list[Batch]:
-        """A batch of the tenant or lane the fair-share step says is owed one, if any."""
+    def _serve_first(self, scope: Scope, report: ChunkReport, *,
+                     prefetch: bool = False) -> list[Batch]:
+        """A batch of the tenant or lane the fair-share step says is owed one, if any (not the
+        fast lane's in a prefetch: see ``claim``)."""
         assert self.fair is not None
         decision = self.fair.decide(scope.chunk.job_id, dry=scope.filling)
-        if decision.tenant_id is None:
+        fast_lane = decision.job_items is not None and decision.job_items[0] == 0
+        if decision.tenant_id is None or (prefetch and fast_lane):
             return []
         t0 = time.perf_counter()
         items = self.fair.claim_for(scope.chunk.job_id, decision, self.settings.batch_size)
-        return self._served(items, report, t0, urgent=decision.job_items is not None
-                            and decision.job_items[0] == 0)
+        return self._served(items, report, t0, urgent=fast_lane)
 
     def _served(self, items: list[ClaimedItem], report: ChunkReport, t0: float, *,
                 urgent: bool) -> list[Batch]:

@@ -85,11 +85,12 @@ class FairShare:
             self._state.count(item.tenant_id, 1,
                               small=self.facts.item_count(item.job_id) <= small)
 
-    def urgent_items(self, job_id: str, limit: int) -> list[ClaimedItem]:
+    def urgent_items(self, job_id: str, limit: int, *, filling: bool = False) -> list[ClaimedItem]:
         """Between batches: fresh items of fast-lane jobs, if any wait and the lane is within
-        its share (as the last state read says)."""
+        its share (as the last state read says). ``filling``: the message's own job is dry and
+        its batches come from other jobs, so a small message job says nothing about them."""
         small = self.settings.fast_lane_max_items
-        if small < 1 or self.facts.item_count(job_id) <= small:
+        if small < 1 or (not filling and self.facts.item_count(job_id) <= small):
             return []  # the message is itself in the fast lane
         st = self._state
         if st is not None and st.total and self.settings.fast_lane_max_share < 1.0 \
