@@ -1,4 +1,5 @@
-"""What the routes do, kept out of them: validate and normalise submissions, build responses.
+"""What the routes do, kept out of them: validate and normalise submissions, publish, cancel
+(the response bodies: api/responses.py).
 
 Everything here is synchronous (SQLAlchemy sessions); routes run it in FastAPI's threadpool.
 """
@@ -21,9 +22,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from api.deps import Runtime
-from api.schemas import ItemError, ItemIn, ItemOut, JobOut, JobRequest, OutputOut
+from api.schemas import ItemIn, JobRequest
 from loom import fetch, jobs, media, storage, storage_keys, tasks
-from loom.config import Settings
 from loom.errors import (
     BlockedUrl,
     FetchFailed,
@@ -34,7 +34,7 @@ from loom.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from loom.models import Item, Job, JobStatus, Output, new_id
+from loom.models import Job, JobStatus, new_id
 
 log = logging.getLogger("loom.api")
 T = TypeVar("T")
@@ -387,58 +387,3 @@ def publish(session: Session, rt: Runtime, job_id: str) -> None:
     except Exception as exc:  # noqa: BLE001 - any broker failure must not fail the request
         session.rollback()
         log.warning("publishing job %s failed (the reconciler will publish it): %s", job_id, exc)
-
-
-# --- responses ---------------------------------------------------------------------------------
-
-
-def job_out(session: Session, job: Job, *, settings: Settings | None = None) -> JobOut:
-    """``settings``: also where the job stands if it waits (one job's GET, not the lists)."""
-    progress = jobs.job_progress(session, job_id=job.id)
-    queue = None if settings is None else jobs.queue_place(
-        session, job=job, defaults=jobs.Limits.from_settings(settings))
-    return JobOut.model_validate(jobs.job_dict(job, progress, queue))
-
-
-def output_url(rt: Runtime, base_url: str, output: Output) -> str | None:
-    if not output.storage_key:
-        return None
-    try:
-        url = rt.store.url(output.storage_key)
-    except LoomError:
-        url = None
-    return url or f"{base_url.rstrip('/')}/v1/outputs/{output.id}/content"
-
-
-def item_out(rt: Runtime, base_url: str, item: Item, output: Output | None) -> ItemOut:
-    out = None
-    if output is not None:
-        out = OutputOut(
-            id=output.id,
-            kind=output.kind,
-            text=output.text,
-            url=output_url(rt, base_url, output),
-            content_type=output.content_type,
-            sha256=output.sha256,
-            size_bytes=output.size_bytes,
-        )
-    return ItemOut(
-        id=item.id,
-        index=item.index,
-        status=item.status,
-        input=item.input or {},
-        metadata=item.item_metadata,
-        attempts=item.attempts,
-        error=ItemError(code=item.error_code, message=item.error_message)
-        if item.error_code
-        else None,
-        output=out,
-        cached=output is not None and output.cached_from is not None,
-        started_at=item.started_at,
-        finished_at=item.finished_at,
-    )
-
-
-def outputs_for(session: Session, items: Sequence[Item]) -> dict[int, Output]:
-    """The outputs of a page of items, in one query (not one lazy load per item)."""
-    return jobs.outputs_for_items(session, item_ids=[item.id for item in items])

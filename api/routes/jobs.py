@@ -21,7 +21,7 @@ from fastapi import (
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from api import service
+from api import responses, service
 from api.deps import CallerDep, RuntimeDep, SessionDep, SettingsDep, ViewerDep
 from api.schemas import (
     DedupeGroup,
@@ -94,7 +94,7 @@ def submit_job(
         session, rt, tenant_id=caller.tenant_id, req=req,
         idempotency_key=idempotency_key, body_hash=body_hash,
     )
-    return service.job_out(session, job)
+    return responses.job_out(session, job)
 
 
 @finetunes_router.post("", status_code=status.HTTP_201_CREATED, responses=ERRORS)
@@ -107,7 +107,7 @@ def submit_finetune(req: FinetuneRequest, session: SessionDep, rt: RuntimeDep,
 
     job = submit(session, rt, tenant_id=caller.tenant_id, rows_key=req.rows_key,
                  name=req.name, base=req.base, hyper=req.hyper, val_fraction=req.val_fraction)
-    return service.job_out(session, job)
+    return responses.job_out(session, job)
 
 
 @router.post("/upload", status_code=status.HTTP_201_CREATED, responses=SUBMIT_ERRORS)
@@ -170,7 +170,7 @@ async def upload_job(
             session, rt, tenant_id=caller.tenant_id, req=req, idempotency_key=idempotency_key,
             body_hash=core.request_hash(body), uploads=uploads, upload_question=question,
         )
-        return service.job_out(session, job)
+        return responses.job_out(session, job)
 
     return await run_in_threadpool(_submit)
 
@@ -189,7 +189,7 @@ def list_jobs(
         status=status_.value if status_ else None, limit=limit, cursor=cursor,
     )
     return JobList(
-        jobs=[service.job_out(session, j) for j in page.items], next_cursor=page.next_cursor
+        jobs=[responses.job_out(session, j) for j in page.items], next_cursor=page.next_cursor
     )
 
 
@@ -199,7 +199,7 @@ def get_job(job_id: JobIdPath, session: SessionDep, settings: SettingsDep,
     """Status, counts per item status, progress, timestamps, items/s and ETA; while it waits,
     where it stands in the queue and why (``queue``)."""
     job = core.get_job(session, job_id=job_id, tenant_id=caller.tenant_id)
-    return service.job_out(session, job, settings=settings)
+    return responses.job_out(session, job, settings=settings)
 
 
 @router.get("/{job_id}/items", responses=ERRORS, tags=["results"])
@@ -219,9 +219,9 @@ def list_items(
         status=status_.value if status_ else None, limit=limit, cursor=cursor,
     )
     base = str(request.base_url)
-    outputs = service.outputs_for(session, page.items)
+    outputs = responses.outputs_for(session, page.items)
     return ItemList(
-        items=[service.item_out(rt, base, item, outputs.get(item.id)) for item in page.items],
+        items=[responses.item_out(rt, base, item, outputs.get(item.id)) for item in page.items],
         next_cursor=page.next_cursor,
     )
 
@@ -259,7 +259,7 @@ def results(
     def rows() -> Any:
         with rt.session_factory() as s:
             for row in exports.result_rows(s, job_id=job.id, tenant_id=tenant_id):
-                yield exports.with_url(row, lambda o: service.output_url(rt, base, o))
+                yield exports.with_url(row, lambda o: responses.output_url(rt, base, o))
 
     media, ext = exports.MEDIA_TYPES[format]
     body = results_out.stream(format, rows(), job=core.job_dict(job), store=rt.store, view=view,
@@ -301,7 +301,7 @@ def cancel(job_id: JobIdPath, session: SessionDep, rt: RuntimeDep, caller: Calle
     """Cancel: queued items at once, running ones at the workers' next batch boundary."""
     job = service.cancel(session, rt, job_id=job_id, tenant_id=caller.tenant_id,
                          background=background)
-    return service.job_out(session, job)
+    return responses.job_out(session, job)
 
 
 @router.post("/{job_id}/retry", responses={**ERRORS, 409: {"model": ErrorResponse}})
@@ -312,7 +312,7 @@ def retry(job_id: JobIdPath, session: SessionDep, rt: RuntimeDep, caller: Caller
     if n:
         service.publish(session, rt, job_id)
     job = core.get_job(session, job_id=job_id, tenant_id=caller.tenant_id)
-    return RetryOut(job=service.job_out(session, job), requeued=n)
+    return RetryOut(job=responses.job_out(session, job), requeued=n)
 
 
 @router.post(
@@ -333,5 +333,5 @@ def verify(
     if report.requeued:
         service.publish(session, rt, job_id)
     job = core.get_job(session, job_id=job_id, tenant_id=caller.tenant_id)
-    return VerifyOut(job=service.job_out(session, job),
+    return VerifyOut(job=responses.job_out(session, job),
                      report=VerifyReportOut.model_validate(report.to_dict()))
