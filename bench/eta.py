@@ -12,6 +12,8 @@ Renders N shapes-world scenes (half PNG, half JPEG) and, for caption and generat
               a subprocess, wall clock from start to exit (start-up and writing results included)
   local       distributed: `loom worker` (the README's one command per host) on PostgreSQL + Redis
               with a local file store; from submit to the job's final status
+  local2      the same with two `loom worker` commands on this host, against one (they share its
+              cores through worker.sizing's slots; the second must not cost the first)
   s3          the same with an S3 endpoint (a moto_server this script starts)
   store       that endpoint's own get/put rate at the worker's I/O concurrency; the s3 mode is
               judged against min(limit, store rate), and also shown against 1 / (1/limit +
@@ -58,7 +60,7 @@ from eta_modes import (  # imports harness, which puts the project on sys.path
 )
 from harness import Services, render_inputs
 
-ALL_MODES = ("bare", "embedded", "local", "s3", "store", "ray")
+ALL_MODES = ("bare", "embedded", "local", "local2", "s3", "store", "ray")
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -152,13 +154,18 @@ def main(argv: list[str] | None = None) -> int:
                     results[-1].note += (f"; {results[-1].rate / programs[task].rate:.2f} of the "
                                          "bare loop as a program")
                 print(f"{task} embedded: {results[-1].rate:.1f} items/s", flush=True)
-            for mode in ("local", "s3"):
+            one: Result | None = None
+            for mode in ("local", "local2", "s3"):
                 if mode in modes:
                     svc = svc or Services(a.pg, a.redis)
                     r = distributed(task, paths, prompts, svc, work, a.batch, a.device,
-                                    s3=mode == "s3")
+                                    s3=mode == "s3", invocations=2 if mode == "local2" else 1)
+                    if mode == "local":
+                        one = r
+                    elif mode == "local2" and one is not None:
+                        r.note += f"; {r.rate / one.rate:.2f} of one invocation (local)"
                     results.append(r)
-                    print(f"{task} {mode}: {r.rate:.1f} items/s", flush=True)
+                    print(f"{task} {r.mode}: {r.rate:.1f} items/s", flush=True)
             if "store" in modes or "s3" in modes:
                 svc = svc or Services(a.pg, a.redis)
                 s = store_rate(task, paths, svc, plan.processes * IO_THREADS)

@@ -224,7 +224,9 @@ def item_times(db: Path, started: float) -> tuple[float | None, float | None]:
 
 
 def distributed(task: str, paths: list[Path], prompts: list[str], svc: Services, work: Path,
-                batch: int, device: str, s3: bool) -> Result:
+                batch: int, device: str, s3: bool, invocations: int = 1) -> Result:
+    """``invocations``: how many ``loom worker`` commands run side by side on this host (each
+    plans for the whole host; worker.sizing's slots make them share it)."""
     from concurrent.futures import ThreadPoolExecutor
     from datetime import timezone
 
@@ -234,7 +236,7 @@ def distributed(task: str, paths: list[Path], prompts: list[str], svc: Services,
     from loom.models import Item, Job
     from loom.storage import input_key
 
-    mode = "s3" if s3 else "local"
+    mode = ("s3" if s3 else "local") + (f" x{invocations}" if invocations > 1 else "")
     stages = work / f"stages-{mode}-{task}-{secrets.token_hex(3)}"
     loom_env: dict[str, Any] = dict(
         home=work / "dist-home", database_url=svc.database_url, broker_url=svc.redis_url,
@@ -273,8 +275,10 @@ def distributed(task: str, paths: list[Path], prompts: list[str], svc: Services,
                 status = jobs.job_status(s, job_id=job.id)
             if status in ("succeeded", "completed_with_errors", "failed", "cancelled"):
                 break
-            if worker.poll() is not None:
-                raise RuntimeError(f"loom worker exited ({worker.returncode}); see {log_path}")
+            for worker, log_path in workers:
+                if worker.poll() is not None:
+                    raise RuntimeError(
+                        f"loom worker exited ({worker.returncode}); see {log_path}")
             time.sleep(0.25)
         if status != "succeeded":
             raise RuntimeError(f"{mode} {task} job ended {status}")
@@ -290,18 +294,22 @@ def distributed(task: str, paths: list[Path], prompts: list[str], svc: Services,
                     for t in (first, last)]
         return job.id, seconds, submitted
 
-    log_path = work / f"worker-{mode}-{task}.log"
-    with log_path.open("wb") as log:
-        worker = subprocess.Popen(
-            [*loom_cmd(), "worker", "-n", f"eta-{secrets.token_hex(3)}@%h", "-l", "warning"],
-            env=env_for(**loom_env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    workers: list[tuple[subprocess.Popen[bytes], Path]] = []
+    for k in range(invocations):
+        log_path = work / f"worker-{mode.replace(' ', '')}-{task}-{k}.log"
+        with log_path.open("wb") as log:
+            workers.append((subprocess.Popen(
+                [*loom_cmd(), "worker", "-n", f"eta-{secrets.token_hex(3)}@%h", "-l", "warning"],
+                env=env_for(**loom_env), stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True), log_path))
     try:
         run(items[: batch * 2])  # warm-up: the processes are up and the model loaded
         before, _ = settled_stages(stages, {}, batch * 2)
         _, seconds, submitted = run(items)
         after, procs = settled_stages(stages, before, len(items))
     finally:
-        stop_worker(worker)
+        for worker, _ in workers:
+            stop_worker(worker)
         celery_app.close()
         db.dispose()
     diff = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     # Host sizing (worker.sizing): None = planned from the usable cores / visible GPUs.
     worker_processes: int | None = Field(default=None, ge=1)  # model processes per invocation
     torch_threads: int | None = Field(default=None, ge=1)  # torch threads per model process
+    # On a CPU host, at most cores // threads model processes (of every invocation) run a chunk
+    # at once; the others wait for a run token. Off for workers whose model is mostly waiting
+    # (an ``openai:`` backend) and that run more processes than cores on purpose.
+    host_run_tokens: bool = True
     embedded_processes: int | None = Field(default=None, ge=1)  # engine processes of `loom caption`...
     stage_log: Path | None = None  # engines write their stage times here (bench/eta.py)
 

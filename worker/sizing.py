@@ -20,6 +20,13 @@ host-local slot: an ``flock``-ed file under the runtime directory. A process siz
 to ``cores // max(processes planned, slots alive on the host)`` at start, and re-checks the live
 slots between chunks (``HostShare.rebalance``), so a second invocation makes the first narrower.
 The lock dies with its process, so a killed worker frees its slot without any cleanup.
+
+Narrower threads are not enough when the processes outnumber the cores: two invocations of two
+single-thread processes on two cores ran at 0.82 of one invocation (bench/eta.py --modes
+local,local2), each model halved and the caches shared. So on a CPU host a process also takes a
+run token (``HostShare.running``: ``cores // threads`` tokens, flock-ed files too) for each chunk
+it runs; a process without one waits, holding its message, while the others run (their lingering
+and filling claims take the waiting message's items too).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -230,8 +239,12 @@ class HostShare:
     """This process's slot among the model processes on the host, and its fair thread count."""
 
     def __init__(self, *, cores: int, planned: int, fixed_threads: int | None = None,
-                 directory: Path | None = None, recheck_seconds: float = 5.0) -> None:
+                 directory: Path | None = None, recheck_seconds: float = 5.0,
+                 run_tokens: int | None = None) -> None:
+        """``run_tokens``: model processes that may run a chunk at once on this host (None: no
+        limit, as on CUDA, where each process has its GPU)."""
         self.cores = max(1, cores)
+        self.run_tokens = run_tokens
         self.planned = max(1, planned)
         self.fixed_threads = fixed_threads
         self.directory = directory or runtime_dir()
@@ -242,6 +255,7 @@ class HostShare:
         self._checked = 0.0
         self.threads = 0
         self.allocator_tuned = False
+        self.pid = os.getpid()
 
     def acquire(self) -> int:
         """Take the lowest free slot (an exclusive flock held for the life of the process)."""
@@ -279,6 +293,7 @@ class HostShare:
 
     def start(self) -> int:
         """Acquire a slot and size torch to the share; returns the threads."""
+        self.pid = os.getpid()
         self.acquire()
         self.threads = apply_threads(self.fair_threads())
         self.allocator_tuned = tune_allocator()
@@ -298,6 +313,31 @@ class HostShare:
             log.info("host share changed: torch threads %d -> %d", self.threads, want)
             self.threads = want
         return self.threads
+
+    @contextmanager
+    def running(self, poll_seconds: float = 0.02) -> Iterator[None]:
+        """Hold one of the host's run tokens for the block (waiting for one when all are held)."""
+        if not self.run_tokens:
+            yield
+            return
+        token = self._take_run_token(poll_seconds)
+        try:
+            yield
+        finally:
+            token.close()  # closing drops the flock
+
+    def _take_run_token(self, poll_seconds: float) -> IO[Any]:
+        first = self.slot or 0  # start at this process's own place: fewer collisions
+        while True:
+            for k in range(self.run_tokens or 1):
+                path = self.directory / f"run-{(first + k) % (self.run_tokens or 1)}"
+                f = open(path, "a+")  # noqa: SIM115 - held until the block ends
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return f
+                except OSError:
+                    f.close()
+            time.sleep(poll_seconds)
 
     def release(self) -> None:
         if self._file is not None:

@@ -12,6 +12,7 @@ import os
 import secrets
 import socket
 import threading
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
@@ -112,7 +113,11 @@ def size_process(settings: Settings) -> HostShare:
     p = sizing.plan(device=settings.device, processes=settings.worker_processes,
                     threads=settings.torch_threads)
     fixed = settings.torch_threads or (p.threads if p.device == "cuda" else None)
-    share = sizing.HostShare(cores=p.cores, planned=p.processes, fixed_threads=fixed)
+    # On CPU, at most cores // threads processes run a chunk at once (worker.sizing).
+    tokens = (max(1, p.cores // (fixed or 1))
+              if p.device != "cuda" and settings.host_run_tokens else None)
+    share = sizing.HostShare(cores=p.cores, planned=p.processes, fixed_threads=fixed,
+                             run_tokens=tokens)
     threads = share.start()
     if p.device == "cuda" and p.gpus > 0:
         import torch
@@ -209,10 +214,14 @@ def run_chunk(self: Any, job_id: str, start: int, end: int) -> dict[str, Any]:
     """Run items [start, end) of ``job_id``; safe to deliver twice (claims are fenced)."""
     from loom.jobs import Chunk
 
-    if _Process.share is not None and _Process.pid == os.getpid():
-        _Process.share.rebalance()  # another invocation started or stopped on this host
+    share = _Process.share
+    if share is not None and share.pid != os.getpid():
+        share = None  # taken before a fork (never on purpose): not this process's
+    if share is not None:
+        share.rebalance()  # another invocation started or stopped on this host
     try:
-        report = get_engine().run_chunk(Chunk(job_id, int(start), int(end)))
+        with share.running() if share is not None else nullcontext():
+            report = get_engine().run_chunk(Chunk(job_id, int(start), int(end)))
     except _infrastructure_errors() as exc:
         countdown = min(RETRY_BACKOFF_MAX_SECONDS, 2 ** self.request.retries)
         log.warning("chunk %s[%s:%s] hit %r; retrying in %ss", job_id, start, end, exc, countdown)

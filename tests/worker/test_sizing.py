@@ -194,3 +194,35 @@ def test_tuned_allocator_keeps_batch_sized_buffers_in_the_heap() -> None:
     assert _mmapped_after_4mb("tune", MALLOC_TRIM_THRESHOLD_="131072")[0] == "False"
     assert _mmapped_after_4mb("tune", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536") == (
         "False", 1)
+
+
+def test_run_tokens_let_only_so_many_processes_run_at_once(tmp_path: Path) -> None:
+    """Two model processes, one token: the second runs its chunk only once the first is done
+    (flock on separate opens conflicts as between processes; a killed process frees its token)."""
+    import threading
+
+    slots = tmp_path / "slots"
+    first = sizing.HostShare(cores=1, planned=1, directory=slots, run_tokens=1)
+    second = sizing.HostShare(cores=1, planned=1, directory=slots, run_tokens=1)
+    order: list[str] = []
+    entered = threading.Event()
+
+    def run_second() -> None:
+        entered.set()
+        with second.running(poll_seconds=0.005):
+            order.append("second runs")
+
+    with first.running():
+        order.append("first runs")
+        waiter = threading.Thread(target=run_second)
+        waiter.start()
+        entered.wait(5)
+        order.append("first done")
+    waiter.join(10)
+    assert order == ["first runs", "first done", "second runs"]
+
+
+def test_without_run_tokens_nothing_waits(tmp_path: Path) -> None:
+    share = sizing.HostShare(cores=1, planned=1, directory=tmp_path / "s")
+    with share.running(), share.running():
+        pass
