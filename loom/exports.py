@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from loom import tasks
 from loom.datasets import columns
+from loom.datasets.records import choices_of
 from loom.errors import InvalidRequest
 
 PAGE = 1000
@@ -117,13 +118,14 @@ def output_value(row: dict[str, Any], spec: tasks.TaskSpec) -> Any:
 
 def table_record(row: dict[str, Any], spec: tasks.TaskSpec,
                  described: dict[str, Any] | None = None, *, image: Any = None,
-                 drop_image: bool = False) -> dict[str, Any]:
+                 drop_image: bool = False, choices: bool = False) -> dict[str, Any]:
     """A row as the task's table shows it: the user's columns first (a dataset's columns in
     order, under their own names; else the item's metadata), the inputs Loom read that are not
     among them, then Loom's columns (the seed, the output, ``status``, ``error_code``,
     ``error_message``), each prefixed ``loom_`` when the user's columns have that name.
     ``image``: the value of a source image column of bytes (base64 text); ``drop_image``: leave
-    the source's image column out."""
+    the source's image column out; ``choices``: the job asked for n outputs per item, kept in a
+    ``choices`` column after the output's."""
     meta = row.get("metadata")
     meta = meta if isinstance(meta, dict) else {}
     if described:
@@ -144,8 +146,11 @@ def table_record(row: dict[str, Any], spec: tasks.TaskSpec,
     if spec.seeded:
         loom["seed"] = (row.get("lineage") or {}).get("seed", inp.get("seed"))
     err = row.get("error") or {}
-    loom.update({spec.output_column: output_value(row, spec), "status": row.get("status"),
-                 "error_code": err.get("code"), "error_message": err.get("message")})
+    loom[spec.output_column] = output_value(row, spec)
+    if choices:
+        loom["choices"] = choices_of(row)
+    loom.update({"status": row.get("status"), "error_code": err.get("code"),
+                 "error_message": err.get("message")})
     for name, value in loom.items():
         rec[columns.loom_name(name, taken)] = value
     return rec
@@ -291,8 +296,9 @@ def stream(
             found = images(row) if images is not None and not drop_images else None
             return base64.b64encode(found[0]).decode() if found else None
 
-        records = (table_record(r, spec, described, image=image(r), drop_image=drop_images)
-                   for r in rows)
+        choices = "n" in (job.get("params") or {})
+        records = (table_record(r, spec, described, image=image(r), drop_image=drop_images,
+                                choices=choices) for r in rows)
         if fmt == "jsonl":
             return jsonl_lines(records)
         if fmt == "csv":

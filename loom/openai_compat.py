@@ -130,10 +130,6 @@ def chat_work(body: Mapping[str, Any], *, model: str, caps: tasks.ModelCaps,
         if value and (bad is None or value is bad):
             raise BadRequest(f"{name}: not supported; Loom answers a whole response at once",
                              param=name, code="unsupported_parameter")
-    n = body.get("n", 1)
-    if n not in (None, 1):
-        raise BadRequest("n: only 1 choice per request", param="n",
-                         code="unsupported_parameter")
     system, user, images = _read_messages(body.get("messages"))
     if not images:
         raise BadRequest(
@@ -150,6 +146,9 @@ def chat_work(body: Mapping[str, Any], *, model: str, caps: tasks.ModelCaps,
     inp, data = image_input(images[0], param="messages", limits=limits)
     metadata: dict[str, Any] = {}
     params = sampling_params(spec, caps, body)
+    n = _choices_wanted(spec, caps, body, model=model)
+    if n > 1:
+        params["n"] = n
     if task == "vqa":
         inp["question"] = user
     else:
@@ -165,6 +164,25 @@ def chat_work(body: Mapping[str, Any], *, model: str, caps: tasks.ModelCaps,
     words = len(f"{system} {user}".split())
     return Work(task=task, params=params, items=[WorkItem(item_input, data, metadata)],
                 reply={"model": model, "words": words})
+
+
+def _choices_wanted(spec: tasks.TaskSpec, caps: tasks.ModelCaps, body: Mapping[str, Any], *,
+                    model: str) -> int:
+    """``n``: how many choices the reply holds (one item, its n outputs). Refused, never
+    dropped, when the model gives one: the client would count on n."""
+    value = body.get("n")
+    if value is None:
+        return 1
+    p = spec.param("n")
+    assert p is not None, "text tasks take n"
+    try:
+        n = int(p.check(value, "n"))
+    except InvalidRequest as exc:
+        raise BadRequest(exc.message, param="n") from None
+    if n > 1 and not _takes(caps, spec, "n"):
+        raise BadRequest(f"n: model {model!r} gives one choice per request", param="n",
+                         code="unsupported_parameter")
+    return n
 
 
 def _read_messages(messages: Any) -> tuple[str, str, list[str]]:

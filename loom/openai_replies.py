@@ -64,6 +64,8 @@ class Result:
     image: bytes | None = None  # the PNG (generate)
     finished_at: datetime | None = None
     finish_reason: str = "stop"
+    choices: list[str] | None = None  # n outputs of one item (a chat request's n)
+    finish_reasons: list[str] | None = None
 
 
 def load_results(rows: Iterable[tuple[Any, Any]], store: Store,
@@ -88,6 +90,10 @@ def load_results(rows: Iterable[tuple[Any, Any]], store: Store,
             details = getattr(output, "details", None) or {}
             if details.get("finish_reason"):
                 extra["finish_reason"] = str(details["finish_reason"])
+            if isinstance(details.get("choices"), list):
+                extra["choices"] = [str(c) for c in details["choices"]]
+            if isinstance(details.get("finish_reasons"), list):
+                extra["finish_reasons"] = [str(r or "stop") for r in details["finish_reasons"]]
         return Result(item_id=item.id, index=item.index, status=item.status,
                       metadata=dict(item.item_metadata or {}), error_code=item.error_code,
                       error_message=item.error_message, finished_at=item.finished_at, **extra)
@@ -122,14 +128,16 @@ def reply(endpoint: str, results: Sequence[Result], *, reply_id: str) -> tuple[i
 
 def chat_completion(result: Result, *, model: str, reply_id: str, created: int,
                     words: int) -> dict[str, Any]:
-    text = result.text or ""
-    completion = len(text.split())
+    texts = result.choices or [result.text or ""]
+    reasons = result.finish_reasons or [result.finish_reason] * len(texts)
+    completion = sum(len(t.split()) for t in texts)
     return {
         "id": f"chatcmpl-{reply_id}", "object": "chat.completion", "created": created,
         "model": model, "system_fingerprint": None,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": text,
                                              "refusal": None},
-                     "logprobs": None, "finish_reason": result.finish_reason}],
+                     "logprobs": None, "finish_reason": reason}
+                    for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))],
         "usage": {"prompt_tokens": words, "completion_tokens": completion,
                   "total_tokens": words + completion},
     }

@@ -116,6 +116,11 @@ TEMPERATURE = Param("temperature", kind=float, minimum=0.0, maximum=2.0,
 TOP_P = Param("top_p", kind=float, minimum=0.0, maximum=1.0, help="nucleus sampling")
 SAMPLE_SEED = Param("seed", minimum=0, maximum=SEED_MAX, kwarg="seeds", per_item=True,
                     help="base seed of sampling: item i samples with seed + i")
+# n outputs per item: one model call returns n texts for the item (n samples when sampling, the n
+# best beams when greedy). They stay one item with one output row: its text is the first, and
+# the output's details keep all n as ``choices`` (the results' ``choices`` column).
+N_OUTPUTS = Param("n", minimum=1, maximum=16,
+                  help="outputs per item: the first is the item's text, all n its choices")
 RESPONSE_FORMAT = Param("response_format", kind=dict,
                         help="a JSON schema the reply must validate against (openai: models)")
 STEPS = Param("num_inference_steps", minimum=1, maximum=500, help="denoising steps")
@@ -124,5 +129,6 @@ GUIDANCE = Param("guidance_scale", kind=float, minimum=0.0, maximum=50.0,
 WIDTH = Param("width", minimum=64, maximum=4096, help="image width in pixels")
 HEIGHT = Param("height", minimum=64, maximum=4096, help="image height in pixels")
 
-TEXT_GENERATION = (BEAMS, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, SAMPLE_SEED, RESPONSE_FORMAT)
+TEXT_GENERATION = (BEAMS, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, SAMPLE_SEED, N_OUTPUTS,
+                   RESPONSE_FORMAT)
 IMAGE_GENERATION = (SEED, STEPS, GUIDANCE, WIDTH, HEIGHT)

@@ -261,7 +261,7 @@ BUILTIN_MODELS: dict[str, ModelCaps] = {
 # plane knows only the kind's bounds; the worker checks the loaded model's own declaration
 # (pipeline/serving.py) and fails what it cannot do as unsupported_task / unsupported_param,
 # and the embedded CLI, on the model's own machine, checks it before recording a job.
-_CHAT = ("prompts", "max_new_tokens", "temperature", "top_p", "seeds")
+_CHAT = ("prompts", "max_new_tokens", "temperature", "top_p", "seeds", "n")
 HF_PREFIX = "hf:"
 HF_CAPS = ModelCaps(tasks=("caption", "vqa", "embed"),
                     params={"caption": _CHAT, "vqa": _CHAT[1:]})

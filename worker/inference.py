@@ -240,6 +240,9 @@ def infer(
         _fail(good, err)
         return [], bad + good, None, (time.perf_counter() - t0) * 1000.0
     ms = (time.perf_counter() - t0) * 1000.0
+    if "n" in params:  # n outputs per item: each becomes the item's one output, with choices
+        outs = [o if isinstance(o, BaseException) else _choices(first.model_name, o)
+                for o in outs]
     # A backend may fail single items (a remote endpoint refused one request): an error in an
     # item's place fails that item alone.
     for p, out in zip(good, outs, strict=True):
@@ -281,6 +284,17 @@ def _readable(model: Any, model_name: str, fields: tuple[str, ...],
         else:
             ok.append(p)
     return ok, failed
+
+
+def _choices(model_name: str, out: Any) -> Any:
+    """An item's n outputs as its one output (``worker.outputs.choices``); anything but a
+    non-empty list fails that item, naming what came back."""
+    from worker.outputs import choices
+
+    if isinstance(out, (list, tuple)) and out:
+        return choices(list(out))
+    return ModelError(f"model {model_name!r} was asked for n outputs per item and returned "
+                      f"{type(out).__name__} {str(out)[:60]!r} for this item, not a list")
 
 
 def _fail(good: list[Prepared], err: LoomError) -> None:

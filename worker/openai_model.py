@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 
 from loom.errors import InvalidOutput, LoomError, ModelError, ModelRefused, UnsupportedTask
+from worker.outputs import Text
 
 PREFIX = "openai:"
 RETRIES = 3  # per request, within one call
@@ -40,18 +41,7 @@ BACKOFF_SECONDS = 0.5  # first retry; doubled each time, unless Retry-After says
 STOP_SECONDS = 60.0  # how long a 401/403 keeps the endpoint from being asked again
 TRANSIENT = frozenset({408, 409, 429, 500, 502, 503, 504})
 DEFAULT_INSTRUCTION = "Describe this image."
-CHAT = ("prompts", "max_new_tokens", "temperature", "top_p", "seeds", "response_format")
-
-
-class Text(str):
-    """A text output with what the server said of it (``finish_reason``), kept in lineage."""
-
-    details: dict[str, Any]
-
-    def __new__(cls, value: str, details: dict[str, Any]) -> Text:
-        out = super().__new__(cls, value)
-        out.details = details
-        return out
+CHAT = ("prompts", "max_new_tokens", "temperature", "top_p", "seeds", "n", "response_format")
 
 
 @dataclass
@@ -220,22 +210,27 @@ class OpenAIModel:
         return {"type": "image_url", "image_url": {"url": url}}
 
     def _chat(self, image: bytes, text: str, *, seed: int | None, max_new_tokens: int | None,
-              temperature: float | None, top_p: float | None,
-              response_format: dict[str, Any] | None) -> Text:
+              temperature: float | None, top_p: float | None, n: int | None,
+              response_format: dict[str, Any] | None) -> Text | list[Text]:
+        """One request; with ``n``, its n choices (a list), else the one reply."""
         body: dict[str, Any] = {"model": self.served, "messages": [{"role": "user", "content": [
             self._image_part(image), {"type": "text", "text": text}]}]}
         for key, value in (("max_tokens", max_new_tokens), ("temperature", temperature),
-                           ("top_p", top_p), ("seed", seed),
+                           ("top_p", top_p), ("seed", seed), ("n", n),
                            ("response_format", response_format)):
             if value is not None:
                 body[key] = value
         for check in (True, False):  # an invalid structured reply gets one more try
             reply = self._post("/chat/completions", body)
-            choice = reply["choices"][0]
-            text = choice["message"].get("content") or ""
-            problem = _schema_problem(text, response_format)
+            got = sorted(reply["choices"], key=lambda c: int(c.get("index") or 0))
+            if len(got) != (n or 1):
+                raise ModelError(f"{self.base_url}: asked for {n or 1} choices, got {len(got)}")
+            texts = [Text(c["message"].get("content") or "",
+                          {"finish_reason": c.get("finish_reason")}) for c in got]
+            problem = next((p for p in (_schema_problem(t, response_format) for t in texts)
+                            if p is not None), None)
             if problem is None:
-                return Text(text, {"finish_reason": choice.get("finish_reason")})
+                return texts if n is not None else texts[0]
             if not check:
                 raise InvalidOutput(f"the reply does not match response_format: {problem}")
         raise AssertionError("unreachable")
@@ -243,19 +238,21 @@ class OpenAIModel:
     def caption(self, images: Sequence[bytes], prompts: Sequence[str] | None = None, *,
                 seeds: Sequence[int] | None = None, max_new_tokens: int | None = None,
                 temperature: float | None = None, top_p: float | None = None,
+                n: int | None = None,
                 response_format: dict[str, Any] | None = None) -> list[Any]:
         return self._each(len(images), lambda i: self._chat(
             images[i], (prompts[i] if prompts and prompts[i] else DEFAULT_INSTRUCTION),
             seed=seeds[i] if seeds else None, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, response_format=response_format))
+            temperature=temperature, top_p=top_p, n=n, response_format=response_format))
 
     def answer(self, images: Sequence[bytes], questions: Sequence[str], *,
                seeds: Sequence[int] | None = None, max_new_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None,
+               n: int | None = None,
                response_format: dict[str, Any] | None = None) -> list[Any]:
         return self._each(len(images), lambda i: self._chat(
             images[i], questions[i], seed=seeds[i] if seeds else None,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n,
             response_format=response_format))
 
     def _embedding(self, value: str) -> Any:

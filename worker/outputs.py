@@ -45,6 +45,34 @@ def upload(store: Store, key: str, data: bytes, content_type: str) -> None:
         raise StoreUnavailable(f"upload of {key} failed: {type(exc).__name__}: {exc}") from exc
 
 
+class Text(str):
+    """A text output with what its model said of it (``finish_reason``, ``choices``): kept in
+    the output's details, so in lineage and the results."""
+
+    details: dict[str, Any]
+
+    def __new__(cls, value: str, details: dict[str, Any]) -> Text:
+        out = super().__new__(cls, value)
+        out.details = details
+        return out
+
+
+def choices(outs: list[Any]) -> Text:
+    """One item's ``n`` outputs (a model called with ``n``) as its one text output: the first
+    is the item's text, all n its ``choices``. Per-choice finish reasons are kept when they
+    differ from the first's (a choice cut at the token limit beside ones that stopped)."""
+    if not outs:
+        raise ValueError("the model returned no choices for an item")
+    texts = [str(o) for o in outs]
+    reasons = [(getattr(o, "details", None) or {}).get("finish_reason") for o in outs]
+    details: dict[str, Any] = {"choices": texts}
+    if reasons[0] is not None:
+        details["finish_reason"] = reasons[0]
+    if len(set(reasons)) > 1:
+        details["finish_reasons"] = reasons
+    return Text(texts[0], details)
+
+
 @dataclass(frozen=True)
 class Cached:
     """A model output that was not computed: the earlier output it reuses. The result cache
@@ -158,6 +186,8 @@ def cached_result(prep: Prepared, cached: Cached, timings: dict[str, float]) -> 
         timings={k: round(float(v), 3) for k, v in timings.items()
                  if k in ("fetch_ms", "decode_ms")},
         cache_key=prep.cache_key, cached_from=row.id,
+        # The original's details (its choices, finish reason, endpoint), as its text is reused.
+        details=dict(row.details) if row.details else None,
     )
 
 

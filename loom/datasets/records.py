@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 # Loom's columns, name -> pyarrow type name (built lazily: pyarrow is imported only to write).
 LOOM: tuple[tuple[str, str], ...] = (
     ("status", "string"), ("error_code", "string"), ("error_message", "string"),
-    ("text", "string"), ("output_key", "string"), ("output_url", "string"),
+    ("text", "string"), ("choices", "list<string>"), ("output_key", "string"), ("output_url", "string"),
     ("output_sha256", "string"), ("output_content_type", "string"),
     ("input_image", "string"), ("question", "string"), ("prompt", "string"),
     ("index", "int64"), ("item_id", "int64"), ("task", "string"),
@@ -59,7 +59,7 @@ def loom_record(row: dict[str, Any], task: str) -> dict[str, Any]:
         "task": task, "status": row.get("status"),
         "input_image": inp.get("image_url") or inp.get("image_key"),
         "question": inp.get("question"), "prompt": inp.get("prompt"),
-        "text": out.get("text"), "output_key": out.get("storage_key"),
+        "text": out.get("text"), "choices": choices_of(row), "output_key": out.get("storage_key"),
         "output_url": out.get("url"), "output_sha256": out.get("sha256"),
         "output_content_type": out.get("content_type"),
         "error_code": err.get("code"), "error_message": err.get("message"),
@@ -71,10 +71,18 @@ def loom_record(row: dict[str, Any], task: str) -> dict[str, Any]:
     }
 
 
+def choices_of(row: dict[str, Any]) -> list[str] | None:
+    """An item's n outputs (a job with the ``n`` param): the output's ``choices``, else None."""
+    found = ((row.get("lineage") or {}).get("details") or {}).get("choices")
+    return [str(c) for c in found] if isinstance(found, list) else None
+
+
 def arrow_type(name: str) -> pa.DataType:
     """A ``LOOM`` type name as a pyarrow type (timestamps: naive UTC, microseconds)."""
     import pyarrow as pa
 
+    if name == "list<string>":
+        return pa.list_(pa.string())
     return pa.timestamp("us") if name == "timestamp" else getattr(pa, name)()
 
 

@@ -6,12 +6,15 @@ own declaration and fails what the model cannot do, permanently, naming it."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from api_helpers import Stack, b64, scene_png
+from test_openai_backend import loom, rows as jsonl_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
 pytest.importorskip("transformers")
@@ -92,3 +95,46 @@ def test_a_tenants_named_model(stack: Stack, models: dict[str, Path]) -> None:
     with stack.client() as c:
         c.remove_model("chat")
         assert not any(m["name"] == "chat" for m in c.models())
+
+
+def test_n_choices_through_the_openai_backend_and_front_door(
+    stack: Stack, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """n outputs per item end to end: Loom's `openai:` backend asks Loom's own front door for
+    n choices per request, the front door runs one item with n outputs on the chat VLM, and
+    the choices come back as the client's one row per input."""
+    with stack.client() as c:
+        c.add_model("chat-n", backend="hf", ref=str(models["llava"]))
+    try:
+        body = {"model": "chat-n", "n": 3, "temperature": 1.0, "seed": 5, "max_tokens": 3,
+                "messages": [{"role": "user", "content": [
+                    {"type": "image_url",
+                     "image_url": {"url": "data:image/png;base64," + b64(scene_png(2))}},
+                    {"type": "text", "text": "Describe it."}]}]}
+        reply = httpx.post(f"{stack.url}/openai/v1/chat/completions", json=body, timeout=TIMEOUT,
+                           headers={"Authorization": f"Bearer {stack.keys['alpha']}"})
+        assert reply.status_code == 200, reply.text
+        choices = reply.json()["choices"]
+        assert [ch["index"] for ch in choices] == [0, 1, 2]
+        assert all(1 <= len(ch["message"]["content"].split()) <= 3 for ch in choices)
+
+        images = []
+        for i in (1, 3):
+            images.append(tmp_path / f"scene_{i}.png")
+            images[-1].write_bytes(scene_png(i))
+        out = tmp_path / "c.jsonl"
+        loom(tmp_path, "caption", *map(str, images), "--model",
+             f"openai:chat-n@{stack.url}/openai/v1", "--param", "n=2", "--param",
+             "temperature=1.0", "--param", "seed=5", "--param", "max_new_tokens=3", "--out",
+             str(out), key=stack.keys["alpha"])
+        got = jsonl_rows(out)
+        assert len(got) == 2
+        for r in got:
+            assert len(r["choices"]) == 2 and r["caption"] == r["choices"][0]
+        job = loom(tmp_path, "jobs", key=None).stdout.splitlines()[0].split()[0]
+        full = json.loads(loom(tmp_path, "results", job, key=None).stdout.splitlines()[0])
+        assert full["lineage"]["details"]["choices"] == got[0]["choices"]
+        assert full["lineage"]["details"]["served_model"] == "chat-n"
+    finally:
+        with stack.client() as c:
+            c.remove_model("chat-n")

@@ -85,6 +85,32 @@ def test_sampling_with_a_seed_repeats(home: Path, models: dict[str, Path]) -> No
         r["caption"] for r in rows(home / "s2.jsonl")]
 
 
+def test_n_outputs_per_item_are_one_row_with_its_choices(
+    home: Path, models: dict[str, Path]
+) -> None:
+    images = [str(EXAMPLES / "scene_00.png"), str(EXAMPLES / "scene_01.png")]
+    args = ["caption", *images, "--model", f"hf:{models['llava']}", "--param", "n=3",
+            "--param", "temperature=1.0", "--param", "seed=9", "--param", "max_new_tokens=4",
+            "--no-cache"]
+    loom(home, *args, "--out", str(home / "n.jsonl"))
+    got = rows(home / "n.jsonl")
+    assert len(got) == 2  # one row per input, never one per choice
+    for r in got:
+        assert len(r["choices"]) == 3 and r["caption"] == r["choices"][0]
+        assert all(1 <= len(c.split()) <= 4 for c in r["choices"])
+    # Seeded sampling: the same seed gives the same choices; they are not all one text.
+    loom(home, *args, "--out", str(home / "n2.parquet"))
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(home / "n2.parquet").to_pylist()
+    assert [t["choices"] for t in table] == [r["choices"] for r in got]
+    assert any(len(set(r["choices"])) > 1 for r in got)
+    # A job without n has no choices column in its table.
+    loom(home, "caption", images[0], "--model", f"hf:{models['llava']}", "--param",
+         "max_new_tokens=2", "--out", str(home / "one.jsonl"))
+    assert "choices" not in rows(home / "one.jsonl")[0]
+
+
 def test_what_a_model_cannot_take_is_refused_before_any_job(
     home: Path, models: dict[str, Path]
 ) -> None:
@@ -97,6 +123,8 @@ def test_what_a_model_cannot_take_is_refused_before_any_job(
     proc = loom(home, "caption", str(EXAMPLES / "scene_00.png"), "--param", "nucleus=3",
                 ok=False)
     assert proc.returncode == 1 and "nucleus" in proc.stderr
+    proc = loom(home, "caption", str(EXAMPLES / "scene_00.png"), "--param", "n=2", ok=False)
+    assert proc.returncode == 1 and "params.n: model 'loom-shapes' does not take 'n'" in proc.stderr
 
 
 def test_clip_embeds_and_searches(home: Path, models: dict[str, Path]) -> None:

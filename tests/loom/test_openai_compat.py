@@ -86,6 +86,17 @@ def test_sampling_params_go_only_where_the_model_declares_them() -> None:
     assert refused(chat("Describe.", max_tokens=0), HF).param == "max_tokens"
 
 
+def test_n_choices_are_one_item_with_n_outputs_where_the_model_gives_them() -> None:
+    assert work(chat("Describe.", n=3, temperature=1.0), HF).params["n"] == 3
+    assert "n" not in work(chat("Describe.", n=1), HF).params  # one choice: the plain reply
+    assert "n" not in work(chat("Describe.", n=1)).params
+    # Never dropped: a model that gives one choice refuses n, naming it; out of range is a 400.
+    exc = refused(chat("Describe.", n=2))
+    assert (exc.param, exc.code) == ("n", "unsupported_parameter") and "one choice" in exc.message
+    assert refused(chat("Describe.", n=17), HF).param == "n"
+    assert refused(chat("Describe.", n="two"), HF).param == "n"
+
+
 def test_what_the_model_cannot_do_is_a_400_naming_the_field() -> None:
     cases = [
         (chat("hello", image=None), "messages", "image_required"),
