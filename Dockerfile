@@ -11,6 +11,9 @@ FROM ${BASE_IMAGE}
 
 ARG TORCH="torch==2.13.0"
 ARG TORCH_INDEX_URL=""
+# Optional extras for workers that bring their own model: --build-arg EXTRAS="[hf,diffusers]"
+# (transformers and diffusers; Qwen2-VL and SmolVLM also need the torchvision of TORCH).
+ARG EXTRAS=""
 
 # A virtual environment: a Debian base's own Python refuses `pip install` (PEP 668).
 ENV PYTHONUNBUFFERED=1 \
@@ -41,7 +44,7 @@ COPY pipeline ./pipeline
 COPY worker ./worker
 COPY api ./api
 COPY migrations ./migrations
-RUN pip install . \
+RUN pip install ".${EXTRAS}" \
     && useradd --system --home-dir /var/lib/loom --create-home loom
 
 # migrations/ is found next to the installed loom package's parent; keep the source tree on the

@@ -147,6 +147,11 @@ def _pretrained(auto: Any, src: Path, name: str, what: str, **kwargs: Any) -> An
         return auto.from_pretrained(src, trust_remote_code=False, **kwargs)
     except (ValueError, OSError, KeyError) as exc:  # wrong architecture for the auto class, bad files
         raise HFModelError(name, f"{name}: not {what}: {exc}") from exc
+    except ImportError as exc:
+        # A processor part needs a package this environment lacks (Qwen2-VL's and SmolVLM's
+        # video processors need torchvision, SmolVLM's num2words): no retry here will add it.
+        raise HFModelError(name, f"{name}: a package is missing: {' '.join(str(exc).split())}"
+                           ) from exc
 
 
 def load_hf(
@@ -203,6 +208,8 @@ def load_hf(
         if not isinstance(processor, transformers.ProcessorMixin):
             raise HFModelError(name, f"{name}: {arch} has no multimodal processor "
                                      "(processor_config.json or preprocessor_config.json)")
+        if kind == "chat" and not getattr(processor, "chat_template", None):
+            processor.chat_template = hf_caps.BUILTIN_CHAT_TEMPLATES.get(arch)
         if kind == "embedder":
             from pipeline.hf_embed import HFEmbedder
 

@@ -7,7 +7,8 @@ model. The folder's kind decides:
 - ``model_index.json`` (a diffusers pipeline)        -> generate
 - ``config.json`` model_type ``clip`` / ``siglip``    -> embed
 - BLIP VQA / BLIP-2 / InstructBLIP architectures      -> their fixed tasks, no params
-- a chat template (processor or tokenizer)            -> caption + vqa with prompts and sampling
+- a chat template (processor or tokenizer), or an
+  architecture in ``BUILTIN_CHAT_TEMPLATES``          -> caption + vqa with prompts and sampling
 - anything else (BLIP, GIT, VisionEncoderDecoder ...) -> caption, no params
 """
 
@@ -27,6 +28,15 @@ VQA_ONLY = frozenset({"BlipForQuestionAnswering"})
 CAPTION_AND_VQA = frozenset({"Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration"})
 # config.model_type of the dual-tower models served as embedders.
 EMBEDDERS = frozenset({"clip", "siglip"})
+# Chat VLMs whose checkpoints ship no chat template (PaliGemma's pt and mix checkpoints): served
+# with this one, the image first, then the instruction (PaliGemma's processor adds bos after
+# the image tokens and the closing newline). Its instruction is a task prefix: --prompt "caption en".
+BUILTIN_CHAT_TEMPLATES = {
+    "PaliGemmaForConditionalGeneration": (
+        "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+        "{% endif %}{% endfor %}{% for c in m['content'] %}{% if c['type'] == 'text' %}"
+        "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"),
+}
 
 SAMPLING = ("max_new_tokens", "temperature", "top_p", "seeds", "n")
 CHAT_PARAMS: Params = {"caption": ("prompts", *SAMPLING), "vqa": SAMPLING}
@@ -61,7 +71,8 @@ def kind(path: str | os.PathLike[str]) -> Kind:
     if config.get("model_type") in EMBEDDERS:
         return "embedder"
     arch = (config.get("architectures") or [""])[0]
-    if arch not in VQA_ONLY | CAPTION_AND_VQA and has_chat_template(root):
+    if arch in BUILTIN_CHAT_TEMPLATES or (arch not in VQA_ONLY | CAPTION_AND_VQA
+                                          and has_chat_template(root)):
         return "chat"
     return "captioner"
 

@@ -15,7 +15,17 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from tiny_hf import WORDS, image_processor, require, word_tokenizer
+from tiny_hf import (
+    GEMMA_SPECIAL,
+    GEMMA_TEMPLATE,
+    IDEFICS_TEMPLATE,
+    LLAVA_SPECIAL,
+    LLAVA_TEMPLATE,
+    WORDS,
+    image_processor,
+    require,
+    word_tokenizer,
+)
 
 transformers: Any = require("transformers")
 torch: Any = require("torch")
@@ -26,24 +36,7 @@ from pipeline.errors import UnsupportedParamError, UnsupportedTaskError  # noqa:
 # Role words of the templates below are plain words: a random model may say them, and that
 # must decode as text.
 CHAT_WORDS = [*WORDS, "USER", "ASSISTANT", "User", "Assistant"]
-LLAVA_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 IDEFICS_SPECIAL = [*LLAVA_SPECIAL, "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
-LLAVA_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] | upper }}: {% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-GEMMA_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<start_of_image>", "<image_soft_token>", "<end_of_image>"]
-GEMMA_TEMPLATE = (  # the processor expands <start_of_image> into the image's soft tokens
-    "{% for m in messages %}{{ m['role'] | upper }}: {% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }} {% endif %}{% endfor %}"
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-IDEFICS_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] | capitalize }}: {% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
-)
 
 
 def _llama(vocab_size: int) -> Any:
@@ -113,6 +106,9 @@ def build_gemma3(out: Path) -> Path:
                                     boi_token_index=4, image_token_index=5, eoi_token_index=6)
     torch.manual_seed(0)
     model = transformers.Gemma3ForConditionalGeneration(cfg)
+    # Gemma 3 initialises its image projection to zeros: the image would not reach the text model
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.2)
     ip = image_processor("Gemma3ImageProcessor", size={"height": 16, "width": 16})
     processor = transformers.Gemma3Processor(image_processor=ip, tokenizer=tok, chat_template=GEMMA_TEMPLATE,
                                              image_seq_length=4)
@@ -240,3 +236,21 @@ def test_refuses_other_tasks_params_and_bad_calls(vlm: tuple[str, Path, Any]) ->
         model.caption(IMAGES, seeds=[1], temperature=1.0)
     with pytest.raises(ValueError, match="n must be"):
         model.caption(IMAGES, n=0)
+
+
+def test_paligemma_without_a_chat_template_is_served_as_a_chat_vlm(tmp_path: Path) -> None:
+    """The Hub's PaliGemma pt/mix checkpoints ship no chat template: hf_caps serves them with
+    its own (the image, then the instruction) instead of as a captioner that cannot caption."""
+    from tiny_hf_vision import build_paligemma
+
+    path = build_paligemma(tmp_path / "pg", chat_template=False)
+    assert not hf_caps.has_chat_template(path) and hf_caps.kind(path) == "chat"
+    model = registry.load("hf:" + str(path), device="cpu")
+    assert model.info.tasks == ("caption", "vqa")
+    images = [Image.new("RGB", (20, 30), "red"), Image.new("RGB", (40, 30), "blue")]
+    batch = serving.run(model, "caption", [images], {"prompts": ["caption en", "caption es"],
+                                                     "max_new_tokens": 3})
+    assert batch == [serving.run(model, "caption", [[im]], {"prompts": [p], "max_new_tokens": 3})[0]
+                     for im, p in zip(images, ["caption en", "caption es"], strict=True)]
+    assert len(serving.run(model, "answer", [images[:1], ["is it red ?"]],
+                           {"max_new_tokens": 2})[0].split()) <= 2

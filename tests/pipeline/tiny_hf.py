@@ -61,3 +61,23 @@ def clip_tokenizer(max_length: int) -> Any:
         vocab.setdefault(piece, len(vocab))
     merges = [("r", "e"), ("re", "d</w>"), ("b", "l"), ("u", "e</w>")]
     return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+# Chat templates and special tokens of the tiny chat VLMs (test_hf_chat.py, tiny_hf_vision.py).
+LLAVA_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | upper }}: {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+GEMMA_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<start_of_image>", "<image_soft_token>", "<end_of_image>"]
+GEMMA_TEMPLATE = (  # the processor expands <start_of_image> into the image's soft tokens
+    "{% for m in messages %}{{ m['role'] | upper }}: {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+IDEFICS_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
