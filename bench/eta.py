@@ -29,6 +29,12 @@ processes' wall time (the stages overlap, so infer's share is how busy the model
 
     python bench/eta.py                          # 5000 scenes, every mode (minutes)
     python bench/eta.py --n 500 --modes bare,embedded --tasks caption   # a quick look
+    python bench/eta.py --n 6000 --modes bare,local --tasks caption --bare plan --rounds 3
+
+``--rounds R`` (with bare and local) measures the bare loop and local R times, alternating, and a
+last bare after them: each local run is judged against the mean of the bare runs on either side
+of it, so a drift of this host's speed during the run (seen here: the bare rate moving by 10%
+between runs minutes apart) does not land on one side of the ratio only.
 
 Distributed modes need PostgreSQL (--pg, an admin URL; a fresh database is created and dropped)
 and Redis (--redis, a DB number of its own; nothing is flushed). Numbers are ratios measured side
@@ -41,6 +47,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -96,6 +103,25 @@ def print_report(results: list[Result], limits: dict[str, float]) -> None:
         print(f"stages {r.task} {r.mode} ({r.processes} proc): " + ", ".join(parts))
 
 
+def bracketed(task: str, inputs: list[Any], paths: list[Path], prompts: list[str], plan: Any,
+              a: argparse.Namespace, work: Path, svc: Services, *,
+              first: tuple[float, float]) -> None:
+    """``a.rounds`` local runs, each between two bare runs of the host plan; prints each local
+    run's ratio to the mean of the bare runs around it, and their median."""
+    bares, locals_ = [first[0]], [first[1]]
+    for _ in range(a.rounds - 1):
+        bares.append(bare(task, inputs, plan.processes, plan.threads, a.batch, a.device,
+                          work).rate)
+        locals_.append(distributed(task, paths, prompts, svc, work, a.batch, a.device,
+                                   s3=False, invocations=1).rate)
+    bares.append(bare(task, inputs, plan.processes, plan.threads, a.batch, a.device, work).rate)
+    ratios = [rate / ((bares[k] + bares[k + 1]) / 2) for k, rate in enumerate(locals_)]
+    print(f"bracketed {task} local / bare, {a.rounds} rounds: "
+          + ", ".join(f"{r:.2f}" for r in ratios) + f"; median {statistics.median(ratios):.2f}"
+          + " (bare " + ", ".join(f"{b:.0f}" for b in bares) + "; local "
+          + ", ".join(f"{x:.0f}" for x in locals_) + " items/s)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=5000, help="scenes (items per job)")
@@ -106,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bare", choices=("all", "plan"), default="all",
                     help="bare configurations: 1 x all threads, P x 1 and the host plan (all), "
                          "or only the host plan (plan, quicker)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with bare and local: alternate them this many times (see above)")
     ap.add_argument("--work", type=Path, default=None, help="working directory (default: temp)")
     ap.add_argument("--pg", default=os.environ.get("LOOM_BENCH_PG",
                                                     "postgresql://127.0.0.1:5432/postgres"),
@@ -166,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                         r.note += f"; {r.rate / one.rate:.2f} of one invocation (local)"
                     results.append(r)
                     print(f"{task} {r.mode}: {r.rate:.1f} items/s", flush=True)
+            if a.rounds > 1 and one is not None and task in limits:
+                svc = svc or Services(a.pg, a.redis)
+                bracketed(task, inputs, paths, prompts, plan, a, work, svc,
+                          first=(limits[task], one.rate))
             if "store" in modes or "s3" in modes:
                 svc = svc or Services(a.pg, a.redis)
                 s = store_rate(task, paths, svc, plan.processes * IO_THREADS)
