@@ -223,8 +223,9 @@ class OpenAIModel:
         for check in (True, False):  # an invalid structured reply gets one more try
             reply = self._post("/chat/completions", body)
             got = sorted(reply["choices"], key=lambda c: int(c.get("index") or 0))
-            if len(got) != (n or 1):
-                raise ModelError(f"{self.base_url}: asked for {n or 1} choices, got {len(got)}")
+            if len(got) != (n or 1):  # a server that ignores n: no retry will change that
+                raise ModelRefused(f"{self.base_url}: asked for {n or 1} choice(s), got "
+                                   f"{len(got)}; this server does not take n")
             texts = [Text(c["message"].get("content") or "",
                           {"finish_reason": c.get("finish_reason")}) for c in got]
             problem = next((p for p in (_schema_problem(t, response_format) for t in texts)
