@@ -334,9 +334,10 @@ class HostShare:
 
     def _take_run_token(self, poll_seconds: float) -> IO[Any]:
         first = self.slot or 0  # start at this process's own place: fewer collisions
+        tokens = self.run_tokens  # at least 1: ``running`` takes none otherwise
         while True:
-            for k in range(self.run_tokens or 1):
-                path = self.directory / f"run-{(first + k) % (self.run_tokens or 1)}"
+            for k in range(tokens):
+                path = self.directory / f"run-{(first + k) % tokens}"
                 f = open(path, "a+")  # noqa: SIM115 - held until the block ends
                 try:
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

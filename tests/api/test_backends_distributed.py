@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from api_helpers import Stack, b64, scene_png
+from fault_proxy import FaultProxy
 from test_openai_backend import loom, rows as jsonl_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
@@ -135,6 +136,19 @@ def test_n_choices_through_the_openai_backend_and_front_door(
         full = json.loads(loom(tmp_path, "results", job, key=None).stdout.splitlines()[0])
         assert full["lineage"]["details"]["choices"] == got[0]["choices"]
         assert full["lineage"]["details"]["served_model"] == "chat-n"
+
+        # A server that ignores n (the proxy drops it): one choice back for two asked, which
+        # fails the item model_refused at once, naming it, rather than retrying.
+        def drop_n(body: bytes) -> bytes:
+            return json.dumps({k: v for k, v in json.loads(body).items() if k != "n"}).encode()
+
+        with FaultProxy(stack.url, lambda n, path: "pass", rewrite=drop_n) as proxy:
+            proc = loom(tmp_path, "caption", str(images[0]), "--model",
+                        f"openai:chat-n@{proxy.url}/openai/v1", "--param", "n=2", "--out",
+                        str(tmp_path / "one.jsonl"), key=stack.keys["alpha"], ok=False)
+        assert proc.returncode == 4, proc.stderr  # no item succeeded; the run itself ended
+        [row] = jsonl_rows(tmp_path / "one.jsonl")
+        assert row["error_code"] == "model_refused" and "does not take n" in row["error_message"]
     finally:
         with stack.client() as c:
             c.remove_model("chat-n")
