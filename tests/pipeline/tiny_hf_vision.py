@@ -19,14 +19,14 @@ from typing import Any
 import torch
 import transformers
 from tiny_hf import (
-    GEMMA_SPECIAL,
-    GEMMA_TEMPLATE,
     IDEFICS_TEMPLATE,
     LLAVA_SPECIAL,
     LLAVA_TEMPLATE,
     WORDS,
     word_tokenizer,
 )
+
+from test_hf_chat import build_gemma3  # the same tiny Gemma 3; here with torchvision's processor
 
 from pipeline.hf_caps import BUILTIN_CHAT_TEMPLATES
 
@@ -209,29 +209,6 @@ def build_paligemma(out: Path, *, chat_template: bool = True) -> Path:
     torch.manual_seed(0)
     model = transformers.PaliGemmaForConditionalGeneration(cfg)
     return _save(model, processor, len(PALIGEMMA_SPECIAL), out)
-
-
-def build_gemma3(out: Path) -> Path:
-    tok = word_tokenizer(GEMMA_SPECIAL, CHAT_WORDS, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                         unk_token="<unk>", extra_special_tokens={
-                             "boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
-                             "eoi_token": "<end_of_image>"})
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
-                sliding_window=64, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
-    vision = dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  intermediate_size=64)
-    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
-                                    boi_token_index=4, image_token_index=5, eoi_token_index=6)
-    torch.manual_seed(0)
-    model = transformers.Gemma3ForConditionalGeneration(cfg)
-    # Gemma 3 initialises its image projection to zeros: the image would not reach the text model
-    with torch.no_grad():
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.2)
-    ip = transformers.Gemma3ImageProcessor(size={"height": 16, "width": 16})
-    processor = transformers.Gemma3Processor(image_processor=ip, tokenizer=tok, chat_template=GEMMA_TEMPLATE,
-                                             image_seq_length=4)
-    return _save(model, processor, len(GEMMA_SPECIAL), out)
 
 
 BUILDERS = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl,
