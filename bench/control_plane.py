@@ -2,7 +2,13 @@
 (or, with --db sqlite, on an embedded run's SQLite file).
 
     .venv/bin/python bench/control_plane.py [--items 40000] [--procs 1,4,8] [--batch 32,128,512]
-        [--claim-batches N] [--db postgresql|sqlite]
+        [--claim-batches N] [--db postgresql|sqlite] [--baseline GITREF [--rounds R]]
+
+With --baseline, the same measurement (this script, one configuration: the first of --procs and
+--batch) runs R times alternately on this tree and on GITREF (a git worktree of it, which this
+script imports loom from), and prints each round's CPU per item side by side, the ratio of each
+round to the baseline rounds beside it, and the median ratio: this host's CPU speed drifts
+between runs minutes apart, so only ratios measured side by side mean anything.
 
 For every (processes, batch) configuration it creates a scratch database on PostgreSQL
 (LOOM_BENCH_PG_URL, default postgresql+psycopg://root@127.0.0.1:5432/postgres is used only to
@@ -16,14 +22,20 @@ read from /proc, so the server must run on this host).
 
 No torch: the "model" returns a constant caption, so what is measured is only the database work a
 worker does per item (claim, fenced completion, output + lineage rows, events, finalisation check).
+The results carry what a worker's do: a result-cache key (jobs use the cache by default) and,
+with the last batch of a claim, the lease rows it ends (where the tree has them).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import multiprocessing as mp
 import os
 import queue
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +58,8 @@ def _worker(url: str, chunks: mp.Queue, ready: mp.Barrier, batch: int, claim_bat
     engine = make_engine(url, pool_size=1, ping_idle_seconds=WORKER_PING_IDLE_SECONDS)
     session_factory = make_session_factory(engine)
     worker_id = f"bench:{os.getpid()}"
+    # A baseline tree from before lease rows (migration 0015) has no end_leases.
+    ends_leases = "end_leases" in inspect.signature(jobs.complete_items).parameters
     done = 0
     with session_factory() as session:
         # Warm the connection and SQLAlchemy's statement cache outside the timed window.
@@ -67,17 +81,24 @@ def _worker(url: str, chunks: mp.Queue, ready: mp.Barrier, batch: int, claim_bat
                     break
                 for b0 in range(0, len(claimed), batch):
                     # As the finisher: a job whose later batches this worker still holds has
-                    # open items, so the completion does not look (open_jobs).
-                    busy = {job_id} if b0 + batch < len(claimed) else set()
+                    # open items, so the completion does not look (open_jobs); the last batch
+                    # of the claim ends its lease row.
+                    last = b0 + batch >= len(claimed)
+                    busy = set() if last else {job_id}
                     results = [
                         jobs.ItemResult(item_id=c.id, kind="text", text="a red circle",
-                                        input_sha256="0" * 64, model_version="1",
+                                        input_sha256=f"{c.index:064x}", model_version="1",
                                         weights_sha256="f" * 64, seed=c.index,
-                                        timings={"infer_ms": 0.0}, attempt=c.attempts)
+                                        timings={"fetch_ms": 0.1, "decode_ms": 0.2,
+                                                 "infer_ms": 0.0, "infer_batch_size": 32.0},
+                                        cache_key=f"{c.index:063x}c", attempt=c.attempts)
                         for c in claimed[b0:b0 + batch]
                     ]
+                    extra = {}
+                    if ends_leases and last:
+                        extra["end_leases"] = {c.lease_id for c in claimed}
                     done += jobs.complete_items(session, worker_id=worker_id, results=results,
-                                                open_jobs=busy)
+                                                open_jobs=busy, **extra)
         cpu = time.process_time() - cpu0
         # The connection stays open until the parent has read the database's CPU time: a
         # backend's CPU leaves /proc with it.
@@ -198,6 +219,57 @@ def run_config(db: str, admin: str, n_items: int, procs: int, batch: int,
                       db_cpu / n_items * 1e6 if db == "postgresql" else None)
 
 
+def _one_run(tree: Path, args: argparse.Namespace) -> dict[str, float]:
+    """This script, on ``tree``'s loom, in a fresh interpreter: one configuration's result."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--items", str(args.items),
+           "--procs", args.procs.split(",")[0], "--batch", args.batch.split(",")[0],
+           "--db", args.db, "--json"]
+    if args.claim_batches:
+        cmd += ["--claim-batches", str(args.claim_batches)]
+    out = subprocess.run(cmd, cwd=tree, env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def side_by_side(args: argparse.Namespace) -> None:
+    """--baseline: alternate this tree and a worktree of the baseline ref, R rounds, and a last
+    baseline run, each of this tree's runs judged against the baseline runs either side of it."""
+    here = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "baseline"
+        subprocess.run(["git", "-C", str(here), "worktree", "add", "--detach", str(base),
+                        args.baseline], check=True, capture_output=True)
+        try:
+            base_runs = [_one_run(base, args)]
+            runs: list[dict[str, float]] = []
+            for r in range(args.rounds):
+                runs.append(_one_run(here, args))
+                base_runs.append(_one_run(base, args))
+                b0, b1, h = base_runs[r], base_runs[r + 1], runs[r]
+                print(f"  round {r + 1}: baseline {b0['total_us']:.0f} / {b1['total_us']:.0f}, "
+                      f"this tree {h['total_us']:.0f} us per item", file=sys.stderr)
+        finally:
+            subprocess.run(["git", "-C", str(here), "worktree", "remove", "--force", str(base)],
+                           check=False, capture_output=True)
+    ratios = {k: [h[k] / ((b0[k] + b1[k]) / 2) for h, b0, b1 in
+                  zip(runs, base_runs, base_runs[1:])]
+              for k in ("total_us", "client_us", "db_us", "items_per_s")}
+    print(f"claim -> complete, {args.items:,} items, {args.db}, processes "
+          f"{args.procs.split(',')[0]}, batch {args.batch.split(',')[0]}: this tree vs "
+          f"{args.baseline}, {args.rounds} rounds alternated ({os.cpu_count()} CPUs)")
+    print(f"{'round':<8}{'baseline us/item':>24}{'this tree us/item':>24}{'ratio':>8}")
+    for r, (h, b0, b1) in enumerate(zip(runs, base_runs, base_runs[1:]), 1):
+        def cell(x: dict[str, float]) -> str:
+            return f"{x['client_us']:.0f} + {x['db_us']:.0f} = {x['total_us']:.0f}"
+        base_mean = {k: (b0[k] + b1[k]) / 2 for k in ("client_us", "db_us", "total_us")}
+        print(f"{r:<8}{cell(base_mean):>24}{cell(h):>24}{ratios['total_us'][r - 1]:>8.2f}")
+    print("median ratio, this tree / baseline: CPU per item "
+          f"{statistics.median(ratios['total_us']):.2f} (client "
+          f"{statistics.median(ratios['client_us']):.2f}, database "
+          f"{statistics.median(ratios['db_us']):.2f}); items/s "
+          f"{statistics.median(ratios['items_per_s']):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -208,7 +280,15 @@ def main() -> None:
                         help="batches per claim statement (default: Settings.claim_batches)")
     parser.add_argument("--db", choices=("postgresql", "sqlite"), default="postgresql",
                         help="sqlite: an embedded run's database (a file in a temp folder)")
+    parser.add_argument("--baseline", default=None,
+                        help="a git ref to measure side by side with this tree")
+    parser.add_argument("--rounds", type=int, default=3, help="with --baseline")
+    parser.add_argument("--json", action="store_true",
+                        help="print one configuration's result as a JSON line (for --baseline)")
     args = parser.parse_args()
+    if args.baseline:
+        side_by_side(args)
+        return
     procs = [int(p) for p in args.procs.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
     admin = os.environ.get("LOOM_BENCH_PG_URL", DEFAULT_PG_ADMIN)
@@ -224,6 +304,11 @@ def main() -> None:
             db_us = f"{r.db_us:.0f}" if r.db_us is not None else "-"
             print(f"  processes={p} batch={b}: {r.items_per_s:,.0f} items/s, CPU per item "
                   f"{r.client_us:.0f} us client + {db_us} us database", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"items_per_s": r.items_per_s, "client_us": r.client_us,
+                                  "db_us": r.db_us or 0.0,
+                                  "total_us": r.client_us + (r.db_us or 0.0)}))
+                return
 
     print(f"claim -> complete, {args.items:,} items, {args.db}, instant model, "
           f"{claim_batches} batch(es) per claim ({os.cpu_count()} CPUs)")

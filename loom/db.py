@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +84,21 @@ def make_engine(url: str, *, ping_idle_seconds: float | None = None, **kwargs: A
     return engine
 
 
+# Engines pinged only after sitting idle, and how long (the claim path's own connections,
+# loom.jobs.hot_pg, follow the same rule).
+_IDLE_PING: weakref.WeakKeyDictionary[Engine, float] = weakref.WeakKeyDictionary()
+
+
+def idle_ping_seconds(engine: Engine) -> float:
+    """How long a connection of ``engine`` may sit unused before it is pinged (0: always)."""
+    return _IDLE_PING.get(engine, 0.0)
+
+
 def _ping_when_idle(engine: Engine, idle_seconds: float) -> None:
     """SQLAlchemy's pessimistic disconnect handling, limited to connections idle that long: a
     DisconnectionError raised at checkout makes the pool replace the connection (it retries the
     checkout, so a dead connection never reaches the caller)."""
+    _IDLE_PING[engine] = idle_seconds
 
     @event.listens_for(engine, "checkin")
     def _on_checkin(_dbapi_conn: Any, record: Any) -> None:

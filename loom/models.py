@@ -15,6 +15,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Computed,
     DateTime,
     Float,
     ForeignKey,
@@ -27,6 +28,7 @@ from sqlalchemy import (
     text,
     true,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a real BIGINT identity.
@@ -205,26 +207,34 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
 
+# What the item indexes read instead of ``status`` (migration 0015): a claim turns queued into
+# running and leaves this as it was, so no index entry changes and PostgreSQL updates the row in
+# place (HOT). 'retry': queued after spending an attempt (waiting for another).
+ITEM_PHASE = ("CASE WHEN status IN ('succeeded', 'failed', 'cancelled') THEN status "
+              "WHEN status = 'queued' AND attempts > attempts_excused THEN 'retry' ELSE 'open' END")
+OPEN_PHASES = ("open", "retry")  # queued or running
+
+
+def _partial(where: str) -> dict[str, Any]:
+    return {"postgresql_where": text(where), "sqlite_where": text(where)}
+
+
 class Item(Base):
     __tablename__ = "items"
     __table_args__ = (
         UniqueConstraint("job_id", "index"),
-        # Progress counts by status (index only), and a chunk's queued items (migration 0009).
-        Index("ix_items_job_status", "job_id", "status", "index"),
-        # Partial indexes (migration 0002): entries exist only while an item is open, so a
-        # completion adds none, and they stay as small as the work in flight.
-        # Expired-lease scans (reconcile): running items by lease expiry.
-        Index("ix_items_running_lease", "lease_expires_at",
-              postgresql_where=text("status = 'running'"), sqlite_where=text("status = 'running'")),
-        # "Does this job have open items?" after every completed batch (maybe_finalize), and
-        # claims in index order that skip the finished items (migration 0008).
-        Index("ix_items_open", "job_id", "index",
-              postgresql_where=text("status IN ('queued', 'running')"),
-              sqlite_where=text("status IN ('queued', 'running')")),
+        # No index reads status, the lease or attempts: only phase, which a claim leaves alone.
+        # Partial indexes: an item is in them only while it is open, so a completion adds none.
+        # "Does this job have open items?" after a completed batch (maybe_finalize), claims in
+        # index order that skip the finished items, a chunk's queued items.
+        Index("ix_items_open", "job_id", "index", **_partial("phase IN ('open', 'retry')")),
         # Items waiting for another attempt: the suspect check before each claim.
-        Index("ix_items_retried", "job_id", "index",
-              postgresql_where=text("status = 'queued' AND attempts > attempts_excused"),
-              sqlite_where=text("status = 'queued' AND attempts > attempts_excused")),
+        Index("ix_items_retried", "job_id", "index", **_partial("phase = 'retry'")),
+        # The failed and cancelled items of a job (pages, retry_failed, the failure summary).
+        Index("ix_items_unsucceeded", "job_id", "phase", "index",
+              **_partial("phase IN ('failed', 'cancelled')")),
+        # Room on each page for a claim's new row versions (a HOT update stays on its page).
+        {"postgresql_with": {"fillfactor": 50}},
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -253,6 +263,7 @@ class Item(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    phase: Mapped[str] = mapped_column(String(16), Computed(ITEM_PHASE, persisted=True))
 
     output: Mapped[Output | None] = relationship(
         back_populates="item", uselist=False,
@@ -263,7 +274,9 @@ class Output(Base):
     """One result per item, with its lineage. Written only after the upload succeeded."""
 
     __tablename__ = "outputs"
-    __table_args__ = (Index("ix_outputs_cache_key", "cache_key"),)
+    # Only outputs the cache can serve (loom.jobs.cache): a key, and inferred, not reused.
+    __table_args__ = (Index("ix_outputs_cache_key", "cache_key",
+                            **_partial("cache_key IS NOT NULL AND cached_from IS NULL")),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     # Unique: one output per item. No foreign key (migration 0014): its per-row check trigger
@@ -298,6 +311,8 @@ class Output(Base):
     # was not inferred but reused, the output it reuses (same object, same text).
     cache_key: Mapped[str | None] = mapped_column(String(64))
     cached_from: Mapped[int | None] = mapped_column(BigInteger)
+    # When the attempt that produced it was claimed (migration 0015: the claim writes no event).
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
     item: Mapped[Item] = relationship(back_populates="output",
@@ -327,6 +342,9 @@ class Event(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     message: Mapped[str | None] = mapped_column(Text)
     duration_ms: Mapped[float | None] = mapped_column(Float)
+    # On an event that ends an attempt: when that attempt was claimed (the claim writes no event
+    # since migration 0015; loom.jobs.queries.item_history shows it as the 'claimed' one).
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -445,3 +463,23 @@ class TenantClaim(Base):
     job_items: Mapped[int] = mapped_column(Integer)  # the claimed job's size (the fast lane)
     claimed_at: Mapped[datetime] = mapped_column(DateTime)
     n: Mapped[int] = mapped_column(Integer)
+
+
+class Lease(Base):
+    """One claim statement's lease on the items it took (of one job): what finds the items in
+    flight, since no index of ``items`` tracks them (migration 0015). Written by the claim,
+    extended by the heartbeat with its items, deleted by the completion that ends its last item
+    or, once expired, by the reconciler after it has freed what was left (loom.jobs.leases).
+    Every running item is in a lease row of its lease owner. No foreign keys (hot path)."""
+
+    __tablename__ = "leases"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    # Indexed: before each claim, "has this job an expired lease?" (loom.jobs.chunks).
+    job_id: Mapped[str] = mapped_column(String(32), index=True)
+    tenant_id: Mapped[str] = mapped_column(String(32))
+    worker_id: Mapped[str] = mapped_column(String(200))
+    item_ids: Mapped[list[int]] = mapped_column(
+        JSON().with_variant(postgresql.ARRAY(BigInteger()), "postgresql"))
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -20,10 +20,10 @@ OWNER = "loom/jobs/"
 # The models whose tables belong to jobs. Tenants, API keys and files have their own owners
 # (loom/tenants.py, loom/files.py); a test below makes every new model pick a side.
 JOB_MODELS = frozenset({"Job", "Item", "Output", "Event", "Outbox", "Delivery", "ModelVersion",
-                        "RegisteredModel", "ModelAlias", "Batch", "TenantClaim"})
+                        "RegisteredModel", "ModelAlias", "Batch", "TenantClaim", "Lease"})
 OTHER_MODELS = frozenset({"Tenant", "ApiKey", "File"})
 JOB_TABLES = ("jobs", "items", "outputs", "events", "outbox", "deliveries", "model_versions",
-              "registered_models", "model_aliases", "batches", "tenant_claims")
+              "registered_models", "model_aliases", "batches", "tenant_claims", "leases")
 
 ALLOWED: set[str] = set()  # no exceptions: a new owner of job-table SQL is a design change
 

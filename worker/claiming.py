@@ -95,7 +95,7 @@ class Claimer:
             items = self._with_metadata(session, items)
         if not items:
             self._fill_quiet_until = time.monotonic() + FILL_QUIET_SECONDS
-        self.leases.add((i.id, i.job_id) for i in items)
+        self.leases.add(items)
         with report.lock:
             report.add_timing("claim", (time.perf_counter() - t0) * 1000.0)
         scope.fill_dry = len(fresh.items) + len(items) < self.settings.batch_size
@@ -143,7 +143,7 @@ class Claimer:
         if not items:
             return []
         self.fair.count(items)
-        self.leases.add((i.id, i.job_id) for i in items)
+        self.leases.add(items)
         report.claimed += len(items)
         report.filled += len(items)
         return [Batch(items, careful=False, prepared=self._start_loading(items), urgent=urgent)]
@@ -214,7 +214,7 @@ class Claimer:
                     lease_seconds=self.settings.lease_seconds,
                 )
                 items = self._with_metadata(session, items)
-            self.leases.add((i.id, i.job_id) for i in items)
+            self.leases.add(items)
             with report.lock:
                 report.add_timing("claim", (time.perf_counter() - t0) * 1000.0)
             return items

@@ -109,6 +109,10 @@ class Finisher:
         if outage:
             # Before the release: a claim racing it must wait for the store, not spin.
             self.outages.store_down()
+        # The lease rows this batch ends (of which it holds the last items): deleted with the
+        # completion when that is all there is to write, else once everything is written.
+        ending = self.leases.ending(claimed)
+        alone = not outage and not failures
         with self.session_factory() as session:
             if outage:
                 reason = str(outage[0].error)
@@ -126,7 +130,7 @@ class Finisher:
                 won = jobs.complete_items(
                     session, worker_id=self.worker_id, results=results, store=self.store,
                     open_jobs=busy, on_drained=self._drained.update,
-                    on_finalized=self.webhooks.finalized,
+                    on_finalized=self.webhooks.finalized, end_leases=ending if alone else (),
                 )
             if failures:
                 jobs.fail_items(
@@ -137,6 +141,8 @@ class Finisher:
                     store=self.store,
                     on_finalized=self.webhooks.finalized,
                 )
+            if ending and not (alone and results):
+                jobs.end_leases(session, worker_id=self.worker_id, lease_ids=ending)
         complete_ms = (time.perf_counter() - t_complete) * 1000.0
         self.leases.discard(i.id for i in batch.items)
         with report.lock:

@@ -72,10 +72,12 @@ class FinetuneHandler:
                     f"finetune failed: {type(exc).__name__}: {exc}")
                 log.warning("finetune %s failed: %s", item.job_id, err)
                 failure = jobs.ItemFailure(item_id=item.id, error=err, attempt=item.attempts)
+            ending = p.leases.ending([item.id])
             with p.session_factory() as session:
                 if result is not None:
                     won = jobs.complete_items(session, worker_id=p.worker_id, results=[result],
-                                              store=p.store, on_finalized=c.webhooks.finalized)
+                                              store=p.store, on_finalized=c.webhooks.finalized,
+                                              end_leases=ending)
                     report.succeeded += won
                     report.fenced += 1 - won
                 elif failure is not None:
@@ -90,6 +92,8 @@ class FinetuneHandler:
                     scope.cancelling = True
                 else:
                     jobs.release_leases(session, worker_id=p.worker_id, item_ids=[item.id])
+                if result is None:
+                    jobs.end_leases(session, worker_id=p.worker_id, lease_ids=ending)
             p.leases.discard([item.id])
             report.batches += 1
             final = result is not None or (

@@ -6,16 +6,23 @@ import logging
 import threading
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loom.jobs import ClaimedItem
 
 log = logging.getLogger(__name__)
 
 
 class LeaseKeeper:
-    """The item ids this worker holds (with their jobs), and a heartbeat thread that extends
-    their leases (``jobs.heartbeat``) every ``interval_seconds`` while ``heartbeating()`` is
-    active.
+    """The item ids this worker holds (with their jobs and the lease rows of the claims that
+    took them), and a heartbeat thread that extends their leases (``jobs.heartbeat``) every
+    ``interval_seconds`` while ``heartbeating()`` is active.
+
+    A lease row ends with the last of its items this worker holds (``ending``): the finisher
+    passes those to the completion, which deletes them (loom.jobs.leases).
 
     A lease lost anyway (a stall longer than the lease) is harmless: completion is fenced, so the
     stale result is dropped and the newer attempt wins."""
@@ -32,18 +39,37 @@ class LeaseKeeper:
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
         self.interval_seconds = interval_seconds
-        self._held: dict[int, str] = {}  # item id -> its job id
+        self._held: dict[int, tuple[str, int | None]] = {}  # item id -> (job id, lease row)
+        self._lease_items: dict[int, set[int]] = {}  # lease row -> the held items it names
         self._lock = threading.Lock()
 
-    def add(self, items: Iterable[tuple[int, str]]) -> None:
-        """Hold these (item id, job id) leases."""
+    def add(self, items: Iterable[ClaimedItem]) -> None:
+        """Hold the leases of these claimed items."""
         with self._lock:
-            self._held.update(items)
+            for i in items:
+                self._held[i.id] = (i.job_id, i.lease_id)
+                if i.lease_id is not None:
+                    self._lease_items.setdefault(i.lease_id, set()).add(i.id)
+
+    def ending(self, item_ids: Iterable[int]) -> set[int]:
+        """The lease rows of which ``item_ids`` are the last items held: done with once these
+        are (whatever becomes of them)."""
+        ids = set(item_ids)
+        with self._lock:
+            leases = {self._held[i][1] for i in ids if i in self._held}
+            return {lease for lease in leases
+                    if lease is not None and self._lease_items.get(lease, set()) <= ids}
 
     def discard(self, item_ids: Iterable[int]) -> None:
         with self._lock:
             for i in item_ids:
-                self._held.pop(i, None)
+                _, lease = self._held.pop(i, (None, None))
+                if lease is not None:
+                    held = self._lease_items.get(lease)
+                    if held is not None:
+                        held.discard(i)
+                        if not held:
+                            del self._lease_items[lease]
 
     def held(self) -> list[int]:
         with self._lock:
@@ -53,7 +79,7 @@ class LeaseKeeper:
         """The jobs of the leases held, leaving out ``excluding`` (a batch being completed):
         each of these jobs still has an open item, this worker's."""
         with self._lock:
-            return {job for item, job in self._held.items() if item not in excluding}
+            return {job for item, (job, _) in self._held.items() if item not in excluding}
 
     def beat(self) -> int:
         """Extend every held lease once; returns how many this worker still holds."""
@@ -90,3 +116,4 @@ class LeaseKeeper:
             thread.join(timeout=30)
             with self._lock:
                 self._held.clear()
+                self._lease_items.clear()

@@ -53,7 +53,7 @@ from loom.jobs.finalize import (
     maybe_finalize,
     write_manifest,
 )
-from loom.jobs.leases import release_leases
+from loom.jobs.leases import end_leases, release_leases
 from loom.jobs.limits import Limits, TenantLimits, list_limits, set_limits
 from loom.jobs.shares import queue_place
 from loom.jobs.orphans import orphaned_job_ids
@@ -196,6 +196,7 @@ __all__ = [
     "registered_caps",
     "registered_for_job",
     "registered_models",
+    "end_leases",
     "release_leases",
     "release_items",
     "request_fingerprint",

@@ -8,12 +8,12 @@ from datetime import datetime
 from functools import cache
 from typing import Any, NamedTuple
 
-from sqlalchemy import Select, bindparam, func, literal_column, select, text, union_all
+from sqlalchemy import Select, bindparam, literal_column, select, text, union_all
 from sqlalchemy.orm import Session
 
 from loom.jobs.hot_pg import hot_connection, statement
 from loom.jobs.types import Chunk
-from loom.models import Item, Job, Outbox, utcnow
+from loom.models import Item, Job, Lease, Outbox, utcnow
 
 # Error codes of an earlier attempt after which an item runs alone: its process died
 # (worker_lost, also set when a claim takes an expired lease over) or its batch raised.
@@ -58,15 +58,19 @@ SELECT j.status, j.item_count, j.max_attempts,
        CASE WHEN j.status IN ('queued', 'running') THEN ARRAY(
            SELECT s.index FROM (
                SELECT i.index FROM items AS i
-               WHERE i.job_id = j.id AND i.index >= :start AND i.index < :end
+               WHERE i.job_id = j.id AND i.phase = 'retry'
+                 AND i.index >= :start AND i.index < :end
                  AND i.status = 'queued' AND i.attempts > i.attempts_excused
                  AND (i.available_at IS NULL OR i.available_at <= :now)
                  AND (i.error_code IS NULL OR i.error_code = ANY(CAST(:codes AS text[])))
                UNION ALL
-               -- Written so that only ix_items_running_lease can serve it (see suspect_indexes)
+               -- Read only while the job has an expired lease row (nearly never).
                SELECT i.index FROM items AS i
-               WHERE COALESCE(i.job_id, '') = j.id AND i.index + 0 >= :start
-                 AND i.index + 0 < :end AND i.status = 'running' AND i.lease_expires_at < :now
+               WHERE EXISTS (SELECT 1 FROM leases AS l
+                             WHERE l.job_id = j.id AND l.expires_at < :now)
+                 AND i.job_id = j.id AND i.phase IN ('open', 'retry')
+                 AND i.index >= :start AND i.index < :end
+                 AND i.status = 'running' AND i.lease_expires_at < :now
                  AND i.attempts > i.attempts_excused
            ) AS s ORDER BY s.index LIMIT :limit) END AS suspects
 FROM jobs AS j WHERE j.id = :job_id
@@ -112,9 +116,11 @@ def suspect_indexes(
     process (lease expired) or broken its batch (model_error). Items retried after an I/O error
     (fetch_failed, storage_error) are no suspects: they run in normal batches.
 
-    Two index probes, whatever the chunk's size: items waiting for another attempt
-    (ix_items_retried) and running items whose lease expired (ix_items_running_lease). The status
-    terms are literals so that SQLite can match those partial indexes."""
+    Items waiting for another attempt: an index probe (ix_items_retried). Running items whose
+    lease expired: only while the job has an expired lease row (a probe of ix_leases_job_id),
+    the chunk's open items (ix_items_open) read for their lease, as no index tracks the running
+    ones (migration 0015); a chunk is a few batches. The phase terms are literals so that
+    SQLite can match those partial indexes."""
     now = now or utcnow()
     return list(session.scalars(_statements()[1], {
         "p_job": chunk.job_id, "p_start": chunk.start, "p_end": chunk.end, "p_now": now,
@@ -132,16 +138,20 @@ def _statements() -> tuple[Select[Any], Select[Any]]:
     in_chunk = (items.c.index >= bindparam("p_start"), items.c.index < bindparam("p_end"))
     retried = select(items.c.index).where(
         items.c.job_id == bindparam("p_job"),
+        items.c.phase == literal_column("'retry'"),
         *in_chunk,
         items.c.status == literal_column("'queued'"),
         items.c.attempts > items.c.attempts_excused,  # an attempt was spent (not excused)
         items.c.available_at.is_(None) | (items.c.available_at <= now),
         items.c.error_code.is_(None) | items.c.error_code.in_(SUSPECT_CODES),
     )
+    leases = Lease.__table__
     expired = select(items.c.index).where(
-        # The job test is wrapped so that no (job_id, ...) index can serve it: otherwise SQLite
-        # and PostgreSQL walk every open item of the range to find the (rare) expired leases.
-        func.coalesce(items.c.job_id, "") == bindparam("p_job"),
+        # Read only while the job has an expired lease row (nearly never).
+        select(1).where(leases.c.job_id == bindparam("p_job"), leases.c.expires_at < now)
+        .exists(),
+        items.c.job_id == bindparam("p_job"),
+        items.c.phase.in_([literal_column("'open'"), literal_column("'retry'")]),
         *in_chunk,
         items.c.status == literal_column("'running'"),
         items.c.lease_expires_at < now,

@@ -25,8 +25,10 @@ from sqlalchemy.orm import Session
 from loom.db import begin_write
 from loom.jobs import claims_pg, claims_sqlite
 from loom.jobs.finalize import finalize_jobs, maybe_finalize
+from loom.jobs.leases import extend_leases
 from loom.jobs.types import (
     MAX_BACKOFF_SECONDS,
+    OPEN_ITEM_PHASE,
     ClaimedItem,
     ItemFailure,
     ItemResult,
@@ -80,18 +82,21 @@ def heartbeat(
     lease_seconds: float,
     now: datetime | None = None,
 ) -> int:
-    """Extend the leases this worker still holds; returns how many it still holds."""
+    """Extend the leases this worker still holds, on the items and on their lease rows (in one
+    transaction: a row never expires before its items); returns how many it still holds."""
     if not item_ids:
         return 0
     now = now or utcnow()
+    until = now + timedelta(seconds=lease_seconds)
     begin_write(session)
     result = session.execute(
         update(Item)
         .where(Item.id.in_(list(item_ids)), Item.status == RUNNING,
                Item.lease_owner == worker_id)
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+        .values(lease_expires_at=until, updated_at=now)
         .execution_options(synchronize_session=False)
     )
+    extend_leases(session, worker_id=worker_id, item_ids=item_ids, until=until)
     session.commit()
     return int(result.rowcount)  # type: ignore[attr-defined]
 
@@ -127,10 +132,14 @@ def complete_items(
     now: datetime | None = None,
     open_jobs: Collection[str] = (),
     on_drained: Callable[[set[str]], None] | None = None,
+    end_leases: Collection[int] = (),
 ) -> int:
     """Mark items succeeded and record their outputs, only where this worker holds the lease.
 
     Returns how many items this call completed (the others were lost to another worker).
+    ``end_leases``: the lease rows (ClaimedItem.lease_id) of which this batch ends the last
+    items the worker holds; each goes in the same transaction unless an item of it still runs
+    (loom.jobs.leases).
     ``open_jobs``: jobs the caller knows still have open items (it holds some of their leases);
     whether they were drained is not checked (the reconciler finalises any job a wrong hint
     left behind). ``on_drained`` (PostgreSQL): the jobs this completion drained are handed to
@@ -142,7 +151,8 @@ def complete_items(
     now = now or utcnow()
     if _is_postgresql(session):
         n_won, drained = claims_pg.complete(session, worker_id=worker_id, results=results,
-                                            now=now, open_jobs=open_jobs)
+                                            now=now, open_jobs=open_jobs,
+                                            end_leases=end_leases)
         # maybe_finalize checks again under the job row lock; this only skips the calls that
         # would find open items anyway (nearly every batch).
         if on_drained is not None:
@@ -152,7 +162,7 @@ def complete_items(
             _finalize_all(session, drained, store, on_finalized, now, drained=True)
         return n_won
     n_won, won_jobs = claims_sqlite.complete(session, worker_id=worker_id, results=results,
-                                             now=now)
+                                             now=now, end_leases=end_leases)
     if n_won:
         _finalize_all(session, won_jobs - set(open_jobs), store, on_finalized, now)
     return n_won
@@ -176,8 +186,8 @@ def fail_items(
     now = now or utcnow()
     begin_write(session)
     owned = session.execute(
-        select(Item.id, Item.job_id, Item.attempts, Item.attempts_excused, Job.max_attempts,
-               Job.status)
+        select(Item.id, Item.job_id, Item.attempts, Item.attempts_excused, Item.started_at,
+               Job.max_attempts, Job.status)
         .join(Job, Job.id == Item.job_id)
         .where(_fence(worker_id, failures))
         .with_for_update(of=Item)  # PostgreSQL: hold the rows until we have updated them
@@ -188,7 +198,8 @@ def fail_items(
     for row in owned:
         err = by_id[row.id].error
         base = {"job_id": row.job_id, "item_id": row.id, "attempt": row.attempts,
-                "worker_id": worker_id, "error_code": err.code, "created_at": now}
+                "worker_id": worker_id, "error_code": err.code, "claimed_at": row.started_at,
+                "created_at": now}
         if row.status == JobStatus.cancelling.value and err.transient:
             # No point retrying work nobody wants any more.
             status, available_at, message, kind = "cancelled", None, err.message, "cancelled"
@@ -241,13 +252,14 @@ def cancel_remaining(
     if status not in (JobStatus.cancelling.value, JobStatus.cancelled.value):
         session.rollback()
         return 0
+    mine = and_(Item.status == RUNNING, Item.lease_owner == worker_id)
+    # The running ones' claims, for their attempts' 'cancelled' events (the claim wrote none).
+    claimed = dict(session.execute(
+        select(Item.id, Item.started_at).where(Item.job_id == job_id, OPEN_ITEM_PHASE, mine)
+    ).all())
     rows = session.execute(
         update(Item)
-        .where(
-            Item.job_id == job_id,
-            or_(Item.status == QUEUED,
-                and_(Item.status == RUNNING, Item.lease_owner == worker_id)),
-        )
+        .where(Item.job_id == job_id, OPEN_ITEM_PHASE, or_(Item.status == QUEUED, mine))
         .values(status=ItemStatus.cancelled.value, lease_owner=None, lease_expires_at=None,
                 error_code="cancelled", error_message="job cancelled", finished_at=now,
                 updated_at=now)
@@ -256,7 +268,8 @@ def cancel_remaining(
     ).all()
     add_events(session, [
         {"job_id": job_id, "item_id": r.id, "kind": "cancelled", "attempt": r.attempts,
-         "worker_id": worker_id, "created_at": now} for r in rows
+         "worker_id": worker_id, "claimed_at": claimed.get(r.id), "created_at": now}
+        for r in rows
     ])
     session.commit()
     maybe_finalize(session, job_id=job_id, store=store, on_finalized=on_finalized, now=now)

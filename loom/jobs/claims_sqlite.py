@@ -14,7 +14,7 @@ completion is fenced per item (running, leased by this worker, at the claimed at
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
@@ -24,6 +24,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    delete,
     insert,
     literal_column,
     or_,
@@ -34,8 +35,9 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from loom.db import begin_write
+from loom.jobs.leases import running_under_lease
 from loom.jobs.types import CLAIMABLE_JOB, ClaimedItem, ItemResult, add_events
-from loom.models import Item, ItemStatus, Job, JobStatus, Output
+from loom.models import Item, ItemStatus, Job, JobStatus, Lease, Output
 
 RUNNING = ItemStatus.running.value
 QUEUED = ItemStatus.queued.value
@@ -43,18 +45,26 @@ QUEUED = ItemStatus.queued.value
 _items = Item.__table__
 _jobs = Job.__table__
 _outputs = Output.__table__
+_leases = Lease.__table__
 
 
-def _claimable(t: Any) -> Any:
-    """Claimable in [start, end): queued and available, or running with an expired lease; the
-    spent attempts under the job's cap. The status terms are literals written as ix_items_open's
-    predicate is, so that SQLite walks that index (open items in job order)."""
-    now = bindparam("p_now", type_=_items.c.available_at.type)
+def _open_in_range(t: Any) -> Any:
+    """Open items of [start, end), the phase terms literals written as ix_items_open's predicate
+    is, so that SQLite walks that index (open items in job order)."""
     return and_(
         t.c.job_id == bindparam("p_job"),
         t.c.index >= bindparam("p_start"),
         t.c.index < bindparam("p_end"),
-        t.c.status.in_([literal_column("'queued'"), literal_column("'running'")]),
+        t.c.phase.in_([literal_column("'open'"), literal_column("'retry'")]),
+    )
+
+
+def _claimable(t: Any) -> Any:
+    """Claimable in [start, end): queued and available, or running with an expired lease; the
+    spent attempts under the job's cap."""
+    now = bindparam("p_now", type_=_items.c.available_at.type)
+    return and_(
+        _open_in_range(t),
         t.c.attempts - t.c.attempts_excused < bindparam("p_max_attempts"),
         or_(
             and_(t.c.status == QUEUED, or_(t.c.available_at.is_(None), t.c.available_at <= now)),
@@ -64,7 +74,7 @@ def _claimable(t: Any) -> Any:
 
 
 @cache
-def _claim_statements() -> tuple[Executable, Executable, Executable]:
+def _claim_statements() -> tuple[Executable, Executable, Executable, Executable, Executable]:
     now = bindparam("p_now", type_=_items.c.started_at.type)
     head = select(_jobs.c.status, _jobs.c.max_attempts, _jobs.c.tenant_id, _jobs.c.task,
                   _jobs.c.model_name, _jobs.c.params).where(_jobs.c.id == bindparam("p_job"))
@@ -101,12 +111,18 @@ def _claim_statements() -> tuple[Executable, Executable, Executable]:
         .returning(_items.c.id, _items.c.index, _items.c.input, _items.c.attempts,
                    _items.c.error_message)
     )
-    return head, start_job, claim
+    # The leases a claim is about to take over: whose they were and since when (RETURNING
+    # shows only the new row), for the lease_expired event that ends their attempt.
+    expired = select(_items.c.id, _items.c.lease_owner, _items.c.started_at).where(
+        _open_in_range(_items), _items.c.status == RUNNING,
+        _items.c.lease_expires_at < bindparam("p_now", type_=_items.c.lease_expires_at.type))
+    lease = insert(_leases).returning(_leases.c.id)
+    return head, start_job, claim, expired, lease
 
 
 def claim(session: Session, *, job_id: str, start: int, end: int, worker_id: str, limit: int,
           lease_seconds: float, now: datetime) -> list[ClaimedItem]:
-    head, start_job, claim_stmt = _claim_statements()
+    head, start_job, claim_stmt, expired_stmt, lease_stmt = _claim_statements()
     begin_write(session)
     job = session.execute(head, {"p_job": job_id}).one_or_none()
     if job is None or job.status not in CLAIMABLE_JOB:
@@ -119,28 +135,38 @@ def claim(session: Session, *, job_id: str, start: int, end: int, worker_id: str
     # RETURNING only sees new values; to know which rows were taken over from an expired lease
     # (for the lease_expired event) we write a marker unique to this claim into error_message.
     takeover = f"lease expired; taken over by {worker_id} at {now.isoformat()}"
+    held_before = {r.id: r for r in session.execute(expired_stmt, {
+        "p_job": job_id, "p_start": start, "p_end": end, "p_now": now})}
+    until = now + timedelta(seconds=lease_seconds)
     rows = session.execute(claim_stmt, {
         "p_job": job_id, "p_start": start, "p_end": end, "p_max_attempts": job.max_attempts,
         "p_now": now, "p_limit": limit, "p_worker": worker_id,
-        "p_until": now + timedelta(seconds=lease_seconds), "p_takeover": takeover,
+        "p_until": until, "p_takeover": takeover,
     }).all()
     if not rows:
         session.rollback()
         return []
+    # No 'claimed' events: the row that ends each attempt records its claim (claims_pg).
     events: list[dict[str, Any]] = []
     for r in rows:
         if r.error_message == takeover:
+            before = held_before.get(r.id)
             events.append({"job_id": job_id, "item_id": r.id, "kind": "lease_expired",
-                           "attempt": r.attempts - 1, "message": takeover, "created_at": now})
-        events.append({"job_id": job_id, "item_id": r.id, "kind": "claimed",
-                       "attempt": r.attempts, "worker_id": worker_id, "created_at": now})
+                           "attempt": r.attempts - 1, "message": takeover,
+                           "worker_id": before.lease_owner if before else None,
+                           "claimed_at": before.started_at if before else None,
+                           "created_at": now})
     add_events(session, events)
+    lease_id = session.execute(lease_stmt, {
+        "job_id": job_id, "tenant_id": job.tenant_id, "worker_id": worker_id,
+        "item_ids": sorted(r.id for r in rows), "expires_at": until, "created_at": now,
+    }).scalar_one()
     session.commit()
     params = dict(job.params or {})
     return [
         ClaimedItem(id=r.id, job_id=job_id, tenant_id=job.tenant_id, index=r.index,
                     task=job.task, model_name=job.model_name, params=dict(params),
-                    input=dict(r.input or {}), attempts=r.attempts)
+                    input=dict(r.input or {}), attempts=r.attempts, lease_id=lease_id)
         for r in sorted(rows, key=lambda r: r.index)
     ]
 
@@ -161,7 +187,7 @@ def _complete_statements() -> tuple[Executable, Executable, Executable]:
         )
         .values(status=ItemStatus.succeeded.value, lease_owner=None, lease_expires_at=None,
                 error_code=None, error_message=None, finished_at=now, updated_at=now)
-        .returning(_items.c.id, _items.c.job_id, _items.c.attempts)
+        .returning(_items.c.id, _items.c.job_id, _items.c.attempts, _items.c.started_at)
     )
     job_rows = (select(_jobs.c.id, _jobs.c.task, _jobs.c.params, _jobs.c.model_name)
                 .where(_jobs.c.id.in_(bindparam("p_jobs", expanding=True))))
@@ -169,10 +195,11 @@ def _complete_statements() -> tuple[Executable, Executable, Executable]:
 
 
 def complete(session: Session, *, worker_id: str, results: Sequence[ItemResult],
-             now: datetime) -> tuple[int, set[str]]:
+             now: datetime, end_leases: Collection[int] = ()) -> tuple[int, set[str]]:
     """Mark won items succeeded with their outputs (committed; the output row is the record of
     the success, no event row); returns how many items were won and their jobs (0: every item
-    was lost to another worker)."""
+    was lost to another worker). ``end_leases``: lease rows to delete if nothing of theirs runs
+    any more (claims_pg.complete)."""
     won_stmt, job_rows, insert_outputs = _complete_statements()
     begin_write(session)
     won = session.execute(won_stmt, {
@@ -181,6 +208,12 @@ def complete(session: Session, *, worker_id: str, results: Sequence[ItemResult],
         "p_pinned": [(r.item_id, r.attempt) for r in results if r.attempt is not None],
         "p_worker": worker_id, "p_now": now,
     }).all()
+    if end_leases:
+        session.execute(
+            delete(_leases).where(_leases.c.id.in_(list(end_leases)),
+                                  _leases.c.worker_id == worker_id,
+                                  ~running_under_lease("sqlite", worker=worker_id))
+            .execution_options(synchronize_session=False))
     if not won:
         session.commit()
         return 0, set()
@@ -197,7 +230,7 @@ def complete(session: Session, *, worker_id: str, results: Sequence[ItemResult],
             "weights_sha256": r.weights_sha256, "task": job.task, "params": job.params or {},
             "seed": r.seed, "attempt": w.attempts, "worker_id": worker_id,
             "timings": dict(r.timings), "cache_key": r.cache_key, "cached_from": r.cached_from,
-            "details": r.details, "created_at": now,
+            "details": r.details, "claimed_at": w.started_at, "created_at": now,
         })
     session.execute(insert_outputs, outputs)
     session.commit()

@@ -12,7 +12,7 @@ from loom.db import begin_write
 from loom.errors import InvalidState, NotFound
 from loom.jobs.finalize import maybe_finalize
 from loom.jobs.queries import get_job
-from loom.jobs.types import add_events
+from loom.jobs.types import OPEN_ITEM_PHASE, add_events
 from loom.models import Item, ItemStatus, Job, JobStatus, Outbox, utcnow
 from loom.storage import Store
 
@@ -51,7 +51,7 @@ def cancel_job(
                 f"job {job_id} is {job.status}; only unfinished jobs can be cancelled")
         n = session.execute(
             update(Item)
-            .where(Item.job_id == job_id, Item.status == ItemStatus.queued.value)
+            .where(Item.job_id == job_id, OPEN_ITEM_PHASE, Item.status == ItemStatus.queued.value)
             .values(status=ItemStatus.cancelled.value, error_code="cancelled",
                     error_message="job cancelled", finished_at=now, updated_at=now)
             .execution_options(synchronize_session=False)
@@ -92,7 +92,8 @@ def retry_failed(
             raise InvalidState(f"job {job_id} is {job.status}; failed items cannot be retried")
         indexes = list(session.scalars(
             update(Item)
-            .where(Item.job_id == job_id, Item.status == ItemStatus.failed.value)
+            .where(Item.job_id == job_id, Item.phase == ItemStatus.failed.value,
+                   Item.status == ItemStatus.failed.value)
             # Fresh attempts, but attempt NUMBERS go on: the spent ones are excused, so a stale
             # result pinned to an old attempt number can never match the new attempt.
             .values(status=ItemStatus.queued.value, attempts_excused=Item.attempts,

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from loom import tasks
 from loom.jobs.claims_pg import LEASE_SET
-from loom.jobs.hot_pg import hot_connection, statement
+from loom.jobs.hot_pg import hot_connection, json_values, statement
 from loom.jobs.types import ClaimedItem
 
 # The jobs a batch of ``:like`` may be filled from. ``turn`` is the job's place in its tenant's
@@ -53,7 +53,8 @@ _MATES = """
       AND (CAST(:tenant AS text) IS NULL OR o.tenant_id = :tenant)
       AND o.item_count BETWEEN :min_items AND :max_items
       -- A job whose items are all in flight, backing off or retried has nothing to give.
-      AND EXISTS (SELECT 1 FROM items WHERE items.job_id = o.id AND items.status = 'queued'
+      AND EXISTS (SELECT 1 FROM items WHERE items.job_id = o.id AND items.phase = 'open'
+                  AND items.status = 'queued'
                   AND items.attempts = items.attempts_excused
                   AND (items.available_at IS NULL OR items.available_at <= :now))
 """
@@ -93,7 +94,7 @@ picked AS MATERIALIZED (
     SELECT i.id, top.tenant_id, top.priority, top.turn, top.created_at AS job_created,
            top.item_count AS job_items
     FROM items AS i JOIN top ON i.job_id = top.id
-    WHERE i.status = 'queued' AND i.attempts = i.attempts_excused
+    WHERE i.phase = 'open' AND i.status = 'queued' AND i.attempts = i.attempts_excused
       AND (i.available_at IS NULL OR i.available_at <= :now)
     ORDER BY top.priority DESC, top.turn, top.created_at, i.job_id, i.index
     LIMIT :limit
@@ -107,17 +108,20 @@ upd AS (
               picked.tenant_id, picked.priority, picked.turn, picked.job_created,
               picked.job_items
 ),
-ev AS (
-    INSERT INTO events (job_id, item_id, kind, attempt, worker_id, created_at)
-    SELECT job_id, id, 'claimed', attempts, :worker_id, :now FROM upd
+-- One lease row per job (loom.models.Lease); no 'claimed' events (see claims_pg._CLAIM).
+lz AS (
+    INSERT INTO leases (job_id, tenant_id, worker_id, item_ids, expires_at, created_at)
+    SELECT job_id, tenant_id, :worker_id, array_agg(id ORDER BY id), :expires, :now
+    FROM upd GROUP BY job_id, tenant_id
+    RETURNING id, job_id
 ),
 tc AS (
     INSERT INTO tenant_claims (tenant_id, job_items, claimed_at, n)
     SELECT tenant_id, job_items, :now, count(*) FROM upd GROUP BY tenant_id, job_items
 )
 SELECT upd.id, upd.job_id, upd.index, CAST(upd.input AS text) AS input, upd.attempts,
-       upd.tenant_id, l.task, l.model_name, CAST(l.params AS text) AS params
-FROM upd, jobs AS l WHERE l.id = :like
+       upd.tenant_id, l.task, l.model_name, CAST(l.params AS text) AS params, lz.id
+FROM upd JOIN lz ON lz.job_id = upd.job_id, jobs AS l WHERE l.id = :like
 ORDER BY upd.priority DESC, upd.turn, upd.job_created, upd.job_id, upd.index
 """)
 
@@ -162,9 +166,11 @@ def claim_fill(
         return []
     params_text = rows[0][8]
     params = json.loads(params_text) if params_text else {}
+    inputs = json_values([r[3] for r in rows])
     return [
         ClaimedItem(id=item_id, job_id=job_id, tenant_id=tenant_id, index=index, task=task,
-                    model_name=model_name, params=dict(params or {}),
-                    input=json.loads(input_text) if input_text else {}, attempts=attempts)
-        for item_id, job_id, index, input_text, attempts, tenant_id, task, model_name, _ in rows
+                    model_name=model_name, params=dict(params or {}), input=item_input,
+                    attempts=attempts, lease_id=lease_id)
+        for (item_id, job_id, index, _, attempts, tenant_id, task, model_name, _,
+             lease_id), item_input in zip(rows, inputs, strict=True)
     ]

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from loom.db import begin_write
 from loom.errors import LoomError
 from loom.jobs.deliveries import completed_payload, enqueue_delivery, wants
-from loom.jobs.types import OPEN_ITEM, OPEN_JOB, add_events
+from loom.jobs.types import OPEN_ITEM_PHASE, OPEN_JOB, add_events
 from loom.models import Event, Item, ItemStatus, Job, JobStatus, Output, utcnow
 from loom.storage import Store, results_key
 
@@ -60,7 +60,7 @@ def finalize_jobs(
     if not drained:
         # Fast path without locks: most calls (every completed batch) find open items.
         busy = set(session.scalars(
-            select(Item.job_id).where(Item.job_id.in_(ids), Item.status.in_(OPEN_ITEM))
+            select(Item.job_id).where(Item.job_id.in_(ids), OPEN_ITEM_PHASE)
             .distinct()))
         ids = [i for i in ids if i not in busy]
         session.commit()
@@ -78,7 +78,7 @@ def finalize_jobs(
     if not locked:
         session.rollback()
         return []
-    no_open_items = ~exists().where(Item.job_id == Job.id, Item.status.in_(OPEN_ITEM))
+    no_open_items = ~exists().where(Item.job_id == Job.id, OPEN_ITEM_PHASE)
     won = session.scalars(
         update(Job)
         .where(Job.id.in_(locked), Job.status.in_(OPEN_JOB), no_open_items)

@@ -27,11 +27,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from loom.errors import InvalidRequest, JobTooLarge, LimitExceeded, NotFound
+from loom.jobs.types import OPEN_ITEM_PHASE
 from loom.models import Item, Job, JobStatus, Tenant
 
 OPEN_JOB = (JobStatus.queued.value, JobStatus.running.value, JobStatus.cancelling.value,
             JobStatus.finalizing.value)
-OPEN_ITEM = ("queued", "running")
 RATE_WINDOW = timedelta(seconds=60)
 # A full queue frees as the fleet works through it; when that is cannot be known at submit.
 QUEUE_RETRY_AFTER = 30.0
@@ -87,13 +87,13 @@ def open_items(session: Session, *, tenant_id: str) -> int:
     return int(session.scalar(
         select(func.count()).select_from(Item).join(Job, Job.id == Item.job_id)
         .where(Job.tenant_id == tenant_id, Job.status.in_(OPEN_JOB),
-               Item.status.in_(OPEN_ITEM))) or 0)
+               OPEN_ITEM_PHASE)) or 0)
 
 
 def tenant_use(session: Session, *, tenant_id: str, now: datetime) -> Use:
     counts = dict(session.execute(
         select(Item.status, func.count()).join(Job, Job.id == Item.job_id)
-        .where(Job.tenant_id == tenant_id, Job.status.in_(OPEN_JOB), Item.status.in_(OPEN_ITEM))
+        .where(Job.tenant_id == tenant_id, Job.status.in_(OPEN_JOB), OPEN_ITEM_PHASE)
         .group_by(Item.status)).all())
     recent = session.scalar(select(func.count()).select_from(Job).where(
         Job.tenant_id == tenant_id, Job.created_at > now - RATE_WINDOW)) or 0

@@ -60,12 +60,13 @@ def release_items(
         .where(_owned(worker_id, leases))
         .values(status=ItemStatus.queued.value, lease_owner=None, lease_expires_at=None,
                 available_at=None, attempts_excused=Item.attempts_excused + 1, updated_at=now)
-        .returning(Item.id, Item.job_id, Item.attempts)
+        .returning(Item.id, Item.job_id, Item.attempts, Item.started_at)
         .execution_options(synchronize_session=False)
     ).all()
     add_events(session, [
         {"job_id": r.job_id, "item_id": r.id, "kind": "released", "attempt": r.attempts,
-         "worker_id": worker_id, "message": reason, "created_at": now} for r in rows
+         "worker_id": worker_id, "message": reason, "claimed_at": r.started_at,
+         "created_at": now} for r in rows
     ])
     session.commit()
     return len(rows)

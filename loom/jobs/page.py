@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from loom.errors import NotFound
 from loom.jobs.queries import get_job, job_progress
+from loom.jobs.types import status_is
 from loom.jobs.views import job_dict, result_row
 from loom.models import Item, ItemStatus, Job, Output
 
@@ -109,7 +110,7 @@ def failures(session: Session, *, job_id: str, tenant_id: str | None = None,
              examples: int = 3) -> list[dict[str, Any]]:
     """Failed items grouped by error code, most frequent first, with a few example items."""
     get_job(session, job_id=job_id, tenant_id=tenant_id)
-    failed = (Item.job_id == job_id, Item.status == ItemStatus.failed.value)
+    failed = (Item.job_id == job_id, status_is(ItemStatus.failed.value))
     groups = session.execute(
         select(Item.error_code, func.count()).where(*failed).group_by(Item.error_code)
         .order_by(func.count().desc()).limit(20)).all()

@@ -13,7 +13,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Bundle, Session
 
 from loom.errors import InvalidRequest, NotFound
-from loom.jobs.types import JobProgress, Page, decode_cursor, encode_cursor
+from loom.jobs.types import JobProgress, Page, decode_cursor, encode_cursor, status_is
 from loom.jobs.registry import model_dict
 from loom.jobs.views import job_ref
 from loom.models import Event, Item, ItemStatus, Job, Output, RegisteredModel
@@ -102,7 +102,8 @@ def list_items(
     limit = max(1, min(limit, MAX_PAGE))
     stmt = select(Item).where(Item.job_id == job_id)
     if status is not None:
-        stmt = stmt.where(Item.status == status)
+        stmt = stmt.where(status_is(status) if status in ItemStatus._value2member_map_
+                          else Item.status == status)
     if cursor is not None:
         (after,) = decode_cursor(cursor, 1)
         stmt = stmt.where(Item.index > int(after))
@@ -215,25 +216,47 @@ def get_output(session: Session, *, output_id: int, tenant_id: str | None = None
 
 def succeeded_event(output: Output) -> dict[str, Any]:
     """The 'succeeded' event an output stands for: a completion writes no event row (since
-    migration 0014), the output row records the same attempt, worker, time and timings."""
+    migration 0014), the output row records the same attempt, worker, time and timings (and,
+    since 0015, when the attempt was claimed)."""
     return {"kind": "succeeded", "attempt": output.attempt, "worker_id": output.worker_id,
             "error_code": None, "message": None,
             "duration_ms": sum(output.timings.values()) * 1000.0 if output.timings else None,
-            "created_at": output.created_at}
+            "claimed_at": output.claimed_at, "created_at": output.created_at}
 
 
-def item_history(events: Sequence[Event], output: Output | None) -> list[dict[str, Any]]:
-    """An item's events in order, its success (from the output row) after the events of the
-    attempt that succeeded. A 'succeeded' row written before migration 0014 is not doubled."""
-    history = [{"kind": e.kind, "attempt": e.attempt, "worker_id": e.worker_id,
-                "error_code": e.error_code, "message": e.message,
-                "duration_ms": e.duration_ms, "created_at": e.created_at} for e in events]
-    if output is None or any(e.kind == "succeeded" and e.attempt == output.attempt
-                             for e in events):
-        return history
-    at = max((i + 1 for i, e in enumerate(events) if e.attempt == output.attempt),
-             default=len(history))
-    history.insert(at, succeeded_event(output))
+_HISTORY_KEYS = ("kind", "attempt", "worker_id", "error_code", "message", "duration_ms",
+                 "created_at")
+
+
+def _claimed(attempt: int, worker_id: str | None, at: datetime) -> dict[str, Any]:
+    return {"kind": "claimed", "attempt": attempt, "worker_id": worker_id, "error_code": None,
+            "message": None, "duration_ms": None, "created_at": at}
+
+
+def item_history(events: Sequence[Event], output: Output | None,
+                 item: Item | None = None) -> list[dict[str, Any]]:
+    """An item's events in order, with the two kinds no row is written for any more: each
+    attempt's claim (from the row that ended the attempt, or from the item while it runs;
+    migration 0015) before that attempt's events, and its success (from the output row) after
+    them. Rows of either kind written before are not doubled."""
+    rows = [{**{k: getattr(e, k) for k in _HISTORY_KEYS}, "claimed_at": e.claimed_at}
+            for e in events]
+    if output is not None and not any(e["kind"] == "succeeded" and e["attempt"] == output.attempt
+                                      for e in rows):
+        at = max((i + 1 for i, e in enumerate(rows) if e["attempt"] == output.attempt),
+                 default=len(rows))
+        rows.insert(at, succeeded_event(output))
+    written = {e["attempt"] for e in rows if e["kind"] == "claimed"}
+    history: list[dict[str, Any]] = []
+    for e in rows:
+        attempt = e["attempt"]
+        if attempt is not None and attempt not in written and e["claimed_at"] is not None:
+            written.add(attempt)
+            history.append(_claimed(attempt, e["worker_id"], e["claimed_at"]))
+        history.append({k: e[k] for k in _HISTORY_KEYS})
+    if (item is not None and item.status == ItemStatus.running.value
+            and item.attempts not in written and item.started_at is not None):
+        history.append(_claimed(item.attempts, item.lease_owner, item.started_at))
     return history
 
 
@@ -282,7 +305,7 @@ def item_lineage(session: Session, *, item_id: int, tenant_id: str | None = None
             "cache_key": output.cache_key, "cached_from": output.cached_from,
             "details": output.details,
             "created_at": output.created_at},
-        "events": item_history(events, output),
+        "events": item_history(events, output, item),
         "job": job_ref(job),
         "parents": parents,
     }

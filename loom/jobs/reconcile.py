@@ -10,15 +10,23 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, exists, or_, select, text, update
+from sqlalchemy import Select, and_, bindparam, delete, exists, or_, select, text, true, update
 from sqlalchemy.orm import Session
 
 from loom.db import begin_write
 from loom.jobs.finalize import complete_finalization, maybe_finalize
+from loom.jobs.leases import lease_items, running_jobs, running_under_lease
 from loom.jobs.shares import prune_claims
 from loom.jobs.submit import publish_pending, publish_rows
-from loom.jobs.types import CLAIMABLE_JOB, OPEN_ITEM, OPEN_JOB, Chunk, ReconcileReport, add_events
-from loom.models import Item, ItemStatus, Job, JobStatus, Outbox, utcnow
+from loom.jobs.types import (
+    CLAIMABLE_JOB,
+    OPEN_ITEM_PHASE,
+    OPEN_JOB,
+    Chunk,
+    ReconcileReport,
+    add_events,
+)
+from loom.models import Item, ItemStatus, Job, JobStatus, Lease, Outbox, utcnow
 from loom.storage import Store
 
 CLAIM_RETENTION = timedelta(minutes=15)
@@ -33,20 +41,31 @@ def free_expired_leases(
     session: Session, *, now: datetime, limit: int = 10_000
 ) -> tuple[ReconcileReport, set[str]]:
     """Expired leases: under the cap -> queued; at the cap -> failed worker_lost; in a
-    cancelling job -> cancelled. Returns the counts and the jobs whose items reached an end."""
+    cancelling job -> cancelled. Returns the counts and the jobs whose items reached an end.
+
+    The items come from the expired lease rows (loom.jobs.leases: every running item is in one
+    of its owner's), not from a scan of the open items; each row goes once nothing of it runs
+    under its worker any more."""
     report = ReconcileReport()
     begin_write(session)
+    dialect = session.get_bind().dialect.name
+    u = lease_items(dialect)
+    # An item may be in several expired rows (claimed again by the same worker): IN, not a join.
+    in_expired = select(u.c.value).select_from(Lease).join(u, true()).where(
+        Lease.expires_at < now)
     rows = session.execute(
         select(Item.id, Item.job_id, Item.index, Item.attempts, Item.attempts_excused,
-               Item.lease_owner,
+               Item.lease_owner, Item.started_at,
                Job.max_attempts, Job.status, Job.chunk_size)
         .join(Job, Job.id == Item.job_id)
-        .where(Item.status == ItemStatus.running.value, Item.lease_expires_at < now)
+        .where(Item.id.in_(in_expired), Item.status == ItemStatus.running.value,
+               Item.lease_expires_at < now)
         .order_by(Item.id)
         .limit(limit)
         .with_for_update(of=Item, skip_locked=True)
     ).all()
     if not rows:
+        _drop_done_leases(session, dialect=dialect)
         session.commit()
         return report, set()
     updates: list[dict[str, Any]] = []
@@ -55,7 +74,7 @@ def free_expired_leases(
     requeued_chunks: set[tuple[str, int]] = set()
     for r in rows:
         base = {"job_id": r.job_id, "item_id": r.id, "attempt": r.attempts,
-                "worker_id": r.lease_owner, "created_at": now}
+                "worker_id": r.lease_owner, "claimed_at": r.started_at, "created_at": now}
         events.append({**base, "kind": "lease_expired", "error_code": "worker_lost",
                        "message": "lease expired"})
         if r.status == JobStatus.cancelling.value:
@@ -94,8 +113,20 @@ def free_expired_leases(
             .values(published_at=None).execution_options(synchronize_session=False)
         )
     add_events(session, events)
+    _drop_done_leases(session, dialect=dialect)
     session.commit()
     return report, ended
+
+
+def _drop_done_leases(session: Session, *, dialect: str) -> None:
+    """Lease rows none of whose items still runs under their worker: freed above, finished, or
+    taken over by another claim (which wrote a row of its own). Mostly expired ones; a live one
+    too, when its worker did not end it (a completion without end_leases): a row covers no item
+    it does not hold, and the items in flight are counted from them. Whether an item still
+    runs is tested by the DELETE itself, so a claim or heartbeat meanwhile keeps its row."""
+    session.execute(
+        delete(Lease).where(~running_under_lease(dialect, worker=Lease.worker_id))
+        .execution_options(synchronize_session=False))
 
 
 def stale_chunks(session: Session, *, now: datetime, stale_after_seconds: float,
@@ -108,13 +139,15 @@ def stale_chunks(session: Session, *, now: datetime, stale_after_seconds: float,
         # Many cheap index probes whose estimate crosses jit_above_cost: compiling the plan took
         # 19 of the query's 20 ms at 100,000 items.
         session.execute(text("SET LOCAL jit = off"))
-    rows = session.execute(stale_chunks_query(now=now, stale_after_seconds=stale_after_seconds,
-                                              limit=limit)).all()
+    rows = session.execute(stale_chunks_query(
+        now=now, stale_after_seconds=stale_after_seconds, limit=limit,
+        dialect=session.get_bind().dialect.name)).all()
     session.commit()
     return list(rows)
 
 
-def stale_chunks_query(*, now: datetime, stale_after_seconds: float, limit: int) -> Select[Any]:
+def stale_chunks_query(*, now: datetime, stale_after_seconds: float, limit: int,
+                       dialect: str = "postgresql") -> Select[Any]:
     """The query of ``stale_chunks`` (its test reads PostgreSQL's plan for it)."""
     cutoff = now - timedelta(seconds=stale_after_seconds)
 
@@ -128,7 +161,8 @@ def stale_chunks_query(*, now: datetime, stale_after_seconds: float, limit: int)
         # every reconcile of every worker process.
         return (
             select(Item.id)
-            .where(Item.job_id == Outbox.job_id, Item.status == ItemStatus.queued.value,
+            .where(Item.job_id == Outbox.job_id, OPEN_ITEM_PHASE,
+                   Item.status == ItemStatus.queued.value,
                    Item.index >= Outbox.chunk_start, Item.index < Outbox.chunk_end,
                    *conditions)
             .limit(1)
@@ -141,14 +175,9 @@ def stale_chunks_query(*, now: datetime, stale_after_seconds: float, limit: int)
     # lost. Republishing such chunks every stale_after seconds only queued duplicates behind the
     # originals (up to ``limit`` per reconcile of every process) for the whole length of a long
     # job. Once nothing of the job runs, a lost message is republished. ("Running" means a live
-    # lease here: ``reconcile`` frees the expired ones first.) One pass over the items in flight
-    # (ix_items_running_lease), not a probe per chunk.
-    running = (
-        select(Item.job_id.label("job_id"))
-        .where(Item.status == ItemStatus.running.value)
-        .distinct()
-        .subquery("running_jobs")
-    )
+    # lease row here: ``reconcile`` frees the expired ones first.) One pass over the lease rows,
+    # not a probe per chunk.
+    running = running_jobs(dialect, now=now).subquery("running_jobs")
     stale = and_(
         Outbox.published_at < cutoff,
         running.c.job_id.is_(None),
@@ -190,7 +219,7 @@ def reconcile(
     # Missed finalisations: a completer that died after committing its items but before
     # maybe_finalize, or a finaliser that died (or lost the store) while in "finalizing".
     cutoff = now - timedelta(seconds=stale_after_seconds)
-    no_open = ~exists().where(Item.job_id == Job.id, Item.status.in_(OPEN_ITEM))
+    no_open = ~exists().where(Item.job_id == Job.id, OPEN_ITEM_PHASE)
     candidates = set(session.scalars(
         select(Job.id).where(Job.status.in_(OPEN_JOB), no_open)
     )) | ended

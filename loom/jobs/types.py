@@ -9,16 +9,26 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import insert
+from sqlalchemy import ColumnElement, and_, insert, literal_column
 from sqlalchemy.orm import Session
 
 from loom.errors import InvalidRequest, LoomError
-from loom.models import Event, ItemStatus, JobStatus, utcnow
+from loom.models import Event, Item, ItemStatus, JobStatus, utcnow
 
 T = TypeVar("T")
 
 # Items that still need work; a job is finalised when it has none.
 OPEN_ITEM = (ItemStatus.queued.value, ItemStatus.running.value)
+# The same test in the column the indexes read (loom.models.ITEM_PHASE), spelled as
+# ix_items_open's predicate is: SQLite uses a partial index only for the very same terms.
+OPEN_ITEM_PHASE = Item.phase.in_([literal_column("'open'"), literal_column("'retry'")])
+
+
+def status_is(status: str) -> ColumnElement[bool]:
+    """``Item.status == status`` with the phase term that lets an index of items serve it."""
+    phase = (OPEN_ITEM_PHASE if status in OPEN_ITEM
+             else Item.phase == literal_column(f"'{ItemStatus(status).value}'"))
+    return and_(phase, Item.status == status)
 # Job states from which finalisation may start (the conditional UPDATE's guard).
 OPEN_JOB = (JobStatus.queued.value, JobStatus.running.value, JobStatus.cancelling.value)
 # Job states in which workers may claim items.
@@ -37,7 +47,10 @@ class Chunk:
     priority: int = 0
 
 
-@dataclass(frozen=True)
+# Not frozen, though nothing changes one (dataclasses.replace makes a new one): a frozen
+# dataclass's __init__ costs three times as much, and a claim builds one per item. (Frozen, it
+# was not hashable either: its dict fields.)
+@dataclass
 class ClaimedItem:
     id: int
     job_id: str
@@ -51,6 +64,9 @@ class ClaimedItem:
     # The item's metadata (its dataset row), read only for jobs whose prompt template needs it
     # (jobs.items_metadata): claims do not carry it.
     metadata: dict[str, Any] | None = None
+    # The lease row of the claim that took it (loom.models.Lease): the completion of the last
+    # of its items ends it (complete_items' end_leases).
+    lease_id: int | None = None
 
 
 @dataclass

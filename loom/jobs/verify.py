@@ -25,7 +25,7 @@ from loom.db import begin_write
 from loom.errors import InputMissing, InvalidState, StorageError, StoreUnavailable
 from loom.jobs.control import _locked_job
 from loom.jobs.queries import get_job, succeeded_event
-from loom.jobs.types import add_events
+from loom.jobs.types import add_events, status_is
 from loom.models import Item, ItemStatus, Job, JobStatus, Outbox, Output, utcnow
 from loom.storage import Store, is_outage
 
@@ -79,7 +79,7 @@ def _outputs(session: Session, job_id: str) -> Iterator[list[tuple[int, int, Out
         rows = session.execute(
             select(Item.id, Item.index, Output)
             .join(Output, Output.item_id == Item.id)
-            .where(Item.job_id == job_id, Item.status == ItemStatus.succeeded.value,
+            .where(Item.job_id == job_id, status_is(ItemStatus.succeeded.value),
                    Item.index > after)
             .order_by(Item.index)
             .limit(PAGE)

@@ -1,9 +1,12 @@
 """The claim path's connection handling (loom.jobs.hot_pg) on a real PostgreSQL: statements in
-psycopg's style, each its own transaction, errors raised as SQLAlchemy's, and the connection
-handed back to the pool as it came (a broken one replaced)."""
+psycopg's style, each its own transaction, on a connection of their own (generic plans, nothing
+prepared behind their back), errors raised as SQLAlchemy's, a broken connection replaced, an
+idle dead one replaced before it fails anything, all closed with the engine."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -81,3 +84,64 @@ def test_a_connection_killed_under_it_raises_operational_error_and_is_replaced(
         with hot_connection(session) as conn:
             (second,), = conn.execute(pid_sql, {})
         assert second != first
+
+
+def test_hot_statements_get_generic_plans_and_nothing_else_is_prepared(
+    sessions: sessionmaker[Session],
+) -> None:
+    """PostgreSQL would plan a statement whose custom plans look cheaper anew on every
+    execution; the hot connection forces the generic plan, and prepares only what it is told."""
+    sql = statement(text("SELECT count(*) FROM unnest(CAST(:ids AS bigint[])) AS u(id) "
+                         "WHERE u.id = ANY(CAST(:keep AS bigint[]))"))
+    with sessions() as session:
+        for n in range(8):
+            with hot_connection(session) as conn:
+                assert conn.execute(sql, {"ids": list(range(n)), "keep": [1]}) == [
+                    (1 if n > 1 else 0,)]
+        with hot_connection(session) as conn:
+            conn.dbapi.execute("SELECT 1")  # not prepared: no prepare_threshold
+            conn.dbapi.execute("SELECT 1")
+            plans = conn.dbapi.execute(
+                "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements"
+            ).fetchall()
+    # (An empty list binds as another type: a statement of its own.)
+    assert plans and all("unnest" in p[0] for p in plans)
+    assert sum(p[1] for p in plans) == 8 and sum(p[2] for p in plans) == 0
+
+
+def test_a_connection_that_died_while_idle_is_replaced_before_it_fails_a_statement(
+    pg_url: str,
+) -> None:
+    """Idle longer than the engine's ping interval: pinged first, and a dead one replaced."""
+    engine = make_engine(pg_url, pool_size=1, ping_idle_seconds=0.05)
+    pid_sql = statement(text("SELECT pg_backend_pid()"))
+    try:
+        with make_session_factory(engine)() as session:
+            with hot_connection(session) as conn:
+                (first,), = conn.execute(pid_sql, {})
+            with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (first,))
+            time.sleep(0.1)
+            with hot_connection(session) as conn:
+                (second,), = conn.execute(pid_sql, {})
+        assert second != first
+    finally:
+        engine.dispose()
+
+
+def test_dispose_closes_the_hot_connections(pg_url: str) -> None:
+    engine = make_engine(pg_url, pool_size=1, ping_idle_seconds=60.0)
+    conns = []
+
+    def use() -> None:
+        with make_session_factory(engine)() as session, hot_connection(session) as conn:
+            conn.execute(statement(text("SELECT 1")), {})
+            conns.append(conn)
+
+    use()
+    worker = threading.Thread(target=use)  # another thread: a connection of its own
+    worker.start()
+    worker.join()
+    assert len(conns) == 2 and conns[0] is not conns[1]
+    engine.dispose()
+    assert all(c.dbapi.closed for c in conns)

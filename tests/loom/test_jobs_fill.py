@@ -18,7 +18,7 @@ from loom import jobs, tenants
 from loom.jobs.finalize import manifest_chunks
 from loom.errors import StoreUnavailable
 from loom.storage import LocalStore
-from loom.models import Event, Item, Job, utcnow
+from loom.models import Event, Item, Job, Lease, utcnow
 
 
 def fill(session: Session, like: Job, worker: str = "w", limit: int = 32) -> list[jobs.ClaimedItem]:
@@ -55,8 +55,15 @@ def test_fill_goes_by_priority_then_tenants_take_turns(
     assert status[e.id] == status[d.id] == status[b.id] == "running"
     assert status[own.id] == "queued"
     assert statuses(session, b) == ["running", "queued", "queued"]
-    claimed = session.scalars(select(Event.item_id).where(Event.kind == "claimed")).all()
-    assert sorted(claimed) == sorted(i.id for i in got)
+    # One lease row per job the fill took from, naming its items (no 'claimed' events).
+    assert not session.scalars(select(Event.item_id).where(Event.kind == "claimed")).all()
+    rows = {r.id: r for r in session.scalars(select(Lease))}
+    assert {(r.job_id, r.worker_id) for r in rows.values()} == {
+        (j.id, "w") for j in (e, d, b)}
+    for i in got:
+        assert rows[i.lease_id].job_id == i.job_id
+        assert sorted(rows[i.lease_id].item_ids) == sorted(x.id for x in got
+                                                           if x.job_id == i.job_id)
 
     rest = fill(session, own, worker="w2")
     assert spread(rest, names) == ["b", "b", "c", "c", "c"]  # nothing twice

@@ -4,7 +4,6 @@ with a fake model (fast, no services). Its input stage: test_worker_inputs.py.""
 from __future__ import annotations
 
 import hashlib
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -12,6 +11,7 @@ from sqlalchemy import func, select, update
 
 from worker_helpers import (
     FakeModel,
+    expire_leases,
     items_of,
     magenta_png,
     make_engine_,
@@ -107,7 +107,6 @@ def test_model_errors_retry_then_fail_at_the_cap(embedded: Any) -> None:
 
 def test_items_whose_worker_died_run_one_at_a_time(embedded: Any) -> None:
     from loom import jobs
-    from loom.models import Item, utcnow
 
     settings, sf, store = embedded
     tenant = tenant_id(sf)
@@ -117,9 +116,7 @@ def test_items_whose_worker_died_run_one_at_a_time(embedded: Any) -> None:
     with sf() as s:  # a worker claimed the first batch, then died (its lease expired)
         dead = jobs.claim_items(s, job_id=job_id, start=0, end=8, worker_id="dead", limit=4,
                                 lease_seconds=30)
-        s.execute(update(Item).where(Item.id.in_([d.id for d in dead]))
-                  .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
-        s.commit()
+        expire_leases(s, [d.id for d in dead])
     model = FakeModel()
     with make_engine_(embedded, model) as engine:
         report = engine.run_chunk(jobs.Chunk(job_id, 0, 8))
@@ -132,7 +129,7 @@ def test_items_whose_worker_died_run_one_at_a_time(embedded: Any) -> None:
 
 def test_fencing_a_taken_over_lease_drops_the_stale_result(embedded: Any) -> None:
     from loom import jobs
-    from loom.models import Item, utcnow
+    from loom.models import Item
 
     _, sf, store = embedded
     job_id = submit(sf, task="generate", inputs=[{"prompt": "p", "seed": 1}] * 4, chunk_size=8,
@@ -142,9 +139,7 @@ def test_fencing_a_taken_over_lease_drops_the_stale_result(embedded: Any) -> Non
         def generate(self, prompts: list[str], seeds: list[int]) -> list[Any]:
             # We stall past our lease; another worker takes the items over (attempt 2).
             with sf() as s:
-                s.execute(update(Item).where(Item.job_id == job_id)
-                          .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
-                s.commit()
+                expire_leases(s, [i.id for i in s.query(Item).filter(Item.job_id == job_id)])
                 taken = jobs.claim_items(s, job_id=job_id, start=0, end=8, worker_id="other",
                                          limit=8, lease_seconds=60)
             assert len(taken) == 4
@@ -271,7 +266,7 @@ def test_run_job_ends_items_a_crashed_embedded_run_left_at_the_cap(embedded: Any
     """An earlier embedded run died holding leases: under the cap they run again, at the cap
     they end failed (worker_lost); run_job never spins forever."""
     from loom import jobs
-    from loom.models import Item, utcnow
+    from loom.models import Item
 
     _, sf, store = embedded
     job_id = submit(sf, task="generate", inputs=[{"prompt": "p"}] * 4, chunk_size=8,
@@ -280,9 +275,7 @@ def test_run_job_ends_items_a_crashed_embedded_run_left_at_the_cap(embedded: Any
         dead = jobs.claim_items(s, job_id=job_id, start=0, end=8, worker_id="dead", limit=2,
                                 lease_seconds=30)
         s.execute(update(Item).where(Item.id == dead[0].id).values(attempts=2))
-        s.execute(update(Item).where(Item.id.in_([d.id for d in dead]))
-                  .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
-        s.commit()
+        expire_leases(s, [d.id for d in dead])
     with make_engine_(embedded, FakeModel()) as engine:
         job = engine.run_job(job_id, poll_seconds=0.05)
     assert job.status == "completed_with_errors"
@@ -313,7 +306,6 @@ def test_items_retried_after_io_errors_still_run_in_batches(embedded: Any) -> No
 
 def test_a_suspect_is_never_claimed_while_another_batch_is_in_flight(embedded: Any) -> None:
     from loom import jobs
-    from loom.models import Item, utcnow
     from worker.batches import ChunkReport, Scope
 
     _, sf, store = embedded
@@ -321,9 +313,7 @@ def test_a_suspect_is_never_claimed_while_another_batch_is_in_flight(embedded: A
     with sf() as s:
         (dead,) = jobs.claim_items(s, job_id=job_id, start=5, end=6, worker_id="dead", limit=1,
                                    lease_seconds=30)
-        s.execute(update(Item).where(Item.id == dead.id)
-                  .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
-        s.commit()
+        expire_leases(s, [dead.id])
     chunk = jobs.Chunk(job_id, 0, 8)
     with make_engine_(embedded, FakeModel()) as engine:
         report = ChunkReport(job_id, 0, 8)

@@ -413,3 +413,19 @@ def outputs_of(sf: Any, job_id: str) -> list[Any]:
 
     with sf() as s:
         return list(s.scalars(select(Output).where(Output.job_id == job_id)))
+
+
+def expire_leases(session: Any, item_ids: list[int]) -> None:
+    """As if the worker holding these items had died a moment ago: their leases and the lease
+    rows naming them expired (the two expire together: claims and heartbeats set both)."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from loom.models import Item, Lease, utcnow
+
+    past = utcnow() - timedelta(seconds=1)
+    session.execute(update(Item).where(Item.id.in_(item_ids)).values(lease_expires_at=past))
+    rows = [r.id for r in session.query(Lease) if set(r.item_ids) & set(item_ids)]
+    session.execute(update(Lease).where(Lease.id.in_(rows)).values(expires_at=past))
+    session.commit()
