@@ -233,7 +233,9 @@ class Item(Base):
         # The failed and cancelled items of a job (pages, retry_failed, the failure summary).
         Index("ix_items_unsucceeded", "job_id", "phase", "index",
               **_partial("phase IN ('failed', 'cancelled')")),
-        # Room on each page for a claim's new row versions (a HOT update stays on its page).
+        # Room on each page for a claim's new row versions (a HOT update stays on its page);
+        # migration 0015 gives pk_items and the (job_id, index) index the same, for the entry a
+        # completion adds per item.
         {"postgresql_with": {"fillfactor": 50}},
     )
 

@@ -181,10 +181,15 @@ _COMPLETE = text(_COMPLETE_TEMPLATE.replace("{ended}", ""))
 _COMPLETE_ENDING = text(_COMPLETE_TEMPLATE.replace("{ended}", _ENDED))
 
 # Run after the completion committed, on the same connection: the last completer of a job sees
-# no open items here. An index probe on the partial index ix_items_open.
+# no open items here. A probe of the partial index ix_items_open from the job's last index
+# down: items finish roughly in index order, and the entries of finished ones stay in the index
+# (dead) until a vacuum, so an EXISTS, which scans upwards, stepped over every finished item's
+# entry (146 index pages halfway through 40,000 items; 4 backwards).
 _OPEN_JOBS = text("""
 SELECT j.id FROM unnest(CAST(:job_ids AS text[])) AS j(id)
-WHERE EXISTS (SELECT 1 FROM items WHERE items.job_id = j.id AND items.phase IN ('open', 'retry'))
+WHERE (SELECT items.index FROM items
+       WHERE items.job_id = j.id AND items.phase IN ('open', 'retry')
+       ORDER BY items.index DESC LIMIT 1) IS NOT NULL
 """)
 
 

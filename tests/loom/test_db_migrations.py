@@ -103,3 +103,25 @@ def test_hot_claims_migration_keeps_the_leases_in_flight(db_url: str) -> None:
     finally:
         engine.dispose()
         upgrade(db_url)
+
+
+def test_hot_claims_migration_leaves_room_on_the_items_pages(pg_url: str) -> None:
+    """0015 gives the items table and the two indexes every item is in fillfactor 50 on
+    PostgreSQL (a claim's HOT row version, a completion's index entry), and takes it back."""
+    db_url = pg_url
+    query = text("SELECT relname, reloptions FROM pg_class WHERE relname IN "
+                 "('items', 'pk_items', 'uq_items_job_id_index') ORDER BY relname")
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            up = {name: opts for name, opts in conn.execute(query)}
+        engine.dispose()
+        downgrade(db_url, "0014")
+        with engine.connect() as conn:
+            down = {name: opts for name, opts in conn.execute(query)}
+    finally:
+        engine.dispose()
+        upgrade(db_url)
+    assert up == dict.fromkeys(("items", "pk_items", "uq_items_job_id_index"),
+                               ["fillfactor=50"])
+    assert down == dict.fromkeys(("items", "pk_items", "uq_items_job_id_index"), None)
